@@ -1,0 +1,45 @@
+"""lorajax: functional LoRA for JAX, over any parameter pytree.
+
+>>> import jax, jax.numpy as jnp, optax, lorajax
+>>> params = {"query": {"kernel": jnp.ones((8, 8))}, "value": {"kernel": jnp.ones((8, 8))}}
+>>> params = lorajax.lorafy(params, rank=2, where=lorajax.attn_qv, key=jax.random.key(0))
+>>> tx = lorajax.masked(optax.adam(1e-3))
+>>> lorajax.merge(params)["query"]["kernel"].shape
+(8, 8)
+"""
+
+from lorajax._lorafy import infer_layout, lorafy
+from lorajax._merge import delta, merge, unlorafy
+from lorajax._node import Layout, LoRA, is_lora
+from lorajax._summary import Summary, TargetRow, summary
+from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp, path_str
+from lorajax._train import combine, mask, masked, partition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "LoRA",
+    "Preset",
+    "Summary",
+    "TargetRow",
+    "all_linear",
+    "attn_all",
+    "attn_qkv",
+    "attn_qv",
+    "combine",
+    "delta",
+    "infer_layout",
+    "is_lora",
+    "lorafy",
+    "mask",
+    "masked",
+    "merge",
+    "mlp",
+    "partition",
+    "path_str",
+    "summary",
+    "unlorafy",
+]
+
+# --- exports added by feature work below (one block per module) ---

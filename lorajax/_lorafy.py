@@ -1,0 +1,252 @@
+"""lorafy: replace targeted kernels by frozen base + low-rank factors."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+
+from lorajax import _boxes, _targets
+from lorajax._node import Layout, LoRA, is_lora
+from lorajax._targets import KeyPath
+
+LayoutSpec: TypeAlias = "str | Layout"
+InitFn: TypeAlias = Callable[[jax.Array, jax.Array, Layout, int, Any], tuple[jax.Array, jax.Array]]
+
+_QKV = re.compile(r"(?:.*/)?(?:" + "|".join([_targets._Q, _targets._K, _targets._V, _targets._FUSED]) + ")")
+_OUT = re.compile(r"(?:.*/)?(?:" + _targets._OUT + ")")
+
+
+def _ambiguous(path: KeyPath, shape: tuple[int, ...], why: str) -> ValueError:
+    name = _targets.path_str(path)
+    return ValueError(
+        f"lorafy: cannot tell the layout of {name} with shape {shape}: {why}. State it with "
+        f"layout={{{name!r}: ...}}, one code per axis: 's' stacked layer axis, 'i' fan-in, 'o' fan-out, "
+        f"'w' conv window, 'e' embedding rows; e.g. 'sio' for a Dense kernel stacked by nn.scan, 'ioo' for a "
+        f"DenseGeneral query kernel, or 's...' to declare one leading stacked axis and infer the rest."
+    )
+
+
+def infer_layout(path: KeyPath, shape: tuple[int, ...]) -> Layout:
+    """The layout that names and shape settle, or a ValueError asking the user to state it.
+
+    >>> from jax.tree_util import DictKey
+    >>> infer_layout((DictKey("Dense_0"), DictKey("kernel")), (8, 4))
+    Layout('io')
+    """
+    parts = _targets.path_parts(path)
+    leaf, module = parts[-1], ("/".join(parts[:-1]))
+    owner = parts[-2] if len(parts) > 1 else ""
+    n = len(shape)
+    if n < 2:
+        raise ValueError(f"lorafy: {_targets.path_str(path)} with shape {shape} is not a matrix; LoRA needs 2+ axes.")
+    if leaf == "embedding" or _targets._EMBED_MODULES.fullmatch(owner):
+        if n == 2:
+            return Layout("eo")
+        raise _ambiguous(path, shape, "an embedding table has 2 axes; more suggests stacked tables")
+    conv = _targets._CONV_MODULES.fullmatch(owner) is not None
+    if leaf == "weight":  # PyTorch / Equinox convention: (out, in, *window)
+        if n == 2:
+            return Layout("oi")
+        if conv and n in (3, 4):
+            return Layout("oi" + "w" * (n - 2))
+        raise _ambiguous(path, shape, f"a {n}-D 'weight' is neither a linear (out, in) nor a named 1-D/2-D conv")
+    # Flax convention: (*fan_in, *fan_out).
+    if n == 2:
+        return Layout("io")
+    if conv and n in (3, 4):
+        return Layout("w" * (n - 2) + "io")
+    if n == 3 and _QKV.fullmatch(module):
+        return Layout("ioo")  # DenseGeneral (d_model, heads, head_dim)
+    if n == 3 and _OUT.fullmatch(module):
+        return Layout("iio")  # DenseGeneral (heads, head_dim, d_model)
+    raise _ambiguous(path, shape, f"a {n}-D kernel could be stacked layers, multi-head or a convolution")
+
+
+def _parse_spec(spec: LayoutSpec, path: KeyPath, shape: tuple[int, ...]) -> Layout:
+    if isinstance(spec, Layout):
+        layout = spec
+    elif isinstance(spec, str) and spec.endswith("..."):
+        prefix = spec[:-3]
+        if len(prefix) >= len(shape):
+            raise ValueError(
+                f"lorafy: layout {spec!r} for {_targets.path_str(path)} leaves no axes of {shape} to infer."
+            )
+        rest = infer_layout(path, shape[len(prefix) :])
+        layout = Layout(prefix + rest.axes)
+    elif isinstance(spec, str):
+        layout = Layout(spec)
+    else:
+        raise TypeError(
+            f"lorafy: layout for {_targets.path_str(path)} must be a string or lorajax.Layout, got {spec!r}."
+        )
+    if layout.ndim != len(shape):
+        raise ValueError(
+            f"lorafy: layout {layout.axes!r} has {layout.ndim} axes but {_targets.path_str(path)} has shape {shape}."
+        )
+    return layout
+
+
+def _layout_for(layout: Any, path: KeyPath, leaf: Any) -> Layout:
+    shape = tuple(leaf.shape)
+    spec = None
+    if callable(layout):
+        spec = layout(path, leaf)
+    elif isinstance(layout, Mapping):
+        spec = _targets.match_pattern(dict(layout), path)
+    elif layout is not None:
+        raise TypeError(
+            f"lorafy: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
+        )
+    return infer_layout(path, shape) if spec is None else _parse_spec(spec, path, shape)
+
+
+def path_key(key: jax.Array, path: KeyPath) -> jax.Array:
+    """A key for one target, derived from its path alone.
+
+    Adding or removing other targets never changes this target's init.
+    """
+    return jax.random.fold_in(key, zlib.crc32(_targets.path_str(path).encode()) & 0x7FFFFFFF)
+
+
+def _init_factors(
+    init: str | InitFn, key: jax.Array, base: Any, layout: Layout, rank: int, dtype: Any
+) -> tuple[Any, Any]:
+    shape = tuple(base.shape)
+    a_shape, b_shape = layout.a_shape(shape, rank), layout.b_shape(shape, rank)
+    if isinstance(base, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
+    if callable(init):
+        a, b = init(key, base, layout, rank, dtype)
+        if a.shape != a_shape or b.shape != b_shape:
+            raise ValueError(f"lorafy: init returned a {a.shape}, b {b.shape}; expected a {a_shape}, b {b_shape}.")
+        return a, b
+    if layout.kind == "embed":
+        # PEFT's embedding init: A zero, B standard normal, so a looked-up row trains from the first step.
+        return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
+    fan_in, _ = layout.sizes(shape)
+    if init == "kaiming":
+        # PEFT's default: kaiming_uniform(a=sqrt(5)) over fan-in, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / (fan_in**0.5)
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    elif init == "gaussian":
+        a = jax.random.normal(key, a_shape, dtype) / rank  # PEFT's init_lora_weights="gaussian": std 1/r.
+    else:
+        raise ValueError(f"lorafy: init must be 'kaiming', 'gaussian' or a callable; got {init!r}.")
+    return a, jnp.zeros(b_shape, dtype)
+
+
+def _factor_names(base_box: Any, layout: Layout) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+    names = _boxes.names(base_box)
+    if names is None:
+        return None, None
+    pick = lambda axes: tuple(names[k] for k in axes)
+    return pick(layout.stack) + pick(layout.fan_in) + (None,), pick(layout.stack) + (None,) + pick(layout.fan_out)
+
+
+def lorafy(
+    params: Any,
+    *,
+    rank: int,
+    where: Any,
+    key: jax.Array,
+    alpha: float | None = None,
+    rslora: bool = False,
+    init: str | InitFn = "kaiming",
+    dtype: Any = jnp.float32,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    layout: Mapping[str, LayoutSpec] | Callable[[KeyPath, Any], LayoutSpec | None] | None = None,
+) -> Any:
+    """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
+
+    The base is kept as the very same array; ``a`` starts random and ``b`` at
+    zero (embeddings: ``a`` zero, ``b`` normal, as in PEFT), so
+    ``merge(lorafy(p)) == p`` bit for bit. Works on concrete arrays, under
+    ``jax.jit`` and ``jax.eval_shape``, and directly on ``ShapeDtypeStruct``
+    trees (the factors come back as ``ShapeDtypeStruct`` too).
+
+    Args:
+        params: any pytree: Flax linen params, an NNX ``State``, an Equinox module, a dict.
+        rank: rank ``r`` of every target unless ``rank_pattern`` says otherwise.
+        where: which kernels: a preset (``lorajax.attn_qv``, ``attn_qkv``, ``attn_all``,
+            ``mlp``, ``all_linear``), a regex (full match on the '/'-joined path, e.g.
+            ``r".*/query/kernel"``), a list of module names (PEFT's ``target_modules``
+            rule), or a callable ``(path, leaf) -> bool`` over JAX key paths.
+        key: PRNG key; each target's key is folded from its path.
+        alpha: LoRA alpha; ``None`` means each target's own rank (scale 1).
+        rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
+        init: ``"kaiming"`` (PEFT's default), ``"gaussian"`` (std ``1/rank``), or a
+            callable ``(key, base, layout, rank, dtype) -> (a, b)``.
+        dtype: factor dtype, float32 by default even for a bf16 base.
+        rank_pattern: ``{name or regex: rank}`` per-target overrides (PEFT's ``rank_pattern``).
+        alpha_pattern: ``{name or regex: alpha}`` per-target overrides.
+        layout: ``{name or regex: spec}`` or ``(path, leaf) -> spec | None`` where a spec is a
+            :class:`Layout` or its string (``"sio"``; ``"s..."`` = one stacked axis, infer the rest).
+            Needed where names and shape cannot settle the layout.
+
+    Returns:
+        A pytree of the same structure with :class:`LoRA` nodes at the targets.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> params = {"query": {"kernel": jnp.ones((16, 16))}, "key": {"kernel": jnp.ones((16, 16))}}
+        >>> lora = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv, key=jax.random.key(0))
+        >>> lora["query"]["kernel"].a.shape, lora["query"]["kernel"].b.shape
+        ((16, 4), (4, 16))
+        >>> bool((lorajax.merge(lora)["query"]["kernel"] == params["query"]["kernel"]).all())
+        True
+    """
+    _check_rank(rank, "rank")
+    match = _targets.compile_where(where)
+    leaves = _targets.tree_paths(params, is_leaf=is_lora)
+    chosen: dict[int, Any] = {}
+    for n, (path, leaf) in enumerate(leaves):
+        array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf)
+        if not hasattr(array, "shape") or not match(path, array):
+            continue
+        name = _targets.path_str(path)
+        if is_lora(leaf):
+            raise ValueError(
+                f"lorafy: {name} is already a LoRA node; merge or unlorafy it first, or leave it out of where."
+            )
+        shape = tuple(array.shape)
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"lorafy: {name} with shape {shape} has dtype {array.dtype}; LoRA needs a float kernel.")
+        lay = _layout_for(layout, path, array)
+        r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
+        _check_rank(r, f"rank for {name}")
+        fan_in, fan_out = lay.sizes(shape)
+        if r > min(fan_in, fan_out):
+            raise ValueError(
+                f"lorafy: rank {r} for {name} with shape {shape} (layout {lay.axes!r}, fan-in {fan_in}, fan-out "
+                f"{fan_out}) exceeds min(fan_in, fan_out) = {min(fan_in, fan_out)}; use a smaller rank or rank_pattern."
+            )
+        a_alpha = _targets.match_pattern(dict(alpha_pattern or {}), path)
+        a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
+        a, b = _init_factors(init, path_key(key, path), array, lay, r, dtype)
+        names_a, names_b = _factor_names(leaf, lay)
+        chosen[n] = LoRA(
+            base=leaf,
+            a=_boxes.rebox(leaf, a, names_a),
+            b=_boxes.rebox(leaf, b, names_b),
+            rank=int(r),
+            alpha=float(a_alpha),
+            layout=lay,
+            rslora=rslora,
+        )
+    if not chosen:
+        candidates = [_targets.path_str(p) for p, x in leaves if _targets.is_kernel(p, x.base if is_lora(x) else x)]
+        shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise ValueError(f"lorafy: where={where!r} matched no parameter. Kernel paths available: {shown or 'none'}.")
+    treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: _boxes.is_box(x) or is_lora(x))
+    return jax.tree_util.tree_unflatten(treedef, [chosen.get(n, leaf) for n, (_, leaf) in enumerate(leaves)])
+
+
+def _check_rank(rank: Any, what: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lorafy: {what} must be an integer >= 1, got {rank!r}.")

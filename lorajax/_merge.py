@@ -1,0 +1,86 @@
+"""merge, unlorafy and delta: from LoRA nodes back to plain kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorajax import _boxes
+from lorajax._node import LoRA, is_lora
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    # float32 at least; float64 bases (x64 mode) keep their precision.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def delta(node: LoRA, dtype: Any = None) -> jax.Array:
+    """The update ``scale * a @ b`` of one node, in the kernel's layout.
+
+    Computed at ``Precision.HIGHEST`` in float32 (or ``dtype``), so TPUs and
+    GPUs do not round it through bf16/TF32 passes.
+
+    >>> import jax.numpy as jnp
+    >>> from lorajax import LoRA, Layout
+    >>> node = LoRA(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), rank=1, alpha=2.0, layout=Layout("io"))
+    >>> delta(node).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    if node.per_example:
+        raise ValueError(
+            "This LoRA node holds per-example factors (from lorajax.select); it has no single delta. Run it through "
+            "lorajax.factored, or merge each adapter of the bank separately."
+        )
+    dt = dtype or _compute_dtype(node.dtype)
+    a = _boxes.unbox(node.a).astype(dt)
+    b = _boxes.unbox(node.b).astype(dt)
+    d = jnp.einsum(
+        node.layout.einsum_subscripts(), a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dt
+    )
+    return d * jnp.asarray(node.scale, dt)
+
+
+def merged_kernel(node: LoRA) -> jax.Array:
+    """``base + delta`` for one node, computed in float32 and rounded once to the base dtype."""
+    base = jax.lax.stop_gradient(_boxes.unbox(node.base))
+    dt = _compute_dtype(base.dtype)
+    return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
+
+
+def merge(params: Any) -> Any:
+    """Fold every LoRA node into a plain kernel: ``base + scale * a @ b``.
+
+    The sum is computed in float32 (at least) and cast once to the base dtype,
+    so a bf16 base is rounded once, not at every add. The base is wrapped in
+    ``stop_gradient``: gradients of a loss on ``merge(params)`` reach ``a`` and
+    ``b`` and never the frozen base. The result has the structure, shapes and
+    dtypes of the params before :func:`lorafy` (Flax boxes included). Pure and
+    jit-able.
+
+    Args:
+        params: a pytree with :class:`LoRA` nodes.
+
+    Returns:
+        The same pytree with each node replaced by its merged kernel.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> lorajax.merge(p)["q"]["kernel"].shape
+        (4, 4)
+    """
+    return jax.tree.map(lambda x: _boxes.rebox(x.base, merged_kernel(x)) if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def unlorafy(params: Any) -> Any:
+    """Drop the adapters: every LoRA node becomes its untouched base.
+
+    >>> import jax, jax.numpy as jnp, lorajax
+    >>> w = jnp.eye(4)
+    >>> p = lorajax.lorafy({"q": {"kernel": w}}, rank=2, where=["q"], key=jax.random.key(0))
+    >>> lorajax.unlorafy(p)["q"]["kernel"] is w
+    True
+    """
+    return jax.tree.map(lambda x: x.base if is_lora(x) else x, params, is_leaf=is_lora)
