@@ -1,0 +1,220 @@
+"""Adapter banks: many adapters on one base, one adapter per example of a batch."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorajax import _boxes
+from lorajax._adapters import Adapter, _base_problems, _group_targets, _leaf_index, _raise_problems, _rebuild, adapter
+from lorajax._node import Layout, LoRA, is_lora
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BankNode:
+    """One target of an :class:`AdapterBank`: the base kernel and every adapter's factors.
+
+    ``a`` is ``(num_adapters + 1, *a_shape)`` and ``b`` is
+    ``(num_adapters + 1, *b_shape)`` at the bank's common ``rank`` (smaller
+    ranks padded with zeros); each adapter's scale is folded into its ``b``
+    rows, and the last row is all zeros (the base model, id ``-1``). Not a
+    :class:`lorajax.LoRA`, so ``merge``/``mask`` never mistake it for one.
+    """
+
+    base: Any
+    a: Any
+    b: Any
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    layout: Layout = dataclasses.field(metadata=dict(static=True))
+
+
+def is_bank_node(x: Any) -> bool:
+    """True for a :class:`BankNode`."""
+    return isinstance(x, BankNode)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterBank:
+    """The base params with a :class:`BankNode` at every target of any adapter.
+
+    A pytree (pass it through ``jax.jit``); build it with :func:`stack_adapters`
+    and pick one adapter per example with :func:`select`. ``names`` are the
+    adapters' names in bank order (``"0"``, ``"1"``, ... for a list).
+    """
+
+    params: Any
+    names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.names)
+
+    def ids(self, names: Sequence[str | None]) -> np.ndarray:
+        """Adapter ids for a batch given by adapter names (``None`` = base model, id -1).
+
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
+        >>> ps = {n: lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(k)) for k, n in enumerate("xy")}
+        >>> lorajax.stack_adapters(ps).ids(["y", None, "x"]).tolist()
+        [1, -1, 0]
+        """
+        pos = {n: k for k, n in enumerate(self.names)}
+        unknown = sorted({str(n) for n in names if n is not None and n not in pos})
+        if unknown:
+            raise ValueError(f"AdapterBank.ids: unknown adapter names {unknown}; the bank holds {list(self.names)}.")
+        return np.asarray([-1 if n is None else pos[n] for n in names], np.int32)
+
+
+def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = None, dtype: Any = None) -> AdapterBank:
+    """Stack adapters of one base model into an :class:`AdapterBank`.
+
+    Every target of any adapter gets a :class:`BankNode` holding all adapters'
+    factors along a leading adapter axis. This is exact: ranks are padded with
+    zeros to the largest rank at that target, an adapter that does not target a
+    kernel gets zero factors there, and each adapter's own scale (alpha/rank or
+    rsLoRA) is folded into its ``b``, so every selected node has scale 1.
+
+    Args:
+        adapters: lorafied params or :class:`Adapter` objects, as a list (names
+            ``"0"``, ``"1"``, ...) or a dict ``{name: adapter}``.
+        base: the base params. Default: the first entry that is lorafied params,
+            with its LoRA nodes replaced by their base. All adapters must belong to
+            this base; non-targeted leaves come from it.
+        dtype: factor dtype of the bank (default: the common dtype of all factors).
+
+    Returns:
+        An :class:`AdapterBank`.
+
+    Raises:
+        ValueError: listing every target that is missing from the base, has another
+            shape there, or has different layouts in different adapters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((8, 8))}}
+        >>> p1 = lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(1))
+        >>> p2 = lorajax.lorafy(base, rank=4, where=".*", key=jax.random.key(2))
+        >>> bank = lorajax.stack_adapters([p1, p2])
+        >>> bank.params["q"]["kernel"].a.shape  # 2 adapters + the zero row, rank padded to 4
+        (3, 8, 4)
+    """
+    if isinstance(adapters, Mapping):
+        names, items = tuple(str(k) for k in adapters), list(adapters.values())
+    else:
+        items = list(adapters)
+        names = tuple(str(k) for k in range(len(items)))
+    if not items:
+        raise ValueError("stack_adapters: give at least one adapter.")
+    if base is None:
+        base = next((x for x in items if not isinstance(x, Adapter)), None)
+        if base is None:
+            raise ValueError("stack_adapters: all entries are Adapter objects; pass the base params as base=...")
+    ads = [adapter(x) for x in items]
+    groups = _group_targets(ads, "stack_adapters")
+    leaves, index = _leaf_index(base)
+    problems: list[str] = []
+    for name, members in groups.items():
+        if name not in index:
+            problems.append(f"missing: {name}: no such parameter in the base")
+        else:
+            problems += _base_problems(name, members[0][1], leaves[index[name]][1], False)
+    _raise_problems("stack_adapters: the adapters do not fit the base", problems, "Stack only adapters of this base.")
+
+    replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
+    for name, members in groups.items():
+        ref = members[0][1]
+        rank = max(f.rank for _, f in members)
+        dt = dtype or jnp.result_type(*[f.a.dtype for _, f in members], *[f.b.dtype for _, f in members])
+        ns = len(ref.layout.stack)
+        a_rows = [jnp.zeros(ref.layout.a_shape(ref.shape, rank), dt) for _ in range(len(ads) + 1)]
+        b_rows = [jnp.zeros(ref.layout.b_shape(ref.shape, rank), dt) for _ in range(len(ads) + 1)]
+        for k, f in members:
+            pad = rank - f.rank
+            a_pad = [(0, 0)] * (f.a.ndim - 1) + [(0, pad)]
+            b_pad = [(0, 0)] * f.b.ndim
+            b_pad[ns] = (0, pad)
+            a_rows[k] = jnp.pad(jnp.asarray(f.a, dt), a_pad)
+            # Fold the scale in float32 (at least) and round once to the bank's dtype.
+            b32 = jnp.asarray(f.b, jnp.promote_types(f.b.dtype, jnp.float32)) * f.scale
+            b_rows[k] = jnp.pad(b32.astype(dt), b_pad)
+        n = index[name]
+        leaf = leaves[n][1]
+        replaced[n] = BankNode(
+            base=leaf.base if is_lora(leaf) else leaf,
+            a=jnp.stack(a_rows),
+            b=jnp.stack(b_rows),
+            rank=rank,
+            layout=ref.layout,
+        )
+    return AdapterBank(_rebuild(base, leaves, replaced), names)
+
+
+def select(bank: AdapterBank, ids: Any) -> Any:
+    """Params in which example ``n`` of a batch uses adapter ``ids[n]``.
+
+    Each :class:`BankNode` becomes a ``LoRA(per_example=True)`` node whose
+    factors are gathered rows of the bank: ``a[ids]`` of shape
+    ``(batch, *a_shape)`` and ``b[ids]`` (scale 1, alpha = rank). One gather per
+    target, no Python loop over adapters; jit-able with traced ``ids`` (a new
+    batch of ids does not retrace). Run the result with :func:`lorajax.factored`;
+    ``merge`` refuses per-example nodes.
+
+    Args:
+        bank: from :func:`stack_adapters`.
+        ids: integer array of shape ``(batch,)``: an adapter index in
+            ``[0, bank.num_adapters)``, or ``-1`` for the base model alone. Concrete
+            ids are range-checked; under ``jit`` an out-of-range id yields NaN
+            factors (JAX's fill mode) rather than another adapter's.
+
+    Returns:
+        The bank's params with per-example LoRA nodes.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((8, 8))}}
+        >>> adapters = [lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(k)) for k in range(3)]
+        >>> bank = lorajax.stack_adapters(adapters)
+        >>> node = lorajax.select(bank, jnp.array([2, -1, 0, 0]))["q"]["kernel"]
+        >>> node.per_example, node.a.shape, node.b.shape
+        (True, (4, 8, 2), (4, 2, 8))
+    """
+    if not isinstance(bank, AdapterBank):
+        raise TypeError(f"select: bank must be an AdapterBank from lorajax.stack_adapters, got {type(bank).__name__}.")
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"select: ids must be a 1-D integer array (one adapter id per example), got {ids.dtype}{ids.shape}."
+        )
+    count = bank.num_adapters
+    if not isinstance(ids, jax.core.Tracer):
+        host = np.asarray(ids)
+        bad = host[(host < -1) | (host >= count)]
+        if bad.size:
+            raise ValueError(
+                f"select: ids {sorted(set(bad.tolist()))} are out of range; use 0..{count - 1} for the bank's adapters "
+                f"{list(bank.names)} or -1 for the base model."
+            )
+    rows = jnp.where(ids < 0, count, ids)  # the last row of every bank node is the zero adapter
+
+    def pick(node: Any) -> Any:
+        if not is_bank_node(node):
+            return node
+        return LoRA(
+            base=node.base,
+            a=jnp.take(node.a, rows, axis=0),
+            b=jnp.take(node.b, rows, axis=0),
+            rank=node.rank,
+            alpha=float(node.rank),
+            layout=node.layout,
+            rslora=False,
+            per_example=True,
+        )
+
+    return jax.tree.map(pick, bank.params, is_leaf=lambda x: is_bank_node(x) or _boxes.is_box(x))
