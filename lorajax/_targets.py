@@ -138,7 +138,10 @@ _Q = r"query|q_proj|q|query_proj|to_q|q_lin|wq"
 _K = r"key|k_proj|k|key_proj|to_k|k_lin|wk"
 _V = r"value|v_proj|v|value_proj|to_v|v_lin|wv"
 _FUSED = r"c_attn|qkv|query_key_value|Wqkv|qkv_proj|in_proj"
-_OUT = r"out|o_proj|o|out_proj|output_proj|to_out|out_lin|attention/output/dense|attn/c_proj|self_attn/dense|attention/dense"
+_OUT = (
+    r"out|o_proj|o|out_proj|output_proj|to_out|out_lin|"
+    r"attention/output/dense|attn/c_proj|self_attn/dense|attention/dense"
+)
 _MLP = (
     r"gate_proj|up_proj|down_proj|fc1|fc2|fc_in|fc_out|c_fc|mlp/c_proj|intermediate/dense|(?<!attention/)output/dense|"
     r"wi|wo|wi_0|wi_1|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|"
@@ -176,8 +179,8 @@ def compile_where(where: Any) -> Callable[[KeyPath, Any], bool]:
         names = [n.replace(".", "/") for n in where]
         return lambda path, leaf: is_kernel(path, leaf) and _module_matches(module_path(path), names)
     raise TypeError(
-        f"where must be a preset (e.g. lorajax.attn_qv), a regex string, a non-empty list of module names or a callable "
-        f"(path, leaf) -> bool; got {where!r}."
+        f"where must be a preset (e.g. lorajax.attn_qv), a regex string, a non-empty list of module names "
+        f"or a callable (path, leaf) -> bool; got {where!r}."
     )
 
 

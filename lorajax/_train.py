@@ -35,7 +35,8 @@ def mask(params: Any, also: Any = None) -> Any:
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
-        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> p = {"q": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}}
+        >>> p = lorajax.lorafy(p, rank=2, where=["q"], key=jax.random.key(0))
         >>> m = lorajax.mask(p)
         >>> m["q"]["kernel"].a, m["q"]["kernel"].base, m["q"]["bias"]
         (True, False, False)
