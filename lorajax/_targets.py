@@ -106,23 +106,28 @@ class Preset:
             and self._regex.fullmatch(module_path(path)) is not None
         )
 
-    def __or__(self, other: Preset) -> Preset:
+    def __or__(self, other: Any) -> Preset:
         return _Union(self, other)
+
+    def __ror__(self, other: Any) -> Preset:
+        return _Union(other, self)
 
     def __repr__(self) -> str:
         return f"lorajax.{self.name}"
 
 
 class _Union(Preset):
-    def __init__(self, *presets: Preset) -> None:
-        super().__init__(" | ".join(p.name for p in presets), [])
-        self._presets = presets
+    """Any of several ``where`` specs (presets, regexes, module lists, callables)."""
+
+    def __init__(self, *wheres: Any) -> None:
+        super().__init__(" | ".join(map(repr, wheres)), [])
+        self._preds = [compile_where(w) for w in wheres]
 
     def __call__(self, path: KeyPath, leaf: Any) -> bool:
-        return any(p(path, leaf) for p in self._presets)
+        return any(p(path, leaf) for p in self._preds)
 
     def __repr__(self) -> str:
-        return " | ".join(map(repr, self._presets))
+        return self.name
 
 
 class _AllLinear(Preset):

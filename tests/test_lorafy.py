@@ -64,7 +64,7 @@ def test_per_target_keys_do_not_depend_on_other_targets():
     qv = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv, key=key)
     everything = lorajax.lorafy(params, rank=4, where=lorajax.all_linear, key=key)
     path = ("Block_1", "SelfAttention_0", "value", "kernel")
-    get = lambda t: t[path[0]][path[1]][path[2]][path[3]].a  # noqa: E731
+    get = lambda t: t[path[0]][path[1]][path[2]][path[3]].a
     chex.assert_trees_all_equal(get(qv), get(everything))
     other = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv, key=jax.random.key(8))
     assert not np.allclose(get(qv), get(other))
@@ -113,7 +113,7 @@ def test_layout_callable_and_layout_objects():
 
 def test_runs_under_jit_and_eval_shape():
     _, params, _ = tiny_gpt()
-    f = lambda p, k: lorajax.lorafy(p, rank=4, where=lorajax.attn_qv, key=k)  # noqa: E731
+    f = lambda p, k: lorajax.lorafy(p, rank=4, where=lorajax.attn_qv, key=k)
     eager = f(params, jax.random.key(0))
     jitted = jax.jit(f)(params, jax.random.key(0))
     chex.assert_trees_all_close(eager, jitted, rtol=0, atol=0)
@@ -123,8 +123,8 @@ def test_runs_under_jit_and_eval_shape():
 
 def roberta_base_abstract():
     d, ffn, vocab, layers = 768, 3072, 50265, 12
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    dense = lambda i, o: {"kernel": s(i, o), "bias": s(o)}  # noqa: E731
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    dense = lambda i, o: {"kernel": s(i, o), "bias": s(o)}
     norm = {"scale": s(d), "bias": s(d)}
     layer = {
         "attention": {
