@@ -1,0 +1,424 @@
+"""lorajax.factored: outputs and LoRA gradients equal the merge path, without forming W."""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lorajax
+from lorajax import FallbackWarning
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _perturb(params, seed=0):
+    """Random non-zero A and B everywhere, so every gradient is non-trivial."""
+    leaves, treedef = jax.tree.flatten(params, is_leaf=lorajax.is_lora)
+    out = []
+    for n, x in enumerate(leaves):
+        if lorajax.is_lora(x):
+            ka, kb = jax.random.split(jax.random.key(seed + n))
+            a = jax.tree.map(lambda v, k=ka: 0.3 * jax.random.normal(k, v.shape, v.dtype), x.a)
+            b = jax.tree.map(lambda v, k=kb: 0.3 * jax.random.normal(k, v.shape, v.dtype), x.b)
+            x = lorajax.LoRA(x.base, a, b, x.rank, x.alpha, x.layout, x.rslora, x.per_example)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _no_fallback():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error", FallbackWarning)
+    return ctx
+
+
+def check(fn, params, *inputs, n_targets=None):
+    """factored(fn) == fn(merge) for outputs and for the gradients of every A and B."""
+    if n_targets is not None:
+        assert sum(map(lorajax.is_lora, jax.tree.leaves(params, is_leaf=lorajax.is_lora))) == n_targets
+    ffn = lorajax.factored(fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        out_f = ffn(params, *inputs)
+        out_m = fn(lorajax.merge(params), *inputs)
+        chex.assert_trees_all_close(out_f, out_m, rtol=RTOL, atol=ATOL)
+        trainable, frozen = lorajax.partition(params)
+
+        def loss(path_fn):
+            def f(t):
+                out = path_fn(lorajax.combine(t, frozen))
+                return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+
+            return f
+
+        g_f = jax.jit(jax.grad(loss(lambda p: ffn(p, *inputs))))(trainable)
+        g_m = jax.jit(jax.grad(loss(lambda p: fn(lorajax.merge(p), *inputs))))(trainable)
+    # Gradients are sums over many elements: compare relative to their scale.
+    for gf, gm in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m)):
+        scale = float(jnp.max(jnp.abs(gm))) + 1e-6
+        np.testing.assert_allclose(np.asarray(gf) / scale, np.asarray(gm) / scale, rtol=RTOL, atol=10 * ATOL)
+    assert jax.tree.leaves(g_f), "no trainable leaves"
+    return out_f
+
+
+def _linen(model, x, where, rank=2, layout=None, seed=0):
+    params = model.init(jax.random.key(seed), x)["params"]
+    lp = lorajax.lorafy(params, rank=rank, where=where, key=jax.random.key(seed + 1), alpha=3.0, layout=layout)
+    return _perturb({"params": lp}, seed)
+
+
+# --- layer types -----------------------------------------------------------------------------------------------
+
+
+def test_dense():
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 5))
+    params = _linen(model, x, ["Dense_0"] if False else r".*kernel")
+    check(model.apply, params, x, n_targets=1)
+
+
+def test_dense_general_qkv_out():
+    model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, deterministic=True)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 6))
+    params = _linen(model, x, lorajax.attn_all)
+    check(lambda p, x: model.apply(p, x, x), params, x, n_targets=4)
+
+
+def test_einsum():
+    model = nn.Einsum((6, 2, 3), "bsd,dhk->bshk")
+    x = jax.random.normal(jax.random.key(4), (2, 4, 6))
+    params = _linen(model, x, r".*kernel", layout={r".*": "ioo"})
+    check(model.apply, params, x, n_targets=1)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=(3,), strides=(2,), kernel_dilation=(2,), feature_group_count=2),
+        dict(kernel_size=(3, 2), strides=(2, 1), kernel_dilation=(1, 2), padding="VALID"),
+        dict(kernel_size=(3, 3), feature_group_count=4, input_dilation=(2, 1)),
+    ],
+)
+def test_conv(kw):
+    ndim = len(kw["kernel_size"])
+    model = nn.Conv(features=8, name="conv", **kw)
+    x = jax.random.normal(jax.random.key(5), (2,) + (9,) * ndim + (4,))
+    params = _linen(model, x, r".*kernel")
+    check(model.apply, params, x, n_targets=1)
+
+
+class _EmbedLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        emb = nn.Embed(11, 6, name="embed")
+        h = emb(tokens)
+        h = nn.Dense(6)(jnp.tanh(h))
+        return emb.attend(h)
+
+
+def test_embed_lookup_and_attend():
+    tokens = jax.random.randint(jax.random.key(6), (2, 5), 0, 11)
+    params = _linen(_EmbedLM(), tokens, r".*(embedding|kernel)")
+    check(_EmbedLM().apply, params, tokens, n_targets=2)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(8, name="fc1")(x)
+        return x + nn.Dense(x.shape[-1], name="fc2")(nn.gelu(h)), None
+
+
+class _Scanned(nn.Module):
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.remat(_ScanBlock) if self.remat else _ScanBlock
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_nn_scan_stacked(remat):
+    x = jax.random.normal(jax.random.key(7), (2, 4, 6))
+    model = _Scanned(remat=remat)
+    params = _linen(model, x, r".*kernel", layout={r".*": "sio"})
+    check(model.apply, params, x, n_targets=2)
+
+
+class _RematMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(nn.Dense)(7, name="up")(x)
+        return nn.Dense(5, name="down")(nn.relu(x))
+
+
+def test_nn_remat():
+    x = jax.random.normal(jax.random.key(8), (3, 5))
+    params = _linen(_RematMLP(), x, r".*kernel")
+    check(_RematMLP().apply, params, x, n_targets=2)
+
+
+def test_tiny_gpt_all_linear():
+    from _models import tiny_gpt
+
+    model, params, tokens = tiny_gpt(d_model=16, batch=2, seq=6)
+    lp = _perturb({"params": lorajax.lorafy(params, rank=2, where=lorajax.all_linear, key=jax.random.key(0))})
+    check(model.apply, lp, tokens)
+
+
+class _NNXModel(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(10, 6, rngs=rngs)
+        self.fc1 = nnx.Linear(6, 8, rngs=rngs)
+        self.conv = nnx.Conv(8, 4, kernel_size=(3,), rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.conv(nnx.relu(self.fc1(self.embed(tokens))))
+
+
+def test_nnx_model():
+    graphdef, state = nnx.split(_NNXModel(nnx.Rngs(0)))
+    lstate = _perturb(lorajax.lorafy(state, rank=2, where=r".*(kernel|embedding)", key=jax.random.key(1)))
+    tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, 10)
+
+    def fn(st, t):
+        return nnx.merge(graphdef, st)(t)
+
+    check(fn, lstate, tokens, n_targets=3)
+
+
+class _EqxModel(eqx.Module):
+    lin: eqx.nn.Linear
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(3, 4, kernel_size=3, stride=2, key=k1)
+        self.lin = eqx.nn.Linear(4 * 3 * 3, 5, key=k2)
+
+    def __call__(self, x):
+        return self.lin(jnp.tanh(self.conv(x)).reshape(-1))
+
+
+def test_equinox_model():
+    model = _EqxModel(jax.random.key(0))
+    lmodel = _perturb(lorajax.lorafy(model, rank=2, where=r".*weight", key=jax.random.key(1)))
+    x = jax.random.normal(jax.random.key(3), (4, 3, 7, 7))
+    check(lambda m, x: jax.vmap(m)(x), lmodel, x, n_targets=2)
+
+
+# --- plain functions: dimension numbers, control flow, transforms --------------------------------------------------
+
+
+def _node(key, shape, layout, rank=2, alpha=4.0):
+    k0, k1, k2 = jax.random.split(key, 3)
+    lay = lorajax.Layout(layout)
+    return lorajax.LoRA(
+        jax.random.normal(k0, shape),
+        jax.random.normal(k1, lay.a_shape(shape, rank)),
+        jax.random.normal(k2, lay.b_shape(shape, rank)),
+        rank=rank,
+        alpha=alpha,
+        layout=lay,
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["kernel_lhs", "transpose_weight", "batched", "reshape_heads", "contract_both", "bf16_view", "outer_stack"],
+)
+def test_dot_general_forms(name):
+    k = jax.random.key(9)
+    x = jax.random.normal(jax.random.key(10), (3, 4, 6))
+    if name == "kernel_lhs":  # torch-style weight (out, in) @ x.T
+        p, fn = _node(k, (5, 6), "oi"), lambda w, x: jnp.einsum("oi,bsi->obs", w, x)
+    elif name == "transpose_weight":
+        p, fn = _node(k, (5, 6), "oi"), lambda w, x: x @ w.T
+    elif name == "batched":  # stacked kernel used as a dot batch dimension
+        p, fn = _node(k, (3, 6, 5), "sio"), lambda w, x: jnp.einsum("bsi,bio->bso", x, w)
+    elif name == "reshape_heads":  # (d, heads*hd) kernel reshaped to heads
+        p, fn = _node(k, (6, 8), "io"), lambda w, x: jnp.einsum("bsi,ihk->bshk", x, w.reshape(6, 2, 4))
+    elif name == "contract_both":  # contract over fan-in and fan-out at once
+        p, fn = _node(k, (4, 6), "io"), lambda w, x: jnp.einsum("bsi,si->b", x, w)
+    elif name == "bf16_view":
+        p, fn = _node(k, (6, 5), "io"), lambda w, x: (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
+    else:  # stacked axis left free in the output
+        p, fn = _node(k, (2, 6, 5), "sio"), lambda w, x: jnp.einsum("bsi,lio->lbso", x, w)
+    out = lorajax.factored(fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        got = out(p, x)
+    want = fn(lorajax.merge(p), x)
+    tol = 2e-2 if name == "bf16_view" else RTOL
+    chex.assert_trees_all_close(got, want, rtol=tol, atol=tol)
+    if name != "bf16_view":
+        check(fn, p, x)
+
+
+def test_control_flow_scan_cond_while_checkpoint():
+    w = _node(jax.random.key(11), (6, 6), "io")
+    ws = _node(jax.random.key(12), (3, 6, 6), "sio")
+
+    def fn(p, x):
+        def step(h, wl):
+            return jnp.tanh(h @ wl + h @ p["w"]), h.sum()
+
+        h, ys = jax.lax.scan(step, x, p["ws"])
+        h = jax.checkpoint(lambda h: jnp.sin(h @ p["w"]))(h)
+        h = jax.lax.cond(h.sum() > 0, lambda h: h @ p["w"], lambda h: -(h @ p["w"]), h)
+        _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, h))
+        return h, ys
+
+    x = jax.random.normal(jax.random.key(13), (2, 6))
+    check(fn, {"w": w, "ws": ws}, x)
+
+
+def test_under_jit_vmap_value_and_grad():
+    p = {"w": _node(jax.random.key(14), (6, 4), "io")}
+    fn = lambda p, x: jnp.tanh(x @ p["w"])
+    x = jax.random.normal(jax.random.key(15), (5, 6))
+    ffn = lorajax.factored(fn)
+    got = jax.jit(jax.vmap(ffn, in_axes=(None, 0)))(p, x)
+    chex.assert_trees_all_close(got, fn(lorajax.merge(p), x), rtol=RTOL, atol=ATOL)
+    t, f = lorajax.partition(p)
+    v1, g1 = jax.value_and_grad(lambda t: ffn(lorajax.combine(t, f), x).sum())(t)
+    v2, g2 = jax.value_and_grad(lambda t: fn(lorajax.merge(lorajax.combine(t, f)), x).sum())(t)
+    chex.assert_trees_all_close((v1, g1), (v2, g2), rtol=RTOL, atol=ATOL)
+
+
+def test_base_gets_no_gradient():
+    p = {"w": _node(jax.random.key(16), (6, 4), "io")}
+    g = jax.grad(lambda p: lorajax.factored(lambda p, x: (x @ p["w"]).sum())(p, jnp.ones((2, 6))))(p)
+    assert not jnp.any(g["w"].base)
+    assert jnp.any(g["w"].a)
+
+
+# --- fallback, strict, no-W proof ---------------------------------------------------------------------------------
+
+
+def test_forced_fallback_warns_and_stays_correct():
+    p = {"w": _node(jax.random.key(17), (6, 4), "io")}
+    fn = lambda p, x: x @ jnp.cos(p["w"]) + x @ p["w"]  # cos(W) cannot be factored
+    x = jax.random.normal(jax.random.key(18), (3, 6))
+    with pytest.warns(FallbackWarning, match=r"'w'.*`cos`"):
+        got = lorajax.factored(fn)(p, x)
+    chex.assert_trees_all_close(got, fn(lorajax.merge(p), x), rtol=RTOL, atol=ATOL)
+    t, f = lorajax.partition(p)
+    with pytest.warns(FallbackWarning):
+        g1 = jax.grad(lambda t: lorajax.factored(fn)(lorajax.combine(t, f), x).sum())(t)
+    g2 = jax.grad(lambda t: fn(lorajax.merge(lorajax.combine(t, f)), x).sum())(t)
+    chex.assert_trees_all_close(g1, g2, rtol=RTOL, atol=ATOL)
+
+
+def test_strict_raises():
+    p = {"w": _node(jax.random.key(17), (6, 4), "io")}
+    with pytest.raises(ValueError, match=r"'w'.*`cos`.*strict=True"):
+        lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]), strict=True)(p, jnp.ones((3, 6)))
+
+
+def _dot_output_shapes(jaxpr):
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else []:
+            shapes += _dot_output_shapes(sub)
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    shapes += _dot_output_shapes(inner)
+    return shapes
+
+
+def test_grad_step_forms_no_full_kernel():
+    from _models import tiny_gpt
+
+    model, params, tokens = tiny_gpt(d_model=24, batch=2, seq=5, vocab=40)
+    lp = {"params": lorajax.lorafy(params, rank=2, where=lorajax.all_linear, key=jax.random.key(0))}
+    t, f = lorajax.partition(lp)
+    kernel_shapes = {n.shape for n in jax.tree.leaves(lp, is_leaf=lorajax.is_lora) if lorajax.is_lora(n)}
+    kernel_shapes |= {s[1:] + s[:1] for s in kernel_shapes} | {s[::-1] for s in kernel_shapes}  # any orientation
+    kernel_shapes |= {(s[0], s[1] * s[2]) for s in list(kernel_shapes) if len(s) == 3}
+    kernel_shapes |= {(s[0] * s[1], s[2]) for s in list(kernel_shapes) if len(s) == 3}
+
+    def step(apply):
+        return jax.make_jaxpr(jax.grad(lambda t: apply(lorajax.combine(t, f), tokens).mean()))(t)
+
+    fac = _dot_output_shapes(step(lorajax.factored(model.apply)).jaxpr)
+    mer = _dot_output_shapes(step(lambda p, x: model.apply(lorajax.merge(p), x)).jaxpr)
+    assert any(s in kernel_shapes for s in mer), "the check must be able to see dW in the merge path"
+    assert fac and not [s for s in fac if s in kernel_shapes]
+
+
+# --- dropout, retracing, per-example -------------------------------------------------------------------------------
+
+
+def test_dropout_deterministic_and_active():
+    p = {"w": _node(jax.random.key(19), (6, 4), "io")}
+    fn = lambda p, x: x @ p["w"]
+    x = jax.random.normal(jax.random.key(20), (8, 6))
+    ffn = lorajax.factored(fn, dropout=0.5)
+    want = fn(lorajax.merge(p), x)
+    chex.assert_trees_all_close(ffn(p, x, lora_deterministic=True), want, rtol=RTOL, atol=ATOL)
+    d1 = ffn(p, x, lora_rng=jax.random.key(0))
+    d2 = ffn(p, x, lora_rng=jax.random.key(1))
+    assert not np.allclose(d1, want, atol=1e-3) and not np.allclose(d1, d2, atol=1e-3)
+    # The base path is untouched by dropout: only the LoRA term changes.
+    base = x @ p["w"].base
+    lora = (x @ p["w"].a) @ p["w"].b * p["w"].scale
+    resid = np.asarray(d1 - base)
+    assert np.abs(resid).max() > 0 and not np.allclose(resid, lora, atol=1e-3)
+    with pytest.raises(ValueError, match="lora_rng"):
+        ffn(p, x)
+    with pytest.raises(ValueError, match=r"dropout=1\.5"):
+        lorajax.factored(fn, dropout=1.5)
+
+
+def test_compiles_once_per_structure():
+    model = nn.Dense(4)
+    x = jnp.ones((2, 3))
+    params = _linen(model, x, r".*kernel")
+    apply = lorajax.factored(chex.assert_max_traces(model.apply, n=1))
+    a = apply(params, x)
+    b = apply(jax.tree.map(lambda v: v + 1.0, params), x + 1.0)
+    assert a.shape == b.shape and len(apply.cache) == 1
+    chex.clear_trace_counter()
+
+
+def test_per_example_dense_and_gather():
+    n, d, o, r, vocab = 3, 6, 5, 2, 9
+    k = jax.random.split(jax.random.key(21), 6)
+    a = jax.random.normal(k[0], (n, d, r))
+    b = jax.random.normal(k[1], (n, r, o))
+    w = lorajax.LoRA(jax.random.normal(k[2], (d, o)), a, b, rank=r, alpha=r, layout=lorajax.Layout("io"), per_example=True)
+    ea = jax.random.normal(k[3], (n, vocab, r))
+    eb = jax.random.normal(k[4], (n, r, d))
+    e = lorajax.LoRA(
+        jax.random.normal(k[5], (vocab, d)), ea, eb, rank=r, alpha=r, layout=lorajax.Layout("eo"), per_example=True
+    )
+    tokens = jax.random.randint(jax.random.key(22), (n, 4), 0, vocab)
+
+    def fn(p, t):
+        h = jnp.take(p["e"], t, axis=0)
+        return h @ p["w"]
+
+    got = lorajax.factored(fn, strict=True)({"w": w, "e": e}, tokens)
+    want = []
+    for i in range(n):
+        we = e.base + ea[i] @ eb[i]
+        ww = w.base + a[i] @ b[i]
+        want.append(we[tokens[i]] @ ww)
+    chex.assert_trees_all_close(got, jnp.stack(want), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="per-example"):
+        lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]))({"w": w}, jnp.ones((n, d)))
