@@ -1,0 +1,537 @@
+"""PEFT interop: load_peft / save_peft against Hugging Face PEFT's own files and forward passes.
+
+Two halves:
+
+- Without torch: the committed fixtures in tests/fixtures/peft/<case>/ (written by PEFT through
+  tests/fixtures/make_peft_fixtures.py) are loaded into Flax linen twins of the PyTorch models; the
+  Flax outputs must equal the outputs PEFT computed (stored in io.safetensors), unmerged and merged.
+- With torch + peft (``pytest.importorskip``): the fixtures regenerate bit for bit, lorajax's deltas
+  equal PEFT's ``get_delta_weight``, and adapters written by ``save_peft`` load into
+  ``PeftModel.from_pretrained`` and give lorajax's outputs.
+
+Tolerances: float32 throughout; outputs within rtol 1e-5, atol 1e-5 (the two frameworks sum in different
+orders); factors round-trip bit-exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import lorajax
+from lorajax import _peft
+
+FIXTURES = Path(__file__).parent / "fixtures" / "peft"
+RTOL = ATOL = 1e-5
+
+
+def _fixture_script():
+    spec = importlib.util.spec_from_file_location(
+        "make_peft_fixtures", Path(__file__).parent / "fixtures" / "make_peft_fixtures.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flax linen twins of the PyTorch models in make_peft_fixtures.py.
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
+
+
+class GPT2Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(6, name="c_proj")(jnp.tanh(nn.Dense(12, name="c_attn")(x)))
+
+
+class GPT2(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = GPT2Block(name=f"h_{i}")(x)
+        return x
+
+
+class Conv1d(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (N, L, C)
+        x = jnp.tanh(nn.Conv(4, (3,), strides=(2,), padding=[(1, 1)], name="conv")(x))
+        return nn.Conv(2, (2,), padding="VALID", name="conv_out")(x)
+
+
+class Conv2d(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, C); modules keep linen's automatic names Conv_0..2
+        x = jnp.tanh(nn.Conv(4, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])(x))
+        x = jnp.tanh(nn.Conv(3, (2, 3), strides=(1, 2), padding=[(0, 0), (1, 1)])(x))
+        return nn.Conv(3, (1, 1))(x)
+
+
+class Embedder(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(3, name="proj")(nn.Embed(10, 6, name="emb")(ids))
+
+
+def _gpt2_names(path: str) -> str:
+    # A callable name_map: linen's "h_0" is PyTorch's ModuleList entry "h.0".
+    return re.sub(r"^h_(\d+)", r"h.\1", _peft.default_module_name(path))
+
+
+_CONV2D_NAMES = {"Conv_0": "conv_a", "params/Conv_1": "conv_b", "Conv_2/kernel": "conv_c"}  # a dict name_map
+_NCL = ((0, 2, 1), (0, 2, 1))
+_NCHW = ((0, 2, 3, 1), (0, 3, 1, 2))
+
+#: case -> (Flax model, name_map, (input permutation to Flax, output permutation back) or None)
+SPECS = {
+    "linear": (MLP(), None, None),
+    "gpt2_conv1d": (GPT2(), _gpt2_names, None),
+    "conv1d": (Conv1d(), None, _NCL),
+    "conv2d": (Conv2d(), _CONV2D_NAMES, _NCHW),
+    "embedding": (Embedder(), None, None),
+    "rslora": (MLP(), None, None),
+}
+CASES = list(SPECS)
+
+
+def _flax_path(case: str, module: str) -> tuple[str, ...]:
+    """Flax module path of a PyTorch module name (inverse of the case's name_map)."""
+    if case == "gpt2_conv1d":
+        return tuple(re.sub(r"^h\.(\d+)", r"h_\1", module).split("."))
+    if case == "conv2d":
+        return ({"conv_a": "Conv_0", "conv_b": "Conv_1", "conv_c": "Conv_2"}[module],)
+    return tuple(module.split("."))
+
+
+def flax_params(case: str, state: dict[str, np.ndarray]) -> dict:
+    """Flax params from a PyTorch state dict, converting each layout by hand."""
+    params: dict = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        node = params
+        for part in _flax_path(case, module):
+            node = node.setdefault(part, {})
+        if leaf == "bias":
+            node["bias"] = value
+        elif case == "embedding" and module == "emb":
+            node["embedding"] = value  # (num, dim) in both
+        elif case == "gpt2_conv1d":
+            node["kernel"] = value  # Conv1D stores (in, out), like a Flax Dense kernel
+        elif value.ndim == 2:
+            node["kernel"] = value.T  # Linear (out, in) -> (in, out)
+        else:
+            node["kernel"] = np.transpose(value, (*range(2, value.ndim), 1, 0))  # (out, in, *k) -> (*k, in, out)
+    return {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def run(case: str, params, x: np.ndarray) -> np.ndarray:
+    model, _, perm = SPECS[case]
+    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
+    y = model.apply(params, x)
+    return np.asarray(y if perm is None else jnp.transpose(y, perm[1]))
+
+
+def run_lora(case: str, params, x: np.ndarray) -> np.ndarray:
+    """The output of lorafied params through the merge path."""
+    return run(case, lorajax.merge(params), x)
+
+
+def load_fixture(case: str, directory: Path | None = None):
+    directory = FIXTURES / case if directory is None else directory
+    base = flax_params(case, load_file(str(directory / "base.safetensors")))
+    io = load_file(str(directory / "io.safetensors"))
+    return base, io
+
+
+def nodes(params) -> dict[str, lorajax.LoRA]:
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lorajax.is_lora)[0]
+    return {lorajax.path_str(p): x for p, x in leaves if lorajax.is_lora(x)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Committed fixtures, no torch needed.
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_peft_fixture_matches_peft_outputs(case):
+    base, io = load_fixture(case)
+    params = lorajax.load_peft(FIXTURES / case, base, name_map=SPECS[case][1])
+    y = run_lora(case, params, io["x"])
+    np.testing.assert_allclose(y, io["y"], rtol=RTOL, atol=ATOL)  # PEFT unmerged forward
+    np.testing.assert_allclose(y, io["y_merged"], rtol=RTOL, atol=ATOL)  # PEFT merge_and_unload
+    # The base alone differs clearly, so the adapter is really in use.
+    assert np.abs(run(case, base, io["x"]) - io["y"]).max() > 1e-2
+
+
+def test_load_peft_ranks_and_alphas_follow_peft_patterns():
+    base, _ = load_fixture("gpt2_conv1d")
+    got = {
+        k: (n.rank, n.alpha, n.layout.axes)
+        for k, n in nodes(lorajax.load_peft(FIXTURES / "gpt2_conv1d", base, name_map=_gpt2_names)).items()
+    }
+    # config: r=2, lora_alpha=4, rank_pattern {"c_proj": 3, "h\.1\.c_attn": 4},
+    # alpha_pattern {"c_attn": 8, "h.0.c_proj": 5}
+    assert got == {
+        "params/h_0/c_attn/kernel": (2, 8.0, "io"),
+        "params/h_0/c_proj/kernel": (3, 5.0, "io"),
+        "params/h_1/c_attn/kernel": (4, 8.0, "io"),
+        "params/h_1/c_proj/kernel": (3, 4.0, "io"),
+    }
+
+
+def test_load_peft_rslora_scale():
+    base, _ = load_fixture("rslora")
+    for node in nodes(lorajax.load_peft(FIXTURES / "rslora", base)).values():
+        assert node.rslora and node.rank == 4 and node.scale == pytest.approx(2 / 2.0)  # alpha / sqrt(r)
+
+
+def test_load_peft_conv_and_embedding_layouts():
+    base, _ = load_fixture("conv2d")
+    got = {
+        k: (n.layout.axes, n.a.shape, n.b.shape)
+        for k, n in nodes(lorajax.load_peft(FIXTURES / "conv2d", base, name_map=_CONV2D_NAMES)).items()
+    }
+    assert got["params/Conv_0/kernel"] == ("wwio", (3, 3, 2, 2), (2, 4))
+    assert got["params/Conv_1/kernel"] == ("wwio", (2, 3, 4, 3), (3, 3))
+    base, _ = load_fixture("embedding")
+    emb = nodes(lorajax.load_peft(FIXTURES / "embedding", base))["params/emb/embedding"]
+    assert (emb.layout.axes, emb.a.shape, emb.b.shape) == ("eo", (10, 3), (3, 6))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_peft_round_trip_is_bit_exact(case, tmp_path):
+    base, io = load_fixture(case)
+    params = lorajax.load_peft(FIXTURES / case, base, name_map=SPECS[case][1])
+    config = lorajax.save_peft(tmp_path / "out", params, name_map=SPECS[case][1])
+    ours, theirs = (
+        load_file(str(tmp_path / "out" / "adapter_model.safetensors")),
+        load_file(str(FIXTURES / case / "adapter_model.safetensors")),
+    )
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape
+        np.testing.assert_array_equal(ours[k], theirs[k])
+    # Every module resolves to the same rank and alpha under PEFT's rule, whatever keys were chosen.
+    original = json.loads((FIXTURES / case / "adapter_config.json").read_text())
+    for module in config["target_modules"]:
+        for pattern, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+
+            def resolve(cfg):
+                key = _peft._pattern_key(cfg[pattern], module)
+                return cfg[pattern][key] if key is not None else cfg[default]
+
+            assert resolve(config) == resolve(original), (module, pattern)
+    assert config["use_rslora"] == original["use_rslora"]
+    again = lorajax.load_peft(tmp_path / "out", base, name_map=SPECS[case][1])
+    chex.assert_trees_all_equal(again, params)
+    np.testing.assert_allclose(run_lora(case, again, io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+
+
+def test_save_peft_anchors_pattern_keys_that_would_match_other_modules(tmp_path):
+    # "fc" would match "block.fc" too under PEFT's suffix rule, so its key must be anchored.
+    p = {
+        "params": {
+            "fc": {"kernel": jnp.ones((6, 5))},
+            "block": {"fc": {"kernel": jnp.ones((6, 5))}},
+            "out": {"kernel": jnp.ones((5, 4))},
+        }
+    }
+    p = lorajax.lorafy(
+        p,
+        rank=2,
+        where=["fc", "out"],
+        key=jax.random.key(0),
+        rank_pattern={"params/fc/kernel": 3},
+        alpha_pattern={"block/fc": 7.0},
+        alpha=2.0,
+    )
+    config = lorajax.save_peft(tmp_path / "a", p)
+    assert config["r"] == 2 and config["lora_alpha"] == 2
+    (rkey,) = config["rank_pattern"]
+    assert rkey != "fc" and config["alpha_pattern"] == {"block.fc": 7}
+    assert _peft._pattern_key(config["rank_pattern"], "fc") == rkey
+    assert _peft._pattern_key(config["rank_pattern"], "block.fc") is None
+    back = nodes(lorajax.load_peft(tmp_path / "a", lorajax.unlorafy(p)))
+    assert {k: (n.rank, n.alpha) for k, n in back.items()} == {k: (n.rank, n.alpha) for k, n in nodes(p).items()}
+
+
+def test_save_peft_mixed_rslora_keeps_every_scale(tmp_path):
+    p = {"params": {n: {"kernel": jnp.ones((8, 8))} for n in ("q", "k", "v")}}
+    a = lorajax.lorafy(p, rank=4, where=["q", "k"], key=jax.random.key(0), alpha=3.0, rslora=True)
+    b = lorajax.lorafy(lorajax.unlorafy(a), rank=4, where=["v"], key=jax.random.key(1), alpha=3.0)
+    mixed = {"params": {"q": a["params"]["q"], "k": a["params"]["k"], "v": b["params"]["v"]}}
+    config = lorajax.save_peft(tmp_path / "m", mixed)
+    assert config["use_rslora"] is True and config["alpha_pattern"] == {"v": 1.5}  # 3/4 == 1.5/sqrt(4)
+    back = nodes(lorajax.load_peft(tmp_path / "m", p))
+    for k, n in nodes(mixed).items():
+        assert back[k].scale == pytest.approx(n.scale, rel=1e-12)
+
+
+def test_load_peft_keeps_boxes_and_existing_nodes():
+    _, io = load_fixture("linear")
+    model = MLP()
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = lambda n, f: nn.Dense(
+                f, name=n, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            )
+            return dense("fc2", 4)(jnp.tanh(dense("fc1", 8)(x)))
+
+    base = flax_params("linear", load_file(str(FIXTURES / "linear" / "base.safetensors")))
+    boxed = Boxed().init(jax.random.key(0), io["x"])
+    boxed = jax.tree.map(
+        lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned) else v,
+        boxed,
+        base,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    loaded = lorajax.load_peft(FIXTURES / "linear", boxed)
+    node = loaded["params"]["fc1"]["kernel"]
+    assert isinstance(node.a, nn.Partitioned) and node.a.names == ("embed", None) and node.b.names == (None, "mlp")
+    y = Boxed().apply(lorajax.merge(loaded), io["x"])
+    np.testing.assert_allclose(y, io["y"], rtol=RTOL, atol=ATOL)
+    # Onto already-lorafied params: the base and layout stay, the factors are replaced.
+    lorafied = lorajax.lorafy(base, rank=3, where=["fc1", "fc2"], key=jax.random.key(3))
+    again = lorajax.load_peft(FIXTURES / "linear", lorafied)
+    assert again["params"]["fc1"]["kernel"].base is lorafied["params"]["fc1"]["kernel"].base
+    np.testing.assert_allclose(model.apply(lorajax.merge(again), io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+
+
+def test_load_peft_never_mutates_inputs():
+    base, _ = load_fixture("linear")
+    before = jax.tree.map(np.array, base)
+    lorajax.load_peft(FIXTURES / "linear", base)
+    chex.assert_trees_all_equal(base, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors.
+
+
+def _copy_fixture(tmp_path: Path, case: str = "linear") -> Path:
+    out = tmp_path / case
+    shutil.copytree(FIXTURES / case, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "feature"),
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"target_parameters": ["experts.weight"]}, "target_parameters"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"peft_type": "IA3"}, "IA3 adapter"),
+    ],
+)
+def test_load_peft_unsupported_config_features(tmp_path, change, feature):
+    d = _copy_fixture(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    base, _ = load_fixture("linear")
+    with pytest.raises(ValueError, match=re.escape(feature)):
+        lorajax.load_peft(d, base)
+
+
+def test_load_peft_unsupported_tensors(tmp_path):
+    d = _copy_fixture(tmp_path)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    tensors["base_model.model.fc1.lora_magnitude_vector"] = np.ones(8, np.float32)
+    tensors["base_model.model.fc2.lora_B.bias"] = np.ones(4, np.float32)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    base, _ = load_fixture("linear")
+    with pytest.raises(ValueError, match=r"(?s)DoRA.*lora_bias"):
+        lorajax.load_peft(d, base)
+
+
+def test_load_peft_lists_every_mismatch():
+    base, _ = load_fixture("linear")
+    del base["params"]["fc1"]
+    base["params"]["fc2"]["kernel"] = jnp.ones((7, 4))
+    with pytest.raises(
+        ValueError, match=r"(?s)2 problem.*module 'fc1': no parameter maps to it.*params/fc2/kernel: kernel \(7, 4\)"
+    ):
+        lorajax.load_peft(FIXTURES / "linear", base)
+
+
+def test_load_peft_rank_pattern_disagreeing_with_factors(tmp_path):
+    d = _copy_fixture(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"fc2": 5}}))
+    base, _ = load_fixture("linear")
+    with pytest.raises(ValueError, match="module 'fc2': config gives rank 5 but its factors have rank 2"):
+        lorajax.load_peft(d, base)
+
+
+def test_load_peft_bad_files(tmp_path):
+    base, _ = load_fixture("linear")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        lorajax.load_peft(tmp_path / "nope", base)
+    d = _copy_fixture(tmp_path)
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        lorajax.load_peft(d, base)
+    (d / "adapter_model.bin").rename(d / "adapter_model.safetensors")
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        lorajax.load_peft(d, base)
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lorajax.load_peft(d, base)
+
+
+def test_name_map_errors(tmp_path):
+    base, _ = load_fixture("linear")
+    with pytest.raises(TypeError, match="name_map must be None, a dict"):
+        lorajax.load_peft(FIXTURES / "linear", base, name_map=3)
+    with pytest.raises(TypeError, match=r"name_map\('params/fc1/kernel'\) returned 7"):
+        lorajax.load_peft(FIXTURES / "linear", base, name_map=lambda path: 7)
+    with pytest.raises(ValueError, match="several parameters map to it"):
+        lorajax.load_peft(FIXTURES / "linear", base, name_map=lambda path: "fc1" if path.endswith("kernel") else None)
+    p = lorajax.lorafy(base, rank=2, where=["fc1", "fc2"], key=jax.random.key(0))
+    with pytest.raises(ValueError, match="is also used by params/fc1/kernel"):
+        lorajax.save_peft(tmp_path / "x", p, name_map=lambda path: "same")
+    with pytest.raises(ValueError, match="no LoRA nodes"):
+        lorajax.save_peft(tmp_path / "x", base)
+    stacked = {"params": {"layers": {"kernel": jnp.ones((2, 4, 4))}}}
+    stacked = lorajax.lorafy(stacked, rank=2, where=["layers"], key=jax.random.key(0), layout={"layers": "sio"})
+    with pytest.raises(ValueError, match="stacked layout 'sio'"):
+        lorajax.save_peft(tmp_path / "x", stacked)
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_peft_is_atomic(tmp_path, monkeypatch):
+    base, _ = load_fixture("linear")
+    p = lorajax.load_peft(FIXTURES / "linear", base)
+    out = tmp_path / "adapter"
+    import safetensors.numpy
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.numpy, "save_file", broken)
+        with pytest.raises(OSError, match="disk full"):
+            lorajax.save_peft(out, p)
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no temp folder
+    lorajax.save_peft(out, p)
+    (out / "README.md").write_text("mine")
+    lorajax.save_peft(out, p, base_model_name_or_path="org/model")
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Against PyTorch + PEFT (skipped without them).
+
+
+@pytest.fixture(scope="module")
+def torch_side():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    return _fixture_script()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", CASES)
+def test_fixtures_regenerate_identically(torch_side, case, tmp_path):
+    torch_side.write_case(case, tmp_path)
+    for name in ("adapter_model.safetensors", "base.safetensors", "io.safetensors"):
+        chex.assert_trees_all_equal(load_file(str(tmp_path / name)), load_file(str(FIXTURES / case / name)))
+    got = json.loads((tmp_path / "adapter_config.json").read_text())
+    want = json.loads((FIXTURES / case / "adapter_config.json").read_text())
+    for cfg in (got, want):  # PEFT keeps target_modules in a set: its order varies between runs
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg.pop("peft_version")
+    assert got == want
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", CASES)
+def test_delta_equals_peft_get_delta_weight(torch_side, case, tmp_path):
+    import torch
+
+    pm = torch_side.peft_model(case)
+    base = flax_params(case, {k: v.detach().numpy() for k, v in torch_side.base_model(case).state_dict().items()})
+    pm.save_pretrained(str(tmp_path))
+    ours = nodes(lorajax.load_peft(tmp_path, base, name_map=SPECS[case][1]))
+    checked = 0
+    for name, module in pm.base_model.model.named_modules():
+        if not hasattr(module, "get_delta_weight"):
+            continue
+        with torch.no_grad():
+            theirs = module.get_delta_weight("default").numpy()
+        leaf = "embedding" if case == "embedding" and name == "emb" else "kernel"
+        node = ours["params/" + "/".join(_flax_path(case, name)) + "/" + leaf]
+        if node.layout.kind == "conv":
+            theirs = np.transpose(theirs, (*range(2, theirs.ndim), 1, 0))  # (out, in, *k) -> (*k, in, out)
+        elif not (case == "gpt2_conv1d" or node.layout.kind == "embed"):
+            theirs = theirs.T  # Linear delta is (out, in); Conv1D's and Embedding's already match Flax
+        np.testing.assert_allclose(np.asarray(lorajax.delta(node)), theirs, rtol=RTOL, atol=1e-6)
+        checked += 1
+    assert checked == len(ours)
+
+
+def _random_init(key, base, layout, rank, dtype):
+    """A lorafy init with random A *and* B, drawn by NumPy (no per-shape XLA compile: the suite stays fast)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+    a_shape, b_shape = layout.a_shape(base.shape, rank), layout.b_shape(base.shape, rank)
+    return jnp.asarray(0.5 * rng.standard_normal(a_shape), dtype), jnp.asarray(
+        0.5 * rng.standard_normal(b_shape), dtype
+    )
+
+
+#: case -> lorafy arguments for the reverse direction (Flax paths), chosen to exercise patterns and rslora.
+REVERSE = {
+    "linear": dict(where=["fc1", "fc2"], rank=3, alpha=5.0, rank_pattern={"fc2": 2}),
+    "gpt2_conv1d": dict(
+        where=["c_attn", "c_proj"], rank=2, alpha=4.0, rank_pattern={"h_1/c_attn": 4}, alpha_pattern={"c_proj": 6.0}
+    ),
+    "conv1d": dict(where=["conv", "conv_out"], rank=2, alpha=3.0),
+    "conv2d": dict(where=["Conv_0", "Conv_1", "Conv_2"], rank=2, alpha=2.0, rank_pattern={"Conv_1": 3}),
+    "embedding": dict(where=["emb", "proj"], rank=3, alpha=6.0),
+    "rslora": dict(where=["fc1", "fc2"], rank=4, alpha=2.0, rslora=True),
+}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", CASES)
+def test_save_peft_loads_into_peft(torch_side, case, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    torch_model = torch_side.base_model(case)
+    base = flax_params(case, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+    params = lorajax.lorafy(base, key=jax.random.key(0), init=_random_init, **REVERSE[case])
+    lorajax.save_peft(tmp_path, params, name_map=SPECS[case][1], fan_in_fan_out=case == "gpt2_conv1d")
+    pm = PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
+    x = torch_side.example_input(case)
+    with torch.no_grad():
+        y_peft = pm(x).numpy()
+        y_peft_merged = pm.merge_and_unload()(x).numpy()
+    y = run_lora(case, params, x.numpy())
+    np.testing.assert_allclose(y_peft, y, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(y_peft_merged, y, rtol=RTOL, atol=ATOL)
+    assert np.abs(run(case, base, x.numpy()) - y).max() > 1e-2
