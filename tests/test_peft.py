@@ -15,6 +15,7 @@ orders); factors round-trip bit-exactly.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -153,6 +154,14 @@ def run_lora(case: str, params, x: np.ndarray) -> np.ndarray:
     return run(case, lorajax.merge(params), x)
 
 
+def run_factored(case: str, params, x: np.ndarray) -> np.ndarray:
+    """The output of lorafied params through lorajax.factored (x @ W0 + s * (x @ A) @ B; strict: no merge anywhere)."""
+    model, _, perm = SPECS[case]
+    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
+    y = lorajax.factored(model.apply, strict=True)(params, x)
+    return np.asarray(y if perm is None else jnp.transpose(y, perm[1]))
+
+
 def load_fixture(case: str, directory: Path | None = None):
     directory = FIXTURES / case if directory is None else directory
     base = flax_params(case, load_file(str(directory / "base.safetensors")))
@@ -176,8 +185,43 @@ def test_load_peft_fixture_matches_peft_outputs(case):
     y = run_lora(case, params, io["x"])
     np.testing.assert_allclose(y, io["y"], rtol=RTOL, atol=ATOL)  # PEFT unmerged forward
     np.testing.assert_allclose(y, io["y_merged"], rtol=RTOL, atol=ATOL)  # PEFT merge_and_unload
+    np.testing.assert_allclose(run_factored(case, params, io["x"]), io["y"], rtol=RTOL, atol=ATOL)
     # The base alone differs clearly, so the adapter is really in use.
     assert np.abs(run(case, base, io["x"]) - io["y"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_peft_onto_pytorch_layout_params(case):
+    """Equinox/PyTorch-style params (``weight`` (out, in, *k)): merged weights equal W + scaling * B @ A by hand."""
+    state = load_file(str(FIXTURES / case / "base.safetensors"))
+    tensors = load_file(str(FIXTURES / case / "adapter_model.safetensors"))
+    config = json.loads((FIXTURES / case / "adapter_config.json").read_text())
+    params: dict = {}
+    for key, value in state.items():
+        *module, leaf = key.split(".")
+        node = params
+        for part in module:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    merged = lorajax.merge(lorajax.load_peft(FIXTURES / case, params))
+    for key, w in state.items():
+        module, leaf = key.rsplit(".", 1)
+        got = np.asarray(functools.reduce(lambda d, k: d[k], key.split("."), merged))
+        prefix = f"base_model.model.{module}."
+        if leaf != "weight" or not any(k.startswith(prefix) for k in tensors):
+            np.testing.assert_array_equal(got, w)  # untouched
+            continue
+        emb = prefix + "lora_embedding_A" in tensors
+        A = tensors[prefix + ("lora_embedding_A" if emb else "lora_A.weight")]
+        B = tensors[prefix + ("lora_embedding_B" if emb else "lora_B.weight")]
+        r = A.shape[0]
+        key_a = _peft._pattern_key(config["alpha_pattern"], module)
+        alpha = config["alpha_pattern"][key_a] if key_a is not None else config["lora_alpha"]
+        scaling = alpha / (np.sqrt(r) if config["use_rslora"] else r)
+        d = (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(B.shape[0], *A.shape[1:])
+        if emb or case == "gpt2_conv1d":  # Embedding weight (num, dim); Conv1D weight (in, out)
+            d = d.T
+        np.testing.assert_allclose(got, w + scaling * d, rtol=RTOL, atol=1e-6)
 
 
 def test_load_peft_ranks_and_alphas_follow_peft_patterns():
