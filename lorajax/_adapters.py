@@ -556,7 +556,7 @@ def _as_adapter(x: Any, what: str) -> Adapter | None:
         raise ValueError(f"swap: {what} must be an Adapter, lorafied params or None; {e}") from None
 
 
-def _delta(a: jax.Array, b: jax.Array, layout: Layout, scale: float, dt: Any) -> jax.Array:
+def _delta(a: jax.Array, b: jax.Array, scale: jax.Array, layout: Layout, dt: Any) -> jax.Array:
     # The arithmetic of lorajax.delta, so swap(base, None, ad) equals merge(attach(base, ad)) bit for bit.
     d = jnp.einsum(
         layout.einsum_subscripts(),
@@ -568,14 +568,15 @@ def _delta(a: jax.Array, b: jax.Array, layout: Layout, scale: float, dt: Any) ->
     return d * jnp.asarray(scale, dt)
 
 
-@partial(jax.jit, static_argnames=("old_spec", "new_spec"))
-def _swap_one(w: jax.Array, old: Any, new: Any, old_spec: Any, new_spec: Any) -> jax.Array:
+@partial(jax.jit, static_argnames=("old_layout", "new_layout"))
+def _swap_one(w: jax.Array, old: Any, new: Any, old_layout: Any, new_layout: Any) -> jax.Array:
+    # Scales are traced (not static) so adapters that differ only in alpha share one compilation.
     dt = jnp.promote_types(w.dtype, jnp.float32)  # float32 at least; float64 (x64) keeps its precision
     acc = w.astype(dt)
-    if old_spec is not None:
-        acc = acc - _delta(old[0], old[1], *old_spec, dt)
-    if new_spec is not None:
-        acc = acc + _delta(new[0], new[1], *new_spec, dt)
+    if old_layout is not None:
+        acc = acc - _delta(*old, old_layout, dt)
+    if new_layout is not None:
+        acc = acc + _delta(*new, new_layout, dt)
     return acc.astype(w.dtype)
 
 
@@ -638,14 +639,14 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
         if ad is None or name not in ad.factors:
             return None, None
         f = ad.factors[name]
-        return (f.a, f.b), (f.layout, f.scale)
+        return (f.a, f.b, float(f.scale)), f.layout
 
     replaced: dict[int, Any] = {}
     for name in names:
         n = index[name]
         leaf = leaves[n][1]
-        (old_ab, old_spec), (new_ab, new_spec) = term(old, name), term(new, name)
-        w = _swap_one(_boxes.unbox(leaf), old_ab, new_ab, old_spec=old_spec, new_spec=new_spec)
+        (old_ab, old_layout), (new_ab, new_layout) = term(old, name), term(new, name)
+        w = _swap_one(_boxes.unbox(leaf), old_ab, new_ab, old_layout=old_layout, new_layout=new_layout)
         replaced[n] = _boxes.rebox(leaf, w)
     return _rebuild(merged, leaves, replaced)
 
@@ -733,12 +734,9 @@ def combine_adapters(
             b = jnp.concatenate([c * b for c, _, b in mats], axis=ns)
             r = int(a.shape[-1])
         else:
-            hi = jax.lax.Precision.HIGHEST
-            delta = sum(c * jnp.matmul(a, b, precision=hi) for c, a, b in mats)
-            u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
-            r = min(rank or max(f.rank for _, f in members), s.shape[-1])
-            root = jnp.sqrt(s[..., :r])
-            a, b = u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+            fan_in, fan_out = ref.layout.sizes(ref.shape)
+            r = min(rank or max(f.rank for _, f in members), fan_in, fan_out)
+            a, b, s = _svd_combine([(jnp.float32(c), a, b) for c, a, b in mats], r)
             s64 = np.asarray(s, np.float64)
             total = float(np.sum(s64**2))
             errors[name] = float(np.sqrt(np.sum(s64[..., r:] ** 2) / total)) if total > 0 else 0.0
@@ -756,6 +754,15 @@ def combine_adapters(
     if method == "svd":
         info.update(rank=rank, relative_error=errors, max_relative_error=max(errors.values(), default=0.0))
     return Adapter(out, _dump_metadata({"combine": info}))
+
+
+@partial(jax.jit, static_argnames=("r",))
+def _svd_combine(mats: list[tuple[Any, Any, Any]], r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Best rank-``r`` factors of ``Σ c·a@b`` (float32) and all its singular values."""
+    delta = sum(c * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) for c, a, b in mats)
+    u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
+    root = jnp.sqrt(s[..., :r])  # split the singular values evenly between a and b
+    return u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :], s
 
 
 def _group_targets(ads: Sequence[Adapter], what: str) -> dict[str, list[tuple[int, AdapterFactors]]]:
