@@ -360,6 +360,29 @@ def test_load_peft_keeps_boxes_and_existing_nodes():
     np.testing.assert_allclose(model.apply(lorajax.merge(again), io["x"]), io["y"], rtol=RTOL, atol=ATOL)
 
 
+def test_load_peft_into_nnx_state(tmp_path):
+    from flax import nnx
+
+    class NNXMLP(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jnp.tanh(self.fc1(x)))
+
+    _, io = load_fixture("linear")
+    graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
+    linen = flax_params("linear", load_file(str(FIXTURES / "linear" / "base.safetensors")))["params"]
+    for module in ("fc1", "fc2"):
+        for leaf in ("kernel", "bias"):
+            state[module][leaf].set_value(linen[module][leaf])
+    lora = lorajax.load_peft(FIXTURES / "linear", state)  # NNX paths have no "params": fc1/kernel -> fc1
+    assert isinstance(lora["fc1"]["kernel"].a, nnx.Param)
+    np.testing.assert_allclose(nnx.merge(graphdef, lorajax.merge(lora))(io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+    out = lorajax.save_peft(tmp_path / "nnx", lora)
+    assert out["target_modules"] == ["fc1", "fc2"]
+
+
 def test_load_peft_never_mutates_inputs():
     base, _ = load_fixture("linear")
     before = jax.tree.map(np.array, base)
