@@ -1,0 +1,162 @@
+"""Adapter banks: stack_adapters / select, and mixed-adapter batches run by lorajax.factored."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _models import tiny_gpt
+
+import lorajax
+from lorajax._boxes import rebox, unbox
+
+
+def trained(base, seed, rank=2, where=".*kernel", alpha=None, rslora=False, **kw):
+    """lorafy, then give every factor random values, as after training."""
+    lora = lorajax.lorafy(base, rank=rank, where=where, key=jax.random.key(seed), alpha=alpha, rslora=rslora, **kw)
+    rng = np.random.default_rng(seed + 1000)
+    rand = lambda box: rebox(box, jnp.asarray(0.2 * rng.normal(size=unbox(box).shape), jnp.float32))
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, a=rand(x.a), b=rand(x.b)) if lorajax.is_lora(x) else x,
+        lora,
+        is_leaf=lorajax.is_lora,
+    )
+
+
+def small_params():
+    rng = np.random.default_rng(0)
+    return {
+        "q": {"kernel": jnp.asarray(rng.normal(size=(6, 2, 3)), jnp.float32)},
+        "fc": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+        "lm_head": {"kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)},
+    }
+
+
+def dense(a, b, layout, shape, scale):
+    """scale * A.B in float64 numpy, contracted back into the kernel layout."""
+    d = scale * np.einsum(layout.einsum_subscripts(), np.asarray(a, np.float64), np.asarray(b, np.float64))
+    assert d.shape == shape
+    return d
+
+
+def test_stack_pads_ranks_folds_scales_and_zero_fills():
+    base = small_params()
+    p0 = trained(base, 0, rank=2, where=r"(q|fc)/kernel", alpha=4.0, layout={"q": "ioo"})
+    p1 = trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True)
+    bank = lorajax.stack_adapters({"x": p0, "y": p1})
+    assert bank.names == ("x", "y") and bank.num_adapters == 2
+    fc = bank.params["fc"]["kernel"]
+    assert isinstance(fc, lorajax.BankNode) and fc.rank == 3
+    assert fc.a.shape == (3, 6, 3) and fc.b.shape == (3, 3, 5)
+    n0, n1 = p0["fc"]["kernel"], p1["fc"]["kernel"]
+    np.testing.assert_array_equal(fc.a[0, :, :2], n0.a)
+    np.testing.assert_array_equal(fc.a[0, :, 2], 0)  # rank padding
+    np.testing.assert_allclose(fc.b[0, :2], 2.0 * n0.b, rtol=1e-7)  # scale 4/2 folded in
+    np.testing.assert_array_equal(fc.b[0, 2], 0)
+    np.testing.assert_allclose(fc.b[1], n1.b / np.sqrt(3.0), rtol=1e-6)  # rsLoRA scale 1/sqrt(3)
+    np.testing.assert_array_equal(fc.a[2], 0)  # the base-model row
+    np.testing.assert_array_equal(fc.b[2], 0)
+    q = bank.params["q"]["kernel"]
+    assert q.a.shape == (3, 6, 2) and q.b.shape == (3, 2, 2, 3)
+    np.testing.assert_array_equal(q.a[1], 0)  # adapter y does not target q
+    np.testing.assert_array_equal(q.b[1], 0)
+    assert bank.params["lm_head"]["kernel"] is base["lm_head"]["kernel"]
+    assert bank.params["fc"]["kernel"].base is base["fc"]["kernel"]
+
+
+def test_select_gathers_one_adapter_per_example_exactly():
+    base = small_params()
+    ps = [
+        trained(base, 0, rank=2, where=r"(q|fc)/kernel", alpha=4.0, layout={"q": "ioo"}),
+        trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True),
+        trained(base, 2, rank=1, where=r"q/kernel", alpha=0.5, layout={"q": "ioo"}),
+    ]
+    bank = lorajax.stack_adapters(ps)
+    ids = np.array([2, -1, 0, 1, 0])
+    sel = lorajax.select(bank, ids)
+    for name in ("q", "fc"):
+        node = sel[name]["kernel"]
+        assert node.per_example and node.scale == 1.0 and node.rslora is False
+        assert node.a.shape[0] == node.b.shape[0] == len(ids)
+        for n, k in enumerate(ids):
+            got = dense(node.a[n], node.b[n], node.layout, node.shape, 1.0)
+            if k < 0 or not lorajax.is_lora(ps[k][name]["kernel"]):
+                want = np.zeros(node.shape)
+            else:
+                src = ps[k][name]["kernel"]
+                want = dense(src.a, src.b, src.layout, src.shape, src.scale)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=f"{name} example {n}")
+    with pytest.raises(ValueError, match="per-example"):
+        lorajax.merge(sel)
+
+
+def test_select_validates_ids_and_bank_ids_maps_names():
+    base = small_params()
+    bank = lorajax.stack_adapters({"a": trained(base, 0), "b": trained(base, 1)})
+    with pytest.raises(ValueError, match=r"ids \[-2, 2\] are out of range; use 0..1"):
+        lorajax.select(bank, np.array([0, 2, -2]))
+    with pytest.raises(ValueError, match="1-D integer array"):
+        lorajax.select(bank, np.zeros((2, 2), np.int32))
+    with pytest.raises(ValueError, match="1-D integer array"):
+        lorajax.select(bank, np.array([0.0, 1.0]))
+    assert bank.ids(["b", None, "a"]).tolist() == [1, -1, 0]
+    with pytest.raises(ValueError, match=r"unknown adapter names \['c'\]"):
+        bank.ids(["c"])
+
+
+def test_stack_rejects_adapters_of_another_base():
+    base = small_params()
+    sq = {"fc": {"kernel": jnp.ones((5, 5))}}
+    io = trained(sq, 0, layout={".*": "io"})
+    oi = trained(sq, 1, layout={".*": "oi"})
+    with pytest.raises(ValueError, match=r"layout: fc/kernel: adapter 0 has layout 'io', adapter 1 'oi'"):
+        lorajax.stack_adapters([io, oi])
+    with pytest.raises(ValueError, match=r"fc/kernel: the adapter was made for a base kernel of shape \(5, 5\)"):
+        lorajax.stack_adapters([io], base=base)
+    with pytest.raises(ValueError, match="pass the base params as base="):
+        lorajax.stack_adapters([lorajax.adapter(io)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mixed batches through lorajax.factored on a small transformer
+
+
+@pytest.fixture(scope="module")
+def gpt_bank():
+    model, base, tokens = tiny_gpt(batch=6, seq=8)
+    ps = [
+        trained(base, 0, rank=2, where=lorajax.attn_qv, alpha=4.0),
+        trained(base, 1, rank=4, where=lorajax.mlp, alpha=8.0, rslora=True),
+        trained(base, 2, rank=3, where=r"embed/embedding|.*/(query|value|fc1)/kernel", alpha=3.0),
+    ]
+    return model, base, tokens, ps, lorajax.stack_adapters(ps)
+
+
+def test_mixed_batch_equals_each_example_with_its_own_merged_model(gpt_bank):
+    model, base, tokens, ps, bank = gpt_bank
+    ids = np.array([2, -1, 0, 1, 1, 2])
+    mixed = lorajax.factored(model.apply)({"params": lorajax.select(bank, ids)}, tokens)
+    for n, k in enumerate(ids):
+        params = base if k < 0 else lorajax.merge(ps[k])
+        alone = model.apply({"params": params}, tokens[n : n + 1])
+        np.testing.assert_allclose(mixed[n : n + 1], alone, rtol=1e-5, atol=1e-5, err_msg=f"example {n}")
+    # -1 everywhere is the base model (zero factors; equal up to float32 rounding of the reordered sums).
+    only_base = lorajax.factored(model.apply)({"params": lorajax.select(bank, np.full(6, -1))}, tokens)
+    np.testing.assert_allclose(only_base, model.apply({"params": base}, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_new_ids_do_not_retrace(gpt_bank):
+    model, _, tokens, _, bank = gpt_bank
+    run = lorajax.factored(model.apply)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def serve(bank, ids, tokens):
+        return run({"params": lorajax.select(bank, ids)}, tokens)
+
+    a = serve(bank, jnp.array([0, 1, 2, -1, 0, 1]), tokens)
+    b = serve(bank, jnp.array([2, 2, 2, 2, 2, 2]), tokens)
+    assert a.shape == b.shape == (6, 8, 64)
+    assert not np.allclose(a, b)
