@@ -602,3 +602,47 @@ def test_save_peft_loads_into_peft(torch_side, case, tmp_path):
     np.testing.assert_allclose(y_peft, y, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(y_peft_merged, y, rtol=RTOL, atol=ATOL)
     assert np.abs(run(case, base, x.numpy()) - y).max() > 1e-2
+
+
+@pytest.mark.torch
+def test_save_peft_pattern_keys_resolve_in_peft(torch_side, tmp_path):
+    # Modules "fc" and "block.fc" with different ranks and alphas: PEFT must give each its own.
+    import torch
+    from peft import PeftModel
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 5)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.block = torch.nn.Linear(5, 5), Block()
+
+        def forward(self, x):
+            return self.block.fc(self.fc(x))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    base = {"params": {"fc": {"kernel": state["fc.weight"].T, "bias": state["fc.bias"]}}}
+    base["params"]["block"] = {"fc": {"kernel": state["block.fc.weight"].T, "bias": state["block.fc.bias"]}}
+    params = lorajax.lorafy(
+        base,
+        rank=2,
+        alpha=4.0,
+        where=["fc"],
+        key=jax.random.key(0),
+        init=_random_init,
+        rank_pattern={"params/fc/kernel": 3},
+    )
+    lorajax.save_peft(tmp_path, params)
+    pm = PeftModel.from_pretrained(net, str(tmp_path)).eval()
+    assert (pm.base_model.model.fc.r["default"], pm.base_model.model.block.fc.r["default"]) == (3, 2)
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    with torch.no_grad():
+        y_peft = pm(torch.from_numpy(x)).numpy()
+    m = lorajax.merge(params)["params"]
+    y = (x @ m["fc"]["kernel"] + m["fc"]["bias"]) @ m["block"]["fc"]["kernel"] + m["block"]["fc"]["bias"]
+    np.testing.assert_allclose(y_peft, y, rtol=RTOL, atol=ATOL)
