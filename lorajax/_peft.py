@@ -337,7 +337,11 @@ def load_peft(
             for ``/`` (``params/fc1/kernel`` -> ``fc1``). A dict ``{path: module}``
             where ``path`` is a parameter path or its module path, with ``/`` or ``.``,
             with or without ``params`` (only listed kernels take part). A callable
-            ``path -> module name | None`` over '/'-joined parameter paths.
+            ``path -> module name | None`` over '/'-joined kernel paths. A name with
+            ``{}`` maps a stacked kernel (``nn.scan``, layout ``"s..."``) to one module per
+            layer index: ``{"params/layers/fc1": "model.layers.{}.mlp.fc1"}``; layers with
+            different ranks/alphas are padded and their scales folded into ``b`` (exact),
+            layers the adapter skips get zero factors.
         layout: layouts for kernels the names and shapes do not settle, as in
             :func:`lorajax.lorafy` (``{name or regex: "ioo"}`` or a callable).
 
@@ -362,54 +366,17 @@ def load_peft(
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
-    leaves = _targets.tree_paths(params, is_leaf=is_lora)
-    owner: dict[str, list[int]] = collections.defaultdict(list)
-    for n, (kpath, leaf) in enumerate(leaves):
-        base = leaf.base if is_lora(leaf) else leaf
-        candidate = is_lora(leaf) or _targets.is_kernel(kpath, base)
-        name = resolve(_targets.path_str(kpath), candidate)
-        if name is not None and name in modules:
-            owner[name].append(n)
+    def alpha_of(name: str) -> float:
+        key = _pattern_key(alpha_pattern, name)
+        return float(alpha_pattern[key] if key is not None else default_alpha)
 
-    problems: list[str] = []
-    replaced: dict[int, LoRA] = {}
-    for name, entry in modules.items():
-        hits = owner.get(name, [])
-        if not hits:
-            problems.append(f"module {name!r}: no parameter maps to it (A {entry['A'].shape}, B {entry['B'].shape})")
-            continue
-        if len(hits) > 1:
-            paths = ", ".join(_targets.path_str(leaves[n][0]) for n in hits)
-            problems.append(f"module {name!r}: several parameters map to it ({paths}); pass name_map to pick one")
-            continue
-        n = hits[0]
-        kpath, leaf = leaves[n]
-        pstr = _targets.path_str(kpath)
-        node = leaf if is_lora(leaf) else None
-        if node is not None and node.per_example:
-            problems.append(f"{pstr}: holds per-example factors (lorajax.select); load onto the plain params")
-            continue
-        box = node.base if node is not None else leaf
-        array = _boxes.unbox(box)
-        shape = tuple(getattr(array, "shape", ()))
+    def factors(name: str, lay: Layout, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """Module ``name``'s factors in our layout for one (unstacked) kernel, or a _Problem."""
+        entry = modules[name]
         kind, A, B = entry["kind"], entry["A"], entry["B"]
-        try:
-            if node is not None:
-                lay = node.layout
-            elif layout is not None:
-                lay = _lorafy._layout_for(layout, kpath, array)
-            else:
-                lay = _guess_layout(kind, kpath, shape, A, B, fan_in_fan_out)
-        except ValueError as e:
-            problems.append(f"{pstr} (module {name!r}): {e}")
-            continue
-        r = int(A.shape[0])
-        if lay.stack:
-            problems.append(f"{pstr}: layout {lay.axes!r} is stacked; a PEFT module adapts one layer, unstack first")
-            continue
         if _peft_kind(lay) != kind:
-            problems.append(f"{pstr}: a {lay.kind} kernel (layout {lay.axes!r}) but PEFT module {name!r} is {kind}")
-            continue
+            raise _Problem(f"{where}: a {lay.kind} kernel (layout {lay.axes!r}) but PEFT module {name!r} is {kind}")
+        r = int(A.shape[0])
         fan_in, fan_out = lay.sizes(shape)
         if kind == "conv":
             window = tuple(shape[k] for k in lay.fan_in if lay.axes[k] == "w")
@@ -418,30 +385,143 @@ def load_peft(
             want_a = (r, fan_in)
         want_b = (fan_out, r) + (1,) * (B.ndim - 2 if kind == "conv" else 0)
         if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-            problems.append(
-                f"{pstr}: kernel {shape} (layout {lay.axes!r}) needs PEFT factors A {want_a}, B {want_b}; "
+            raise _Problem(
+                f"{where}: kernel {shape} (layout {lay.axes!r}) needs PEFT factors A {want_a}, B {want_b}; "
                 f"module {name!r} has A {tuple(A.shape)}, B {tuple(B.shape)}"
             )
-            continue
         r_key = _pattern_key(rank_pattern, name)
         want_r = rank_pattern[r_key] if r_key is not None else default_r
         if want_r != r:
-            problems.append(f"module {name!r}: config gives rank {want_r} but its factors have rank {r}")
-            continue
-        a_key = _pattern_key(alpha_pattern, name)
-        alpha = float(alpha_pattern[a_key] if a_key is not None else default_alpha)
+            raise _Problem(f"module {name!r}: config gives rank {want_r} but its factors have rank {r}")
         a, b = _torch_to_ours(kind, A, B, lay, shape)
+        return a, b, r
+
+    leaves = _targets.tree_paths(params, is_leaf=is_lora)
+    owner: dict[str, list[int]] = collections.defaultdict(list)
+    templates: list[tuple[int, str, re.Pattern[str]]] = []
+    for n, (kpath, leaf) in enumerate(leaves):
+        base = leaf.base if is_lora(leaf) else leaf
+        candidate = is_lora(leaf) or _targets.is_kernel(kpath, base)
+        name = resolve(_targets.path_str(kpath), candidate)
+        if name is not None and "{}" in name:  # a stacked kernel: one module per layer index
+            regex = re.compile(re.escape(name).replace(re.escape("{}"), r"(\d+)", 1))
+            templates.append((n, name, regex))
+        elif name is not None and name in modules:
+            owner[name].append(n)
+
+    problems: list[str] = []
+    direct: dict[int, str] = {}
+    stacked: dict[int, dict[int, str]] = collections.defaultdict(dict)
+    for name, entry in modules.items():
+        hits = owner.get(name, [])
+        if len(hits) > 1:
+            paths = ", ".join(_targets.path_str(leaves[n][0]) for n in hits)
+            problems.append(f"module {name!r}: several parameters map to it ({paths}); pass name_map to pick one")
+        elif hits:
+            direct[hits[0]] = name
+        else:
+            match = next(((n, m) for n, _, rx in templates if (m := rx.fullmatch(name))), None)
+            if match is None:
+                problems.append(
+                    f"module {name!r}: no parameter maps to it (A {entry['A'].shape}, B {entry['B'].shape})"
+                )
+            else:
+                stacked[match[0]][int(match[1].group(1))] = name
+
+    replaced: dict[int, LoRA] = {}
+    for n in sorted(set(direct) | set(stacked)):
+        kpath, leaf = leaves[n]
+        pstr = _targets.path_str(kpath)
+        node = leaf if is_lora(leaf) else None
+        box = node.base if node is not None else leaf
+        array = _boxes.unbox(box)
+        shape = tuple(getattr(array, "shape", ()))
+        try:
+            if node is not None and node.per_example:
+                raise _Problem(f"{pstr}: holds per-example factors (lorajax.select); load onto the plain params")
+            name = direct.get(n) or next(iter(stacked[n].values()))
+            entry = modules[name]
+            if node is not None:
+                lay = node.layout
+            elif layout is not None:
+                lay = _lorafy._layout_for(layout, kpath, array)
+            elif n in stacked:  # a name template means one leading layer axis
+                lay = Layout(
+                    "s" + _guess_layout(entry["kind"], kpath, shape[1:], entry["A"], entry["B"], fan_in_fan_out).axes
+                )
+            else:
+                lay = _guess_layout(entry["kind"], kpath, shape, entry["A"], entry["B"], fan_in_fan_out)
+            if n in direct:
+                if lay.stack:
+                    raise _Problem(
+                        f"{pstr}: layout {lay.axes!r} is stacked but maps to the single module {name!r}; give name_map "
+                        "a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'"
+                    )
+                a, b, r = factors(name, lay, shape, pstr)
+                alpha = alpha_of(name)
+            else:
+                a, b, r, alpha, rs = _stack_factors(stacked[n], lay, shape, pstr, factors, alpha_of, rslora)
+        except (_Problem, ValueError) as e:
+            problems.append(str(e) if isinstance(e, _Problem) else f"{pstr}: {e}")
+            continue
         names_a, names_b = _lorafy._factor_names(box, lay)
         a = _boxes.rebox(box, jnp.asarray(a), names_a)
         b = _boxes.rebox(box, jnp.asarray(b), names_b)
+        rs = rslora if n in direct else rs
         if node is not None:
-            replaced[n] = dataclasses.replace(node, a=a, b=b, rank=r, alpha=alpha, rslora=rslora)
+            replaced[n] = dataclasses.replace(node, a=a, b=b, rank=r, alpha=alpha, rslora=rs)
         else:
-            replaced[n] = LoRA(base=leaf, a=a, b=b, rank=r, alpha=alpha, layout=lay, rslora=rslora)
+            replaced[n] = LoRA(base=leaf, a=a, b=b, rank=r, alpha=alpha, layout=lay, rslora=rs)
     if problems:
         raise ValueError(f"load_peft: {len(problems)} problem(s) loading {path}:\n  " + "\n  ".join(problems))
     treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: _boxes.is_box(x) or is_lora(x))
     return jax.tree_util.tree_unflatten(treedef, [replaced.get(n, leaf) for n, (_, leaf) in enumerate(leaves)])
+
+
+class _Problem(Exception):
+    """One entry of load_peft's list of problems."""
+
+
+def _unstacked(lay: Layout, shape: tuple[int, ...], where: str) -> tuple[Layout, tuple[int, ...], int]:
+    if len(lay.stack) != 1:
+        raise _Problem(f"{where}: layout {lay.axes!r} needs exactly one stacked axis to map to PEFT layers")
+    k = lay.stack[0]
+    return Layout(lay.axes.replace("s", "")), shape[:k] + shape[k + 1 :], shape[k]
+
+
+def _stack_factors(
+    layers: dict[int, str], lay: Layout, shape: tuple[int, ...], where: str, factors: Any, alpha_of: Any, rslora: bool
+) -> tuple[np.ndarray, np.ndarray, int, float, bool]:
+    """One stacked node from per-layer PEFT modules.
+
+    Equal ranks and alphas on every layer stack as they are. Otherwise (or with
+    layers the adapter leaves out, as with ``layers_to_transform``) each layer's
+    own scale is folded into its ``b``, ranks are zero-padded to the largest and
+    absent layers get zero factors: exact, with ``alpha = rank`` (scale 1).
+    """
+    inner, inner_shape, count = _unstacked(lay, shape, where)
+    bad = sorted(i for i in layers if i >= count)
+    if bad:
+        raise _Problem(
+            f"{where}: layers {bad} are out of range for {count} stacked layers ({[layers[i] for i in bad]})"
+        )
+    got = {i: factors(name, inner, inner_shape, f"{where}[{i}]") for i, name in layers.items()}
+    ranks = {r for _, _, r in got.values()}
+    alphas = {alpha_of(name) for name in layers.values()}
+    stack_axis = 0  # a and b start with the stacked axis (Layout.a_shape)
+    if len(got) == count and len(ranks) == 1 and len(alphas) == 1:
+        a = np.stack([got[i][0] for i in range(count)], stack_axis)
+        b = np.stack([got[i][1] for i in range(count)], stack_axis)
+        return a, b, ranks.pop(), alphas.pop(), rslora
+    r_max = max(ranks)
+    a_shape, b_shape = inner.a_shape(inner_shape, r_max), inner.b_shape(inner_shape, r_max)
+    dtype = np.result_type(*[g[0].dtype for g in got.values()])
+    a, b = np.zeros((count, *a_shape), dtype), np.zeros((count, *b_shape), dtype)
+    for i, (ai, bi, r) in got.items():
+        scale = alpha_of(layers[i]) / (math.sqrt(r) if rslora else r)
+        a[i, ..., :r] = ai
+        b[i, :r] = (bi.astype(np.float32) * np.float32(scale)).astype(dtype)
+    return a, b, r_max, float(r_max), False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,7 +540,7 @@ def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _write_atomic(root: Path, files: dict[str, Callable[[Path], None]]) -> None:
+def _write_atomic(root: Path, files: dict[str, Callable[[Path], object]]) -> None:
     """Write each file through a temp file and rename; a new directory appears whole or not at all."""
     root = root.absolute()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -508,7 +588,8 @@ def save_peft(
     Args:
         path: output directory (created; files in an existing one are replaced).
         params: lorafied params (only the LoRA nodes are written).
-        name_map: parameter path -> PyTorch module name, as in :func:`load_peft`.
+        name_map: parameter path -> PyTorch module name, as in :func:`load_peft`; a name with
+            ``{}`` writes a stacked kernel as one module per layer index.
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
         fan_in_fan_out: set for GPT-2-style ``Conv1D`` bases (PEFT would otherwise fix it with a warning).
 
@@ -530,30 +611,46 @@ def save_peft(
     if not nodes:
         raise ValueError("save_peft: params hold no LoRA nodes; lorafy or load_peft them first.")
     problems: list[str] = []
-    entries: dict[str, tuple[str, LoRA]] = {}
+    # module name -> (path, node, layout, kernel shape, a, b) of one (unstacked) kernel
+    entries: dict[str, tuple[str, LoRA, Layout, tuple[int, ...], np.ndarray, np.ndarray]] = {}
     for kpath, node in nodes:
         pstr = _targets.path_str(kpath)
         name = resolve(pstr, True)
         if name is None:
             problems.append(f"{pstr}: name_map gives no module name")
-        elif name in entries:
-            problems.append(f"{pstr}: module name {name!r} is also used by {entries[name][0]}; pass name_map")
-        elif node.per_example:
+            continue
+        if node.per_example:
             problems.append(f"{pstr}: holds per-example factors (lorajax.select); save the adapters before selecting")
-        elif node.layout.stack:
-            problems.append(f"{pstr}: stacked layout {node.layout.axes!r}; PEFT has one module per layer; unstack")
+            continue
+        a, b = np.asarray(_boxes.unbox(node.a)), np.asarray(_boxes.unbox(node.b))
+        if node.layout.stack:
+            if "{}" not in name:
+                problems.append(
+                    f"{pstr}: stacked layout {node.layout.axes!r} but one module name {name!r}; PEFT has one module "
+                    "per layer: give name_map a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'"
+                )
+                continue
+            try:
+                inner, inner_shape, count = _unstacked(node.layout, node.shape, pstr)
+            except _Problem as e:
+                problems.append(str(e))
+                continue
+            parts = [(name.replace("{}", str(k), 1), inner, inner_shape, a[k], b[k]) for k in range(count)]
         else:
-            entries[name] = (pstr, node)
+            parts = [(name, node.layout, node.shape, a, b)]
+        for module, lay, shape, ak, bk in parts:
+            if module in entries:
+                problems.append(f"{pstr}: module name {module!r} is also used by {entries[module][0]}; pass name_map")
+            else:
+                entries[module] = (pstr, node, lay, shape, ak, bk)
     if problems:
         raise ValueError(f"save_peft: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
-    rslora = collections.Counter(n.rslora for _, n in entries.values()).most_common(1)[0][0]
+    rslora = collections.Counter(e[1].rslora for e in entries.values()).most_common(1)[0][0]
     ranks, alphas, tensors = {}, {}, {}
-    for name, (_, node) in entries.items():
-        kind = _peft_kind(node.layout)
-        a = np.asarray(_boxes.unbox(node.a))
-        b = np.asarray(_boxes.unbox(node.b))
-        A, B = _ours_to_torch(kind, a, b, node.layout, node.shape)
+    for name, (_, node, lay, shape, a, b) in entries.items():
+        kind = _peft_kind(lay)
+        A, B = _ours_to_torch(kind, a, b, lay, shape)
         if kind == "embed":
             tensors[f"{_PREFIX}{name}.lora_embedding_A"], tensors[f"{_PREFIX}{name}.lora_embedding_B"] = A, B
         else:

@@ -646,3 +646,63 @@ def test_save_peft_pattern_keys_resolve_in_peft(torch_side, tmp_path):
     m = lorajax.merge(params)["params"]
     y = (x @ m["fc"]["kernel"] + m["fc"]["bias"]) @ m["block"]["fc"]["kernel"] + m["block"]["fc"]["bias"]
     np.testing.assert_allclose(y_peft, y, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stacked (nn.scan-style) kernels: one PEFT module per layer index, named by a '{}' template.
+
+_STACKED_NAMES = {"h/c_attn": "h.{}.c_attn", "h/c_proj": "h.{}.c_proj"}
+
+
+def _stacked_gpt2(state):
+    per_layer = flax_params("gpt2_conv1d", state)["params"]
+    return {"params": {"h": jax.tree.map(lambda *xs: jnp.stack(xs), per_layer["h_0"], per_layer["h_1"])}}
+
+
+def _run_stacked(params, x):
+    h = params["params"]["h"]
+    for i in range(2):
+        att, proj = h["c_attn"], h["c_proj"]
+        x = x + jnp.tanh(x @ att["kernel"][i] + att["bias"][i]) @ proj["kernel"][i] + proj["bias"][i]
+    return np.asarray(x)
+
+
+def test_load_peft_stacked_layers_with_different_ranks(tmp_path):
+    # h.0/h.1 differ in rank and alpha: each layer's scale is folded into b, ranks zero-padded (exact).
+    state = load_file(str(FIXTURES / "gpt2_conv1d" / "base.safetensors"))
+    io = load_file(str(FIXTURES / "gpt2_conv1d" / "io.safetensors"))
+    stacked = _stacked_gpt2(state)
+    params = lorajax.load_peft(FIXTURES / "gpt2_conv1d", stacked, name_map=_STACKED_NAMES)
+    node = params["params"]["h"]["c_attn"]["kernel"]
+    assert (node.layout.axes, node.rank, node.scale, node.a.shape) == ("sio", 4, 1.0, (2, 6, 4))
+    np.testing.assert_allclose(_run_stacked(lorajax.merge(params), io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+    # An adapter that skips a layer (PEFT's layers_to_transform): that layer keeps its base kernel exactly.
+    d = _copy_fixture(tmp_path, "gpt2_conv1d")
+    tensors = {k: v for k, v in load_file(str(d / "adapter_model.safetensors")).items() if ".h.1." not in k}
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    merged = lorajax.merge(lorajax.load_peft(d, stacked, name_map=_STACKED_NAMES))["params"]["h"]
+    np.testing.assert_array_equal(merged["c_proj"]["kernel"][1], stacked["params"]["h"]["c_proj"]["kernel"][1])
+    assert np.abs(merged["c_proj"]["kernel"][0] - stacked["params"]["h"]["c_proj"]["kernel"][0]).max() > 1e-2
+
+
+def test_save_peft_stacked_round_trip(tmp_path):
+    state = load_file(str(FIXTURES / "gpt2_conv1d" / "base.safetensors"))
+    stacked = _stacked_gpt2(state)
+    params = lorajax.lorafy(
+        stacked,
+        rank=2,
+        alpha=3.0,
+        where=["c_attn", "c_proj"],
+        key=jax.random.key(0),
+        init=_random_init,
+        layout={"c_attn": "sio", "c_proj": "sio"},
+    )
+    config = lorajax.save_peft(tmp_path, params, name_map=_STACKED_NAMES, fan_in_fan_out=True)
+    assert config["target_modules"] == ["h.0.c_attn", "h.0.c_proj", "h.1.c_attn", "h.1.c_proj"]
+    chex.assert_trees_all_equal(lorajax.load_peft(tmp_path, stacked, name_map=_STACKED_NAMES), params)
+    # The same adapter on the unstacked twin: layer i's merged kernels are the stacked ones' slice i.
+    flat = lorajax.merge(lorajax.load_peft(tmp_path, flax_params("gpt2_conv1d", state), name_map=_gpt2_names))
+    merged = lorajax.merge(params)["params"]["h"]
+    for i in range(2):
+        for m in ("c_attn", "c_proj"):
+            np.testing.assert_array_equal(flat["params"][f"h_{i}"][m]["kernel"], merged[m]["kernel"][i])
