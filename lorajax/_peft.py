@@ -243,7 +243,16 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     """The config and per-module factors of a PEFT adapter directory, as NumPy arrays.
 
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
-    in PEFT's own shapes.
+    in PEFT's own shapes. Checks the same things as :func:`load_peft` (unsupported features, factor pairs).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile
+        >>> p = lorajax.lorafy({"fc": {"kernel": jnp.ones((4, 3))}}, rank=2, where=["fc"], key=jax.random.key(0))
+        >>> d = tempfile.mkdtemp() + "/adapter"
+        >>> _ = lorajax.save_peft(d, p)
+        >>> config, modules = lorajax.read_peft(d)
+        >>> config["r"], modules["fc"]["A"].shape, modules["fc"]["B"].shape
+        (2, (2, 4), (3, 2))
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -354,9 +363,13 @@ def load_peft(
             kernel, every shape mismatch and every ambiguous name.
 
     Example:
-        >>> import lorajax
-        >>> params = lorajax.load_peft("my-peft-adapter", params)  # doctest: +SKIP
-        >>> y = model.apply({"params": lorajax.merge(params)}, x)  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile
+        >>> base = {"params": {"fc1": {"kernel": jnp.ones((4, 3))}}}
+        >>> d = tempfile.mkdtemp() + "/adapter"  # stands in for a folder from PeftModel.save_pretrained
+        >>> _ = lorajax.save_peft(d, lorajax.lorafy(base, rank=2, where=["fc1"], key=jax.random.key(0)))
+        >>> node = lorajax.load_peft(d, base)["params"]["fc1"]["kernel"]
+        >>> node.rank, node.layout, node.a.shape, node.b.shape
+        (2, Layout('io'), (4, 2), (2, 3))
     """
     config, modules = read_peft(path)
     resolve = _resolver(name_map, "load_peft")
