@@ -67,6 +67,13 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def gflops(jitted: Any, *args: Any) -> float:
+    """XLA's FLOP count for one compiled call (load-independent, unlike wall time)."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan"))) / 1e9
+
+
 def make_adapters(params: Any, rank: int) -> list[Any]:
     """8 'trained' adapters: attention + MLP targets, random factors, varied ranks and alphas."""
     out = []
@@ -128,6 +135,12 @@ def main() -> None:
             "merged x8": lambda sub=sub: [apply(merged[k], sub[k]) for k in range(ADAPTERS)],
             "merge+call x8": lambda sub=sub: [merge_call(adapters[k], sub[k]) for k in range(ADAPTERS)],
         }
+        flops = {
+            "base": gflops(apply, base, tokens),
+            "bank": gflops(serve_bank, bank, ids, tokens),
+            "merged x8": sum(gflops(apply, merged[k], sub[k]) for k in range(ADAPTERS)),
+            "merge+call x8": sum(gflops(merge_call, adapters[k], sub[k]) for k in range(ADAPTERS)),
+        }
         # Warm up (compile) and check the bank against the per-adapter merged models.
         outs = {name: jax.block_until_ready(fn()) for name, fn in modes.items()}
         err = max(float(jnp.abs(outs["bank"][groups[k]] - outs["merged x8"][k]).max()) for k in range(ADAPTERS))
@@ -146,6 +159,7 @@ def main() -> None:
                     "calls": ADAPTERS if "x8" in name else 1,
                     "median_ms": 1e3 * med,
                     "tokens_per_s": batch * cfg["seq"] / med,
+                    "gflops": flops[name],
                 }
             )
         block = rows[-len(modes) :]
@@ -160,11 +174,13 @@ def main() -> None:
         f"mixed-adapter batches: {ADAPTERS} adapters, GPT d={cfg['d']} layers={cfg['layers']} seq={cfg['seq']}, "
         f"rank {cfg['rank']} / {cfg['rank'] // 2}, attention + MLP targets; {jax.devices()[0].platform}"
     )
-    print(f"{'mode':<14} {'batch':>5} {'calls':>5} {'median ms':>10} {'tokens/s':>10} {'vs merged x8':>12}")
+    print(
+        f"{'mode':<14} {'batch':>5} {'calls':>5} {'GFLOP':>7} {'median ms':>10} {'tokens/s':>10} {'vs merged x8':>12}"
+    )
     for r in rows:
         print(
-            f"{r['mode']:<14} {r['batch']:>5} {r['calls']:>5} {r['median_ms']:>10.2f} {r['tokens_per_s']:>10.0f} "
-            f"{r['vs_merged_x8']:>11.2f}x"
+            f"{r['mode']:<14} {r['batch']:>5} {r['calls']:>5} {r['gflops']:>7.2f} {r['median_ms']:>10.2f} "
+            f"{r['tokens_per_s']:>10.0f} {r['vs_merged_x8']:>11.2f}x"
         )
     err_all = max(r["max_abs_diff_vs_merged"] for r in rows if r["mode"] == "bank")
     print(f"bank vs merged models: max |logit difference| {err_all:.2e}")

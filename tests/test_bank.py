@@ -160,3 +160,61 @@ def test_new_ids_do_not_retrace(gpt_bank):
     b = serve(bank, jnp.array([2, 2, 2, 2, 2, 2]), tokens)
     assert a.shape == b.shape == (6, 8, 64)
     assert not np.allclose(a, b)
+
+
+def test_mixed_batch_matches_peft_adapter_names_forward():
+    """Same weights in PyTorch/PEFT and lorajax: PEFT's mixed-batch forward (adapter_names=) is the reference."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    base = {
+        name: {"kernel": jnp.asarray(m.weight.detach().numpy().T), "bias": jnp.asarray(m.bias.detach().numpy())}
+        for name, m in (("fc1", net.fc1), ("fc2", net.fc2))
+    }
+    configs = {
+        "t1": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False),
+        "t2": peft.LoraConfig(r=4, lora_alpha=2, target_modules=["fc1"], use_rslora=True, init_lora_weights=False),
+    }
+    model = peft.get_peft_model(net, configs["t1"], adapter_name="t1")
+    model.add_adapter("t2", configs["t2"])
+    model.eval()
+
+    ours = {}
+    for name, cfg in configs.items():
+        nodes = {}
+        for module in cfg.target_modules:
+            layer = getattr(model.base_model.model, module)
+            nodes[module] = lorajax.LoRA(
+                base[module]["kernel"],
+                jnp.asarray(layer.lora_A[name].weight.detach().numpy().T),  # (in, r)
+                jnp.asarray(layer.lora_B[name].weight.detach().numpy().T),  # (r, out)
+                rank=cfg.r,
+                alpha=float(cfg.lora_alpha),
+                layout=lorajax.Layout("io"),
+                rslora=cfg.use_rslora,
+            )
+        ours[name] = {m: {**base[m], **({"kernel": nodes[m]} if m in nodes else {})} for m in base}
+
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    names = ["t1", "t2", "__base__", "t2", "t1"]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), adapter_names=names).numpy()
+
+    def fn(p, x):
+        h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+        return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+    bank = lorajax.stack_adapters(ours)
+    ids = bank.ids([None if n == "__base__" else n for n in names])
+    got = lorajax.factored(fn)(lorajax.select(bank, ids), jnp.asarray(x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
