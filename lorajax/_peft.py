@@ -186,10 +186,16 @@ def _guess_layout(
         w = "w" * (n - 2)
         return Layout("oi" + w) if torch_style else Layout(w + "io")
     if n == 2:
+        if not torch_style:
+            return Layout("io")
+        # A PyTorch-style weight: Linear (out, in) or GPT-2 Conv1D (in, out). The shape decides; a square one
+        # follows fan_in_fan_out (PEFT sets it for the whole config once any Conv1D is targeted).
         n_in, n_out = A.shape[1], B.shape[0]
-        if torch_style and not fan_in_fan_out and shape != (n_out, n_in) and shape == (n_in, n_out):
-            return Layout("io")  # a GPT-2 Conv1D weight stored (in, out) without the config flag
-        return Layout("io") if (not torch_style or fan_in_fan_out) else Layout("oi")
+        if shape == (n_out, n_in) and shape != (n_in, n_out):
+            return Layout("oi")
+        if shape == (n_in, n_out) and shape != (n_out, n_in):
+            return Layout("io")
+        return Layout("io") if fan_in_fan_out else Layout("oi")
     # Multi-axis kernels (DenseGeneral): the split of the axes that PEFT's (in, out) sizes allow.
     n_in, n_out = A.shape[1], B.shape[0]
     for k in range(1, n):

@@ -706,3 +706,31 @@ def test_save_peft_stacked_round_trip(tmp_path):
     for i in range(2):
         for m in ("c_attn", "c_proj"):
             np.testing.assert_array_equal(flat["params"][f"h_{i}"][m]["kernel"], merged[m]["kernel"][i])
+
+
+def test_load_peft_multi_axis_kernels():
+    # DenseGeneral-style kernels: fc1 (6, 8) as (6, 2, 4) "ioo" and fc2 (8, 4) as (2, 4, 4) "iio"; PEFT's
+    # Linear factors (r, 6)/(8, r) and (r, 8)/(4, r) only fit one split of the axes.
+    base, _ = load_fixture("linear")
+    flat = lorajax.merge(lorajax.load_peft(FIXTURES / "linear", base))["params"]
+    shaped = jax.tree.map(lambda x: x, base)
+    shaped["params"]["fc1"]["kernel"] = base["params"]["fc1"]["kernel"].reshape(6, 2, 4)
+    shaped["params"]["fc2"]["kernel"] = base["params"]["fc2"]["kernel"].reshape(2, 4, 4)
+    loaded = lorajax.load_peft(FIXTURES / "linear", shaped)
+    assert [loaded["params"][m]["kernel"].layout.axes for m in ("fc1", "fc2")] == ["ioo", "iio"]
+    merged = lorajax.merge(loaded)["params"]
+    np.testing.assert_allclose(merged["fc1"]["kernel"].reshape(6, 8), flat["fc1"]["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(merged["fc2"]["kernel"].reshape(8, 4), flat["fc2"]["kernel"], rtol=1e-6, atol=1e-7)
+
+
+def test_load_peft_bfloat16_adapter_round_trip(tmp_path):
+    d = _copy_fixture(tmp_path)
+    tensors = {k: v.astype(jnp.bfloat16) for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    base, io = load_fixture("linear")
+    params = lorajax.load_peft(d, base)
+    assert params["params"]["fc1"]["kernel"].a.dtype == jnp.bfloat16  # factors keep the file's dtype
+    lorajax.save_peft(tmp_path / "again", params)
+    chex.assert_trees_all_equal(load_file(str(tmp_path / "again" / "adapter_model.safetensors")), tensors)
+    # bf16 factors, f32 base: the output moves by bf16 rounding of the factors only.
+    np.testing.assert_allclose(run_lora("linear", params, io["x"]), io["y"], rtol=0.05, atol=0.05)
