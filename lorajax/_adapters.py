@@ -574,9 +574,9 @@ def _swap_one(w: jax.Array, old: Any, new: Any, old_layout: Any, new_layout: Any
     dt = jnp.promote_types(w.dtype, jnp.float32)  # float32 at least; float64 (x64) keeps its precision
     acc = w.astype(dt)
     if old_layout is not None:
-        acc = acc - _delta(*old, old_layout, dt)
+        acc = acc - _delta(old[0], old[1], old[2], old_layout, dt)
     if new_layout is not None:
-        acc = acc + _delta(*new, new_layout, dt)
+        acc = acc + _delta(new[0], new[1], new[2], new_layout, dt)
     return acc.astype(w.dtype)
 
 

@@ -162,6 +162,23 @@ def test_adapter_unboxes_and_attach_reboxes_like_lorafy():
     assert back["params"]["fc"]["kernel"].a.names == ("embed", None)
 
 
+def test_nnx_state_round_trips_through_a_file(tmp_path):
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+    _, state = nnx.split(Net(nnx.Rngs(0)))
+    lora = trained(state, 2, where=["fc1", "fc2"])
+    ad = lorajax.adapter(lora)
+    assert ad.targets == ("fc1/kernel", "fc2/kernel")
+    lorajax.save_adapter(tmp_path / "nnx.safetensors", ad)
+    back = lorajax.load_adapter(tmp_path / "nnx.safetensors", state)
+    assert isinstance(back["fc1"]["kernel"].a, nnx.Param)
+    chex.assert_trees_all_equal(back, lora)
+
+
 def test_adapter_is_a_pytree_that_orbax_checkpoints(gpt, tmp_path):
     import orbax.checkpoint as ocp
 
