@@ -4,16 +4,11 @@ A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
 ``adapter_model.safetensors``. Its tensors are named after the PyTorch module
 they adapt, relative to the base model:
 
-==========================================================  =====================
-key                                                         shape
-==========================================================  =====================
-``base_model.model.<module>.lora_A.weight`` (Linear/Conv1D)  ``(r, in)``
-``base_model.model.<module>.lora_B.weight``                 ``(out, r)``
-``base_model.model.<module>.lora_A.weight`` (ConvNd)         ``(r, in, *window)``
-``base_model.model.<module>.lora_B.weight``                 ``(out, r, 1, ...)``
-``base_model.model.<module>.lora_embedding_A`` (Embedding)   ``(r, num)``
-``base_model.model.<module>.lora_embedding_B``              ``(dim, r)``
-==========================================================  =====================
+- Linear and GPT-2 ``Conv1D``: ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and
+  ``.lora_B.weight`` ``(out, r)``.
+- ``ConvNd``: ``lora_A.weight`` ``(r, in, *window)`` (a conv with the base's kernel size, stride and
+  padding) and ``lora_B.weight`` ``(out, r, 1, ...)`` (a 1x1 conv).
+- ``Embedding``: ``lora_embedding_A`` ``(r, num)`` and ``lora_embedding_B`` ``(dim, r)``, no ``.weight``.
 
 The update is ``scaling * B @ A`` (for convs: over the flattened window) with
 ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), which is exactly
@@ -167,10 +162,6 @@ def _ours_to_torch(kind: str, a: np.ndarray, b: np.ndarray, layout: Layout, shap
     else:
         A = a.reshape(fan_in, r).T
     return np.ascontiguousarray(A), np.ascontiguousarray(B)
-
-
-def _peft_kind(layout: Layout) -> str:
-    return {"embed": "embed", "conv": "conv", "dense": "dense"}[layout.kind]
 
 
 def _guess_layout(
@@ -393,7 +384,7 @@ def load_peft(
         """Module ``name``'s factors in our layout for one (unstacked) kernel, or a _Problem."""
         entry = modules[name]
         kind, A, B = entry["kind"], entry["A"], entry["B"]
-        if _peft_kind(lay) != kind:
+        if lay.kind != kind:
             raise _Problem(f"{where}: a {lay.kind} kernel (layout {lay.axes!r}) but PEFT module {name!r} is {kind}")
         r = int(A.shape[0])
         fan_in, fan_out = lay.sizes(shape)
@@ -460,10 +451,17 @@ def load_peft(
                 raise _Problem(f"{pstr}: holds per-example factors (lorajax.select); load onto the plain params")
             name = direct.get(n) or next(iter(stacked[n].values()))
             entry = modules[name]
+            spec = None
+            if callable(layout):
+                spec = layout(kpath, array)
+            elif isinstance(layout, Mapping):
+                spec = _targets.match_pattern(dict(layout), kpath)
+            elif layout is not None:
+                raise TypeError(f"load_peft: layout must be a dict {{regex: spec}} or a callable; got {layout!r}.")
             if node is not None:
                 lay = node.layout
-            elif layout is not None:
-                lay = _lorafy._layout_for(layout, kpath, array)
+            elif spec is not None:
+                lay = _lorafy._parse_spec(spec, kpath, shape)
             elif n in stacked:  # a name template means one leading layer axis
                 lay = Layout(
                     "s" + _guess_layout(entry["kind"], kpath, shape[1:], entry["A"], entry["B"], fan_in_fan_out).axes
@@ -668,7 +666,7 @@ def save_peft(
     rslora = collections.Counter(e[1].rslora for e in entries.values()).most_common(1)[0][0]
     ranks, alphas, tensors = {}, {}, {}
     for name, (_, node, lay, shape, a, b) in entries.items():
-        kind = _peft_kind(lay)
+        kind = lay.kind
         A, B = _ours_to_torch(kind, a, b, lay, shape)
         if kind == "embed":
             tensors[f"{_PREFIX}{name}.lora_embedding_A"], tensors[f"{_PREFIX}{name}.lora_embedding_B"] = A, B

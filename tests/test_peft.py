@@ -721,6 +721,11 @@ def test_load_peft_multi_axis_kernels():
     merged = lorajax.merge(loaded)["params"]
     np.testing.assert_allclose(merged["fc1"]["kernel"].reshape(6, 8), flat["fc1"]["kernel"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(merged["fc2"]["kernel"].reshape(8, 4), flat["fc2"]["kernel"], rtol=1e-6, atol=1e-7)
+    # An explicit layout= wins over the guess, and a wrong one is reported with the shapes it would need.
+    with pytest.raises(
+        ValueError, match=r"params/fc1/kernel: kernel \(6, 2, 4\) \(layout 'iio'\) needs PEFT factors A \(2, 12\)"
+    ):
+        lorajax.load_peft(FIXTURES / "linear", shaped, layout={"fc1": "iio"})
 
 
 def test_load_peft_bfloat16_adapter_round_trip(tmp_path):
