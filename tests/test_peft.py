@@ -739,3 +739,32 @@ def test_load_peft_bfloat16_adapter_round_trip(tmp_path):
     chex.assert_trees_all_equal(load_file(str(tmp_path / "again" / "adapter_model.safetensors")), tensors)
     # bf16 factors, f32 base: the output moves by bf16 rounding of the factors only.
     np.testing.assert_allclose(run_lora("linear", params, io["x"]), io["y"], rtol=0.05, atol=0.05)
+
+
+def test_load_peft_into_equinox_module(tmp_path):
+    import equinox as eqx
+
+    class EqxMLP(eqx.Module):
+        fc1: eqx.nn.Linear
+        fc2: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.fc2(jnp.tanh(self.fc1(x)))
+
+    state = load_file(str(FIXTURES / "linear" / "base.safetensors"))
+    io = load_file(str(FIXTURES / "linear" / "io.safetensors"))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    model = EqxMLP(eqx.nn.Linear(6, 8, key=k1), eqx.nn.Linear(8, 4, key=k2))
+    for key, value in state.items():  # PyTorch and Equinox share the (out, in) weight layout
+        module, leaf = key.split(".")
+        model = eqx.tree_at(
+            lambda m, module=module, leaf=leaf: getattr(getattr(m, module), leaf), model, jnp.asarray(value)
+        )
+    lora = lorajax.load_peft(FIXTURES / "linear", model)  # paths fc1/weight -> module "fc1"
+    assert lora.fc1.weight.layout.axes == "oi"
+    np.testing.assert_allclose(jax.vmap(lorajax.merge(lora))(io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+    assert lorajax.save_peft(tmp_path / "eqx", lora)["target_modules"] == ["fc1", "fc2"]
+    chex.assert_trees_all_equal(
+        load_file(str(tmp_path / "eqx" / "adapter_model.safetensors")),
+        load_file(str(FIXTURES / "linear" / "adapter_model.safetensors")),
+    )
