@@ -168,7 +168,9 @@ def make_qwix(model, tokens, where):
     variables = qmodel.init(jax.random.key(0), tokens)
     params = variables["params"]
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    is_lora = {lorajax.path_str(p): ("lora_a" in lorajax.path_str(p) or "lora_b" in lorajax.path_str(p)) for p, _ in flat}
+    is_lora = {
+        lorajax.path_str(p): ("lora_a" in lorajax.path_str(p) or "lora_b" in lorajax.path_str(p)) for p, _ in flat
+    }
     if not any(is_lora.values()):
         raise RuntimeError("qwix created no lora_a/lora_b params")
     train = jax.tree_util.tree_map_with_path(lambda p, x: x if is_lora[lorajax.path_str(p)] else None, params)
@@ -391,7 +393,10 @@ def fmt_bytes(b):
 
 
 def table(rows):
-    head = f"{'config':10} {'targets':10} {'mode':16} {'step ms':>9} {'t/full':>7} {'FLOPs/full':>10} {'peak/full':>9} {'opt state':>11}"
+    head = (
+        f"{'config':10} {'targets':10} {'mode':16} {'step ms':>9} {'t/full':>7} {'FLOPs/full':>10} "
+        f"{'peak/full':>9} {'opt state':>11}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
 

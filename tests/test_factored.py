@@ -226,7 +226,17 @@ def _node(key, shape, layout, rank=2, alpha=4.0):
 
 @pytest.mark.parametrize(
     "name",
-    ["kernel_lhs", "transpose_weight", "batched", "reshape_heads", "contract_both", "bf16_view", "outer_stack"],
+    [
+        "kernel_lhs",
+        "transpose_weight",
+        "batched",
+        "reshape_heads",
+        "contract_both",
+        "bf16_view",
+        "outer_stack",
+        "expand_squeeze",
+        "custom_jvp",
+    ],
 )
 def test_dot_general_forms(name):
     k = jax.random.key(9)
@@ -246,8 +256,18 @@ def test_dot_general_forms(name):
             _node(k, (6, 5), "io"),
             lambda w, x: (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32),
         )
-    else:  # stacked axis left free in the output
+    elif name == "outer_stack":  # stacked axis left free in the output
         p, fn = _node(k, (2, 6, 5), "sio"), lambda w, x: jnp.einsum("bsi,lio->lbso", x, w)
+    elif name == "expand_squeeze":  # broadcast_in_dim / squeeze / size-1 axes between kernel and dot
+        p, fn = _node(k, (6, 5), "io"), lambda w, x: jnp.einsum("bsi,zio->bszo", x, jnp.squeeze(w[None, :, None], 2))
+    else:
+
+        @jax.custom_jvp
+        def mm(x, w):
+            return x @ w
+
+        mm.defjvp(lambda primals, tangents: (mm(*primals), tangents[0] @ primals[1] + primals[0] @ tangents[1]))
+        p, fn = _node(k, (6, 5), "io"), lambda w, x: jnp.tanh(mm(x, w))
     out = lorajax.factored(fn)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
