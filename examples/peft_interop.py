@@ -51,7 +51,9 @@ def main(adapter_dir: Path, check_with_peft: bool) -> None:
     print(lorajax.summary(params))
     y = model.apply(lorajax.merge(params), io["x"])
     if adapter_dir == FIXTURE:
-        print(f"max |lorajax - PEFT| = {np.abs(np.asarray(y) - io['y']).max():.2e}")
+        err = np.abs(np.asarray(y) - io["y"]).max()
+        print(f"max |lorajax - PEFT| = {err:.2e}")
+        assert err < 1e-5, "lorajax and PEFT disagree"
 
     # 2. Train the factors a little on a toy target, then export for PyTorch users.
     x = jax.random.normal(jax.random.key(0), (64, 6))
@@ -87,7 +89,9 @@ def main(adapter_dir: Path, check_with_peft: bool) -> None:
         with torch.no_grad():
             y_torch = peft_model(torch.from_numpy(np.array(x))).numpy()
         y_jax = np.asarray(model.apply(lorajax.merge(params), x))
-        print(f"max |PEFT(save_peft output) - lorajax| = {np.abs(y_torch - y_jax).max():.2e}")
+        err = np.abs(y_torch - y_jax).max()
+        print(f"max |PEFT(save_peft output) - lorajax| = {err:.2e}")
+        assert err < 1e-5, "PEFT's forward on the export disagrees with lorajax"
 
 
 if __name__ == "__main__":
