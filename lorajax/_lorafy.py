@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from lorajax import _boxes, _targets
+from lorajax import _boxes, _sharding, _targets
 from lorajax._node import Layout, LoRA, is_lora
 from lorajax._targets import KeyPath
 
@@ -228,7 +228,8 @@ def lorafy(
             )
         a_alpha = _targets.match_pattern(dict(alpha_pattern or {}), path)
         a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
-        a, b = _init_factors(init, path_key(key, path), array, lay, r, dtype)
+        # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
+        a, b = _sharding.init_placed(_init_factors, (init, path_key(key, path), array, lay, r, dtype), array, lay)
         names_a, names_b = _factor_names(leaf, lay)
         chosen[n] = LoRA(
             base=leaf,

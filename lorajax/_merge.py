@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 
 from lorajax import _boxes
 from lorajax._node import LoRA, is_lora
+from lorajax._targets import path_str
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -49,7 +52,7 @@ def merged_kernel(node: LoRA) -> jax.Array:
     return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
 
 
-def merge(params: Any) -> Any:
+def merge(params: Any, *, donate: bool = False) -> Any:
     """Fold every LoRA node into a plain kernel: ``base + scale * a @ b``.
 
     The sum is computed in float32 (at least) and cast once to the base dtype,
@@ -59,8 +62,18 @@ def merge(params: Any) -> Any:
     dtypes of the params before :func:`lorafy` (Flax boxes included). Pure and
     jit-able.
 
+    ``donate=True`` is for models near the size of device memory: each target
+    is merged by its own small compiled program that *donates* the base, so the
+    merged kernel is written into the base's buffer (same sharding, no gather),
+    and the node's factors are freed right after. Peak memory stays at one copy
+    of the model plus one kernel's temporaries, where ``jax.jit(merge)`` without
+    donation holds the lorafied and the merged model at once. It runs eagerly
+    (not under ``jit``) and consumes ``params``: its LoRA bases and factors are
+    deleted and must not be used again (the other leaves are passed through).
+
     Args:
         params: a pytree with :class:`LoRA` nodes.
+        donate: merge target by target into the donated base buffers (see above).
 
     Returns:
         The same pytree with each node replaced by its merged kernel.
@@ -70,8 +83,44 @@ def merge(params: Any) -> Any:
         >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
         >>> lorajax.merge(p)["q"]["kernel"].shape
         (4, 4)
+        >>> lorajax.merge(p, donate=True)["q"]["kernel"].shape  # p's LoRA buffers are consumed
+        (4, 4)
     """
+    if donate:
+        return _merge_donated(params)
     return jax.tree.map(lambda x: _boxes.rebox(x.base, merged_kernel(x)) if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, meta: tuple[Any, ...]) -> jax.Array:
+    rank, alpha, layout, rslora = meta
+    return merged_kernel(LoRA(base, a, b, rank=rank, alpha=alpha, layout=layout, rslora=rslora))
+
+
+@functools.lru_cache(maxsize=256)
+def _donating_merge(sharding: Any) -> Any:
+    # One compiled program per (shape, dtype, sharding, layout): a model's repeated layers share it.
+    return jax.jit(_merge_arrays, static_argnums=(3,), donate_argnums=(0,), out_shardings=sharding)
+
+
+def _merge_donated(params: Any) -> Any:
+    def one(path: Any, x: Any) -> Any:
+        if not is_lora(x):
+            return x
+        base, a, b = (_boxes.unbox(v) for v in (x.base, x.a, x.b))
+        if any(isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array) for v in (base, a, b)):
+            raise ValueError(
+                f"merge(donate=True) needs concrete jax.Arrays and runs outside jax.jit; {path_str(path)} holds "
+                f"{type(base).__name__}. Inside jit use lorajax.merge(params) with jax.jit(..., donate_argnums=0)."
+            )
+        with warnings.catch_warnings():
+            # Backends without donation (or a layout change) copy instead; the result is the same.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            merged = _donating_merge(base.sharding)(base, a, b, (x.rank, x.alpha, x.layout, x.rslora))
+        for factor in (a, b):
+            factor.delete()  # free the factors now, not when the caller drops the tree
+        return _boxes.rebox(x.base, merged)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_lora)
 
 
 def unlorafy(params: Any) -> Any:

@@ -1,0 +1,182 @@
+"""Sharding: LoRA factors follow their base kernel's partitioning.
+
+lorajax adds no communication of its own. A factor is sharded exactly like the
+kernel axes it shares: ``a`` like the base's stacked and fan-in axes (its rank
+axis replicated), ``b`` like the stacked and fan-out axes (rank replicated). Then
+``scale * a @ b`` comes out sharded like the base with no collective at all, and
+the factored path's ``x @ a`` / ``(x a) @ b`` shard like ``x @ W``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from lorajax import _boxes, _targets
+from lorajax._node import Layout, is_lora
+
+
+def _padded(spec: PartitionSpec | None, ndim: int, what: str) -> tuple[Any, ...]:
+    entries = tuple(spec) if spec is not None else ()
+    if len(entries) > ndim:
+        raise ValueError(f"{what}: PartitionSpec {spec} has {len(entries)} entries for a {ndim}-axis kernel.")
+    return entries + (None,) * (ndim - len(entries))
+
+
+def factor_specs(
+    spec: PartitionSpec | None, layout: Layout | str, *, per_example: bool = False
+) -> tuple[PartitionSpec, PartitionSpec]:
+    """PartitionSpecs of ``(a, b)`` for a base kernel partitioned by ``spec``.
+
+    ``a`` takes the base's specs for its stacked and fan-in axes plus ``None``
+    (replicated) for the rank axis; ``b`` takes ``None`` for rank and the
+    fan-out axes' specs. A shorter ``spec`` is padded with ``None``, as JAX does.
+
+    Args:
+        spec: the base kernel's ``PartitionSpec`` (``None``: replicated).
+        layout: the node's :class:`lorajax.Layout` or its string.
+        per_example: the node holds per-example factors (an extra leading batch
+            axis, replicated here).
+
+    Returns:
+        ``(spec_a, spec_b)``.
+
+    Example:
+        >>> from jax.sharding import PartitionSpec as P
+        >>> factor_specs(P("fsdp", "tp"), "io")
+        (P('fsdp', None), P(None, 'tp'))
+        >>> factor_specs(P(None, None, "tp"), "sio")  # stacked Dense, fan-out sharded
+        (P(None, None, None), P(None, None, 'tp'))
+    """
+    layout = layout if isinstance(layout, Layout) else Layout(layout)
+    s = _padded(spec, layout.ndim, "factor_specs")
+    pick = lambda axes: tuple(s[k] for k in axes)
+    lead = (None,) if per_example else ()
+    a = PartitionSpec(*lead, *pick(layout.stack), *pick(layout.fan_in), None)
+    b = PartitionSpec(*lead, *pick(layout.stack), None, *pick(layout.fan_out))
+    return a, b
+
+
+def _factor_shardings(sharding: Any, layout: Layout, per_example: bool = False) -> tuple[Any, Any]:
+    if sharding is None:
+        return None, None
+    if isinstance(sharding, PartitionSpec):
+        return factor_specs(sharding, layout, per_example=per_example)
+    if isinstance(sharding, NamedSharding):
+        sa, sb = factor_specs(sharding.spec, layout, per_example=per_example)
+        return NamedSharding(sharding.mesh, sa), NamedSharding(sharding.mesh, sb)
+    if isinstance(sharding, Sharding) and sharding.is_fully_replicated:
+        return sharding, sharding  # one device, or replicated over a device set: the factors go there too
+    raise TypeError(
+        f"lorajax: cannot derive factor shardings from {sharding!r}; give the base a PartitionSpec or a NamedSharding."
+    )
+
+
+def _is_spec_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, (PartitionSpec, Sharding))
+
+
+def partition_specs(lorafied: Any, base_specs: Any) -> Any:
+    """A sharding tree for a lorafied pytree, derived from the base model's.
+
+    Use it wherever JAX wants shardings for an abstract tree: ``jax.jit(...,
+    in_shardings=..., out_shardings=...)``, ``jax.device_put``, checkpoint restore.
+
+    Args:
+        lorafied: a pytree with :class:`LoRA` nodes (concrete, abstract from
+            ``jax.eval_shape``, or ``ShapeDtypeStruct``).
+        base_specs: the same tree *before* :func:`lorajax.lorafy` (the structure of
+            ``lorajax.unlorafy(lorafied)``), with a ``PartitionSpec``, a ``NamedSharding``
+            or ``None`` (unspecified/replicated) at every leaf.
+
+    Returns:
+        The structure of ``lorafied``: each LoRA node becomes ``LoRA(base=spec, a=spec_a,
+        b=spec_b)`` (see :func:`factor_specs`), every other leaf keeps its spec. A
+        ``NamedSharding`` gives ``NamedSharding`` factors on the same mesh.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> from jax.sharding import PartitionSpec as P
+        >>> params = {"mlp": {"kernel": jnp.ones((16, 64)), "bias": jnp.zeros(64)}}
+        >>> lora = lorajax.lorafy(params, rank=4, where=["mlp"], key=jax.random.key(0))
+        >>> specs = lorajax.partition_specs(lora, {"mlp": {"kernel": P("fsdp", "tp"), "bias": P("tp")}})
+        >>> specs["mlp"]["kernel"].a, specs["mlp"]["kernel"].b, specs["mlp"]["bias"]
+        (P('fsdp', None), P(None, 'tp'), P('tp',))
+    """
+    node_leaf = lambda x: is_lora(x) or _boxes.is_box(x)
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(lorafied, is_leaf=node_leaf)
+    bases = [x.base if is_lora(x) else x for _, x in pairs]
+    want = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(treedef, bases), is_leaf=_boxes.is_box)
+    specs, got = jax.tree_util.tree_flatten(base_specs, is_leaf=_is_spec_leaf)
+    if got != want:
+        raise ValueError(
+            "lorajax.partition_specs: base_specs must have the structure of the params before lorafy "
+            f"(lorajax.unlorafy(lorafied)), with a PartitionSpec, NamedSharding or None per leaf.\n"
+            f"params before lorafy: {want}\nbase_specs:           {got}"
+        )
+    out = []
+    for (path, x), spec in zip(pairs, specs):
+        if not is_lora(x):
+            out.append(spec)
+            continue
+        ndim = len(x.shape)
+        if isinstance(spec, PartitionSpec):
+            _padded(spec, ndim, f"lorajax.partition_specs: {_targets.path_str(path)} with shape {x.shape}")
+        sa, sb = _factor_shardings(spec, x.layout, x.per_example)
+        out.append(dataclasses.replace(x, base=spec, a=sa, b=sb))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted(fn: Callable[..., Any], static: tuple[int, ...], out: tuple[Any, Any]) -> Callable[..., Any]:
+    return jax.jit(fn, static_argnums=static, out_shardings=out)
+
+
+def init_placed(fn: Callable[..., tuple[Any, Any]], args: tuple[Any, ...], array: Any, layout: Layout) -> Any:
+    """Run ``fn(*args)`` (a factor init) so that its ``(a, b)`` are born sharded like ``array``.
+
+    ``args`` is ``(init, key, base, layout, rank, dtype)``. For a base with a
+    ``NamedSharding`` the init runs under ``jit(out_shardings=...)``: every
+    device creates only its own shard, nothing passes through the host and ``W``
+    is never gathered (the base is an argument the init may ignore). Abstract
+    bases (``ShapeDtypeStruct`` with a sharding) give abstract factors carrying
+    the derived shardings. Tracers and unsharded arrays take the plain path.
+    """
+    sharding = getattr(array, "sharding", None)
+    if isinstance(array, jax.core.Tracer) or sharding is None:
+        return fn(*args)
+    if isinstance(array, jax.ShapeDtypeStruct):
+        a, b = fn(*args)
+        if not isinstance(sharding, NamedSharding):
+            return a, b
+        sa, sb = _factor_shardings(sharding, layout)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sa), jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=sb)
+    if isinstance(sharding, SingleDeviceSharding) and sharding == SingleDeviceSharding(jax.devices()[0]):
+        return fn(*args)  # the common single-device case: no extra compile
+    try:
+        out = _factor_shardings(sharding, layout)
+    except TypeError:
+        return fn(*args)  # an exotic sharding: leave placement to JAX
+    static = (0, 3, 4, 5)
+    try:
+        return _jitted(fn, static, out)(*args)
+    except TypeError:  # an unhashable user init (a lambda over a list, say): jit it afresh
+        return jax.jit(fn, static_argnums=static, out_shardings=out)(*args)
+
+
+def shardings_of(params: Any) -> Any:
+    """The sharding of every array leaf of ``params`` (LoRA nodes included).
+
+    Handy to check that factors were placed where expected, or as ``out_shardings``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> shardings_of({"w": jnp.ones(2)})["w"].is_fully_replicated
+        True
+    """
+    return jax.tree.map(lambda x: getattr(x, "sharding", None), params)
