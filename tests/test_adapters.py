@@ -356,7 +356,7 @@ def test_swap_from_none_is_bitwise_merge_and_to_none_unmerges(gpt):
     chex.assert_trees_all_close(lorajax.swap(merged, lora, None), base, atol=1e-5, rtol=0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     shape=st.sampled_from([(1, 3), (6, 2), (5, 7)]),  # a few shapes: values vary freely, compilations stay few
     rank=st.integers(1, 3),
@@ -428,8 +428,9 @@ def test_combine_cat_is_exact(gpt):
 
 def test_combine_svd_reports_the_eckart_young_error(gpt):
     _, base, _ = gpt
-    a1 = lorajax.adapter(trained(base, 1, rank=2))
-    a2 = lorajax.adapter(trained(base, 2, rank=3))
+    where = r".*/(fc1|out)/kernel"  # a plain and a multi-head layout; few shapes keep compilations few
+    a1 = lorajax.adapter(trained(base, 1, rank=2, where=where))
+    a2 = lorajax.adapter(trained(base, 2, rank=3, where=where))
     w = [0.5, 0.5]
     full = lorajax.combine_adapters([a1, a2], w, method="svd", rank=5)
     assert full.metadata["combine"]["max_relative_error"] < 1e-5
