@@ -1,6 +1,7 @@
 """Native adapters: adapter/attach, safetensors files, Orbax, swap and combine_adapters."""
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -392,6 +393,18 @@ def test_swap_bf16_rounds_once_per_swap(gpt):
     # Back again: two roundings, each at most half an ulp of the value rounded.
     bound = 2**-8 * (np.abs(got) + np.abs(np64(get(back, name)))) + 1e-6
     np.testing.assert_array_less(np.abs(np64(get(back, name)) - np64(get(w, name))), bound)
+
+
+def test_swap_compiles_once_per_kernel_shape_not_per_alpha():
+    from lorajax._adapters import _swap_one
+
+    base = {"q": {"kernel": jnp.ones((6, 4))}}
+    ads = [lorajax.adapter(trained(base, s, where=".*", alpha=float(s + 1))) for s in range(4)]
+    w = lorajax.swap(base, None, ads[0])
+    before = _swap_one._cache_size()
+    for old, new in itertools.pairwise(ads):
+        w = lorajax.swap(w, old, new)
+    assert _swap_one._cache_size() - before <= 1  # one signature (old and new both present), whatever the alphas
 
 
 def test_swap_rejects_lorafied_params_and_wrong_bases(gpt):
