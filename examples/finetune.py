@@ -56,15 +56,21 @@ class Result:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method")
+    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps per method")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--lr-lora", type=float, default=1e-2)
     ap.add_argument("--lr-full", type=float, default=2e-3)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--val-windows", type=int, default=128, help="fixed validation windows of seq-len bytes")
     ap.add_argument("--sample-len", type=int, default=240, help="bytes of generated text per sample")
+    ap.add_argument(
+        "--lora-exec",
+        choices=["merge", "factored"],
+        default="merge",
+        help="LoRA forward in training: merge W0 + s*A@B in the step, or lorajax.factored (never forms W)",
+    )
     ap.add_argument("--methods", default="attn_qv,all_linear,full", help="comma list of attn_qv, all_linear, full")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/<timestamp>/)")
@@ -73,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-layers", type=int, default=None)
     ap.add_argument("--n-heads", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--pretrain-steps", type=int, default=1500, help="used only when no fitting base checkpoint")
+    ap.add_argument("--pretrain-steps", type=int, default=800, help="used only when no fitting base checkpoint")
     ap.add_argument("--fast", action="store_true", help="tiny smoke run for CI (~20 s)")
     args = ap.parse_args(argv)
     if args.fast:
@@ -92,7 +98,7 @@ def get_base(args: argparse.Namespace, prose: textlm.Corpus) -> tuple[Any, textl
     config = textlm.Config(**{k: v for k, v in wanted.items() if v is not None})
     from pretrain_base import pretrain
 
-    params, _ = pretrain(config, prose, steps=args.pretrain_steps, batch=32, lr=2e-3, seed=args.seed)
+    params, _ = pretrain(config, prose, steps=args.pretrain_steps, batch=32, lr=3e-3, seed=args.seed)
     return params, config, f"pretrained here for {args.pretrain_steps} steps (no checkpoint fits these flags)"
 
 
@@ -118,9 +124,14 @@ def finetune(
         trainable_n, total, lr = s.trainable, s.total, args.lr_lora
 
     def assemble(t: Any, f: Any) -> Any:
-        # The model only ever sees plain kernels: merge folds base + scale * a @ b inside the jitted step, and its
-        # stop_gradient on the base means only the factors get gradients.
+        # Plain kernels for evaluation: merge folds base + scale * a @ b (the base under stop_gradient).
         return t if f is None else lorajax.merge(lorajax.combine(t, f))
+
+    def train_loss(t: Any, f: Any, tokens: jax.Array) -> jax.Array:
+        if f is not None and args.lora_exec == "factored":
+            # x @ W0 + scale * (x @ A) @ B at every use: neither the merged W nor its gradient is ever formed.
+            return textlm.loss_fn(model, lorajax.combine(t, f), tokens, apply=lorajax.factored(model.apply))
+        return textlm.loss_fn(model, assemble(t, f), tokens)  # merge inside the step; grads reach only A, B
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps, lr / 20)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
@@ -128,7 +139,7 @@ def finetune(
 
     @jax.jit
     def step(t: Any, opt_state: Any, f: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda t: textlm.loss_fn(model, assemble(t, f), tokens))(t)
+        loss, grads = jax.value_and_grad(train_loss)(t, f, tokens)
         updates, opt_state = tx.update(grads, opt_state, t)
         return optax.apply_updates(t, updates), opt_state, loss
 

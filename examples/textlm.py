@@ -198,9 +198,12 @@ def init_params(config: Config, seed: int = 0) -> Any:
     return TinyGPT(config).init(jax.random.key(seed), jnp.zeros((1, config.seq_len), jnp.int32))
 
 
-def loss_fn(model: TinyGPT, params: Any, tokens: jax.Array) -> jax.Array:
-    """Mean next-byte cross-entropy (nats) of ``tokens`` of shape ``(batch, T + 1)``."""
-    logits = model.apply(params, tokens[:, :-1])
+def loss_fn(model: TinyGPT, params: Any, tokens: jax.Array, apply: Any = None) -> jax.Array:
+    """Mean next-byte cross-entropy (nats) of ``tokens`` of shape ``(batch, T + 1)``.
+
+    ``apply`` replaces ``model.apply`` (e.g. ``lorajax.factored(model.apply)``).
+    """
+    logits = (apply or model.apply)(params, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 

@@ -64,6 +64,36 @@ def test_finetune_pretrains_when_flags_differ_from_checkpoint(tmp_path: Path) ->
     assert "reload check attn_qv" in out and "MISMATCH" not in out
 
 
+def test_pretrain_base_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = run(
+        [str(EXAMPLES / "pretrain_base.py"), "--steps", "3", "--d-model", "32", "--n-layers", "1"]
+        + ["--out", str(tmp_path / "base.safetensors")]
+    )
+    assert "wrote" in out
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import textlm
+    finally:
+        sys.path.pop(0)
+    params, config = textlm.load_params(tmp_path / "base.safetensors")
+    assert (config.d_model, config.n_layers) == (32, 1)
+    assert params["params"]["block0"]["fc1"]["kernel"].shape == (32, 128)
+    assert tmp_path.joinpath("base.safetensors").stat().st_size < 2_000_000
+
+
+def test_shipped_base_checkpoint_is_small_and_pretrained() -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import textlm
+    finally:
+        sys.path.pop(0)
+    assert textlm.BASE_CHECKPOINT.stat().st_size < 2_000_000
+    params, config = textlm.load_params(textlm.BASE_CHECKPOINT)
+    prose, _ = textlm.load_corpora(max_train=1_000, max_val=20_000)
+    loss = textlm.make_eval(textlm.TinyGPT(config))(params, textlm.val_windows(prose.val, config.seq_len, 16))
+    assert loss < 2.0, f"the shipped base is not pretrained (prose val loss {loss:.3f}; uniform bytes give 5.55)"
+
+
 def test_quickstart() -> None:
     out = run([str(EXAMPLES / "quickstart.py")])
     assert len((EXAMPLES / "quickstart.py").read_text().splitlines()) < 40
