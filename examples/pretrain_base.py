@@ -6,7 +6,8 @@
 The shipped checkpoint was made with the defaults (800 steps of batch 32 x 128 bytes, AdamW, peak lr 3e-3, seed 0,
 CPython 3.11.7's stdlib, jax 0.10.2 on CPU): train loss 1.42, validation loss 1.77 nats/byte on held-out prose
 (2.05 on code). It stores float16 weights (under 2 MB) and the model config in its metadata; ``finetune.py`` loads
-it and casts to float32. The demo pretrains its own base instead when its model flags (``--d-model`` ...) differ from it.
+it and casts to float32. The demo pretrains its own base instead when its model flags (``--d-model`` ...)
+differ from it.
 """
 
 from __future__ import annotations
