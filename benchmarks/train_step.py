@@ -320,9 +320,10 @@ def run_config(cfg, targets, steps, time_it, peers, log):
             except Exception as e:
                 log(f"  qwix peer failed: {e!r}")
     if time_it:
-        for _ in range(steps):  # round-robin: every mode sees the same background load
+        for i in range(steps):  # round-robin: every mode sees the same background load
             for _, r in runners:
                 r.once()
+            log(f"  step {i + 1}/{steps}: " + ", ".join(f"{r.name} {r.times[-1] * 1e3:.0f}ms" for _, r in runners))
     base = full.info
     t_full = statistics.median(full.times) if full.times else None
     for where, r in runners:
@@ -344,13 +345,14 @@ def run_config(cfg, targets, steps, time_it, peers, log):
         )
     if time_it and "torch" in peers:
         try:
-            tf, ob_full = torch_peft(cfg, "all_linear", steps, full=True)
+            tsteps = max(2, steps // 2)  # torch steps are slow; a few suffice for a median
+            tf, ob_full = torch_peft(cfg, "all_linear", tsteps, full=True)
             rows.append(
                 dict(config=cfg["name"], targets="all", mode="torch full FT", step_s=tf, time_ratio=tf / t_full)
                 | dict(opt_state_bytes=ob_full)
             )
             for where in targets:
-                tp, ob = torch_peft(cfg, where, steps)
+                tp, ob = torch_peft(cfg, where, tsteps)
                 rows.append(
                     dict(config=cfg["name"], targets=where, mode="PEFT (torch)", step_s=tp, time_ratio=tp / t_full)
                     | dict(opt_state_bytes=ob)
@@ -420,7 +422,7 @@ def main():
     ap.add_argument("--peers", default="nnx,qwix,torch", help="comma list of peers: nnx,qwix,torch (or 'none')")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_step.json"))
     args = ap.parse_args()
-    steps = args.steps or (2 if args.quick else 7)
+    steps = args.steps or (2 if args.quick else 5)
     peers = set(args.peers.split(",")) - {"none", ""}
 
     def log(msg):

@@ -425,7 +425,7 @@ def factored(
                 dyn.append(leaf)
                 spec.append(_aval_key(leaf))
             else:
-                spec.append(("static", _hashable(leaf)))
+                spec.append(("static", type(leaf), _hashable(leaf)))  # type too: True == 1 must not share a trace
         key = (treedef, tuple(spec), active)
         entry = cache.get(key)
         if entry is None:
@@ -497,4 +497,13 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
         outs = interp.eval(closed.jaxpr, list(closed.consts), args, arrays_out=True)
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
-    return jax.jit(run)
+    jitted = jax.jit(run)
+
+    def entry(dyn_vals: list, factor_vals: list, rng: Any) -> Any:
+        # Under an outer trace (jit/grad/vmap) run inline: a nested jit boundary would make autodiff save the
+        # frozen bases as fresh residual outputs (a copy of every target kernel). Called eagerly, compile once.
+        if any(isinstance(v, jax.core.Tracer) for v in [*dyn_vals, *factor_vals, rng]):
+            return run(dyn_vals, factor_vals, rng)
+        return jitted(dyn_vals, factor_vals, rng)
+
+    return entry
