@@ -82,11 +82,11 @@ def make_full(model, params, tokens):
     return step, (params, tx.init(params)), (tokens,)
 
 
-def make_lora(model, params, tokens, where, path):
+def make_lora(model, params, tokens, where, path, **factored_kw):
     lp = lorajax.lorafy(params, rank=RANK, where=where, key=jax.random.key(1), alpha=2.0 * RANK)
     trainable, frozen = lorajax.partition(lp)
     tx = optax.adam(1e-4)
-    apply = lorajax.factored(model.apply) if path == "factored" else None
+    apply = lorajax.factored(model.apply, **factored_kw) if path == "factored" else None
 
     def forward(t, frozen, tokens):
         p = lorajax.combine(t, frozen)
@@ -390,6 +390,28 @@ def inference(model, params, tokens, steps):
     }
 
 
+def tricks(cfg, steps, log):
+    """Which CPU tricks pay: factored with sibling fusion and 2-D flattening switched on and off (all_linear)."""
+    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
+    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    runners = []
+    for fuse in (True, False):
+        for flatten in (True, False):
+            step, state, extra, _ = make_lora(
+                model, params, tokens, lorajax.all_linear, "factored", fuse=fuse, flatten=flatten
+            )
+            runners.append(Runner(f"fuse={fuse} flatten={flatten}", step, state, extra, 0))
+    for _ in range(steps):
+        for r in runners:
+            r.once()
+    rows = []
+    for r in runners:
+        rows.append({"variant": r.name, "step_s": statistics.median(r.times), "flops": r.info["flops"]})
+        log(f"  {r.name:28} {rows[-1]['step_s'] * 1e3:7.0f} ms  FLOPs {r.info['flops']:.4e}")
+    return rows
+
+
 def fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
@@ -420,6 +442,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (median)")
     ap.add_argument("--no-gpt2", action="store_true", help="skip the compile-only GPT-2-small shapes")
     ap.add_argument("--peers", default="nnx,qwix,torch", help="comma list of peers: nnx,qwix,torch (or 'none')")
+    ap.add_argument("--tricks", action="store_true", help="only time factored with fuse/flatten on and off")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_step.json"))
     args = ap.parse_args()
     steps = args.steps or (2 if args.quick else 5)
@@ -432,6 +455,11 @@ def main():
     if args.quick:
         small = dict(name="quick", vocab=128, d=64, layers=2, heads=4, seq=32, batch=2)
     t_start = time.perf_counter()
+    if args.tricks:
+        rows = tricks(small, steps, log)
+        with open(args.json, "w") as fh:
+            json.dump({"tricks": rows, "steps": steps}, fh, indent=1)
+        return
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {platform.platform()}")
     rows, model, params, tokens = run_config(small, ["attn_qv", "all_linear"], steps, True, peers, log)
     inf = inference(model, params, tokens, steps)

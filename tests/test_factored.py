@@ -451,3 +451,20 @@ def test_per_example_dense_and_gather():
     chex.assert_trees_all_close(got, jnp.stack(want), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="per-example"):
         lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]))({"w": w}, jnp.ones((n, d)))
+
+
+@pytest.mark.parametrize("fuse,flatten", [(True, True), (False, True), (True, False)])
+def test_sibling_fusion_and_flatten_options(fuse, flatten):
+    keys = jax.random.split(jax.random.key(23), 3)
+    p = {n: _node(k, (6, 2, 4), "ioo", rank=r) for n, k, r in zip("qkv", keys, (2, 3, 2))}
+
+    def fn(p, x):
+        q, k, v = (jnp.einsum("bsd,dhk->bshk", x, p[n]) for n in "qkv")
+        return jnp.einsum("bshk,bthk->bhst", q, k), v
+
+    x = jax.random.normal(jax.random.key(24), (2, 5, 6))
+    ffn = lorajax.factored(fn, fuse=fuse, flatten=flatten, strict=True)
+    chex.assert_trees_all_close(ffn(p, x), fn(lorajax.merge(p), x), rtol=RTOL, atol=1e-4)
+    n_dots = str(jax.make_jaxpr(ffn)(p, x)).count("dot_general")
+    # 3 base dots + 1 score dot + second factors (3) + first factors (1 fused, or 3)
+    assert n_dots == (8 if fuse and flatten else 10)
