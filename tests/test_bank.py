@@ -221,3 +221,17 @@ def test_mixed_batch_matches_peft_adapter_names_forward():
     ids = bank.ids([None if n == "__base__" else n for n in names])
     got = lorajax.factored(fn)(lorajax.select(bank, ids), jnp.asarray(x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_equinox_mlp_mixed_batch_with_torch_layout_weights():
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))  # Linear weights are (out, in): layout "oi"
+    ps = [trained(mlp, s, rank=r, where=r".*weight") for s, r in ((1, 2), (2, 3))]
+    bank = lorajax.stack_adapters(ps)
+    assert bank.params.layers[0].weight.layout == lorajax.Layout("oi")
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    ids = np.array([1, 0, -1, 1, 0])
+    got = lorajax.factored(lambda m, x: jax.vmap(m)(x))(lorajax.select(bank, ids), x)
+    for n, k in enumerate(ids):
+        own = mlp if k < 0 else lorajax.merge(ps[k])
+        np.testing.assert_allclose(got[n], own(x[n]), rtol=1e-5, atol=1e-6, err_msg=f"example {n}")
