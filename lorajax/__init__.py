@@ -43,3 +43,49 @@ __all__ = [
 ]
 
 # --- exports added by feature work below (one block per module) ---
+
+# native adapters, swapping, combining and adapter banks (lorajax/_adapters.py, lorajax/_bank.py)
+from lorajax._adapters import (  # noqa: E402
+    Adapter,
+    AdapterFactors,
+    adapter,
+    attach,
+    combine_adapters,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    swap,
+)
+from lorajax._bank import AdapterBank, BankNode, select, stack_adapters  # noqa: E402
+
+__all__ += [
+    "Adapter",
+    "AdapterBank",
+    "AdapterFactors",
+    "BankNode",
+    "adapter",
+    "attach",
+    "combine_adapters",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "select",
+    "stack_adapters",
+    "swap",
+]
+
+# PEFT interop (lorajax/_peft.py)
+from lorajax._peft import load_peft, read_peft, save_peft  # noqa: E402
+
+__all__ += ["load_peft", "read_peft", "save_peft"]
+
+# factored execution (issue 3)
+from lorajax._factored import FallbackWarning, factored  # noqa: E402
+
+__all__ += ["FallbackWarning", "factored"]
+
+# sharding, memory planning and large merges (issue 5: lorajax/_sharding.py, lorajax/_summary.py, lorajax/_merge.py)
+from lorajax._sharding import factor_specs, partition_specs, shardings_of  # noqa: E402
+from lorajax._summary import MemoryPlan, StateBytes, memory_plan  # noqa: E402
+
+__all__ += ["MemoryPlan", "StateBytes", "factor_specs", "memory_plan", "partition_specs", "shardings_of"]
