@@ -82,6 +82,31 @@ def make_full(model, params, tokens):
     return step, (params, tx.init(params)), (tokens,)
 
 
+def make_floor(model, params, tokens):
+    """The floor of any LoRA step: only the positional table trains, so the backward is the input-gradient
+    chain through every layer with no weight gradient at all (forward + input-gradient backward)."""
+    tx = optax.adam(1e-4)
+    frozen = {k: v for k, v in params.items() if k != "wpe"}
+
+    def step(wpe, opt, frozen, tokens):
+        def loss_fn(wpe):
+            return lm_loss(model.apply({"params": {**frozen, "wpe": wpe}}, tokens), tokens)
+
+        loss, g = jax.value_and_grad(loss_fn)(wpe)
+        upd, opt = tx.update(g, opt, wpe)
+        return optax.apply_updates(wpe, upd), opt, loss
+
+    wpe = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), params["wpe"])
+    return (
+        step,
+        (wpe, jax.eval_shape(tx.init, wpe) if isinstance(tokens, jax.ShapeDtypeStruct) else tx.init(wpe)),
+        (
+            frozen,
+            tokens,
+        ),
+    )
+
+
 def make_lora(model, params, tokens, where, path, **factored_kw):
     lp = lorajax.lorafy(params, rank=RANK, where=where, key=jax.random.key(1), alpha=2.0 * RANK)
     trainable, frozen = lorajax.partition(lp)
@@ -300,6 +325,8 @@ def run_config(cfg, targets, steps, time_it, peers, log):
     step, state, tok = make_full(model, params, tokens)
     full = Runner("full FT", step, state, tok, 2 * tree_bytes(params), compile_only=not time_it)
     runners.append(("all", full))
+    step, state, extra = make_floor(model, params, tokens)
+    runners.append(("-", Runner("floor (no dW)", step, state, extra, 0, compile_only=not time_it)))
     for where in targets:
         preset = getattr(lorajax, where)
         for path in ("merge", "factored"):
