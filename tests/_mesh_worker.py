@@ -20,7 +20,9 @@ import re
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _models import TinyGPT, lm_loss
 
 import lorajax
+from lorajax import _merge
 
 TARGETS = ["query", "key", "value", "out", "fc1", "fc2"]
 STEPS = 2
@@ -112,20 +115,67 @@ def log(msg: str) -> None:
 T0 = time.time()
 
 
-def main() -> None:
-    t0 = time.time()
-    assert jax.device_count() == 8, jax.devices()
-    # One block keeps compile time down; every kernel kind (q/k/v "ioo", out "iio", Dense "io") is there.
-    model = TinyGPT(vocab=64, d_model=32, heads=4, layers=1)
-    tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, 64)
-    base = jax.jit(model.init)(jax.random.key(0), tokens)["params"]  # one compile, not one per eager op
+class ScanBlock(nn.Module):
+    d: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.gelu(nn.Dense(4 * self.d, name="fc1")(x))
+        return x + nn.Dense(self.d, name="fc2")(h), None
+
+
+class ScanLM(nn.Module):
+    """Layers stacked by nn.scan, as every large JAX LLM does: fc1/fc2 kernels are (layers, fan_in, fan_out)."""
+
+    vocab: int = 64
+    d: int = 32
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.d, name="embed")(tokens)
+        stack = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+        x, _ = stack(self.d, name="blocks")(x, None)
+        return nn.Dense(self.vocab, name="head")(x)
+
+
+def scan_spec(case: str, path: str, shape: tuple[int, ...]) -> P:
+    # Stacked kernels: layer axis unsharded, fc1 fan-out and fc2 fan-in on 'model' (tensor parallel per layer).
+    if path.endswith("fc1/kernel"):
+        return P(None, None, "model")
+    if path.endswith("fc2/kernel"):
+        return P(None, "model", None)
+    return P()
+
+
+def cheap_init(key, base, layout, rank, dtype):
+    """Deterministic factors without a PRNG program: XLA compiles threefry slowly on CPU, and the training
+    checks compare against a one-device run, which only needs the same start (B is filled in below)."""
+    a_shape, b_shape = layout.a_shape(base.shape, rank), layout.b_shape(base.shape, rank)
+    a = 0.3 * jnp.sin(0.7 * jnp.arange(np.prod(a_shape), dtype=dtype)).reshape(a_shape)
+    return a, jnp.zeros(b_shape, dtype)
+
+
+def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, results) -> None:
+    """Every mesh case of one model against its one-device run."""
+    # Numpy-filled params of the model's shapes: Flax's init would compile a large PRNG program.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    rng = np.random.default_rng(0)
+    base = jax.tree_util.tree_map_with_path(
+        lambda p, s: jnp.asarray(
+            (lorajax.path_str(p).endswith("scale")) + rng.normal(0.0, 0.2 if len(s.shape) > 1 else 0.02, s.shape),
+            s.dtype,
+        ),
+        shapes,
+    )
     key = jax.random.key(3)
     tx = lorajax.masked(optax.adam(1e-2, eps=EPS))
+    init_opt = jax.jit(tx.init)
     paths = {lorajax.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(base)[0]}
-    kernel_shapes = {s for p, s in paths.items() if p.split("/")[-2] in TARGETS and p.endswith("kernel")}
+    kernel_shapes = {s for p, s in paths.items() if p.split("/")[-2] in targets and p.endswith("kernel")}
 
     def lora_init(params):
-        lora = lorajax.lorafy(params, rank=4, where=TARGETS, key=key)
+        lora = lorajax.lorafy(params, rank=4, where=targets, key=key, layout=layout, init=cheap_init)
 
         # B = 0 at init; give it the same random values on every mesh so the step moves A and merge changes W.
         def fill(x):
@@ -138,59 +188,73 @@ def main() -> None:
 
     # One-device reference.
     ref_params = lora_init(base)
-    init_opt = jax.jit(tx.init)
     ref = {}
-    for kind in ("merge", "factored"):
+    for kind in kinds:
         step = jax.jit(make_step(model, tx, kind == "factored"))
         p, losses = run_steps(step, ref_params, init_opt(ref_params), tokens)
         ref[kind] = (losses, factors(p))
-        log(f"reference {kind} done")
+    log(f"{name}: one-device reference done")
 
-    single_device_init = lorajax.lorafy(base, rank=4, where=TARGETS, key=key)
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-    results: dict = {"cases": {}}
-    for case in ("dp", "fsdp", "tp"):
-        specs = jax.tree_util.tree_map_with_path(lambda p, x: spec_for(case, lorajax.path_str(p), x.shape), base)
+    # The default (kaiming, threefry) init: one jitted single-device run to compare the sharded init with.
+    # Two targets are enough: a fan-out-sharded and a fan-in-sharded kernel (each RNG program compiles slowly).
+    init_targets = targets[::3]
+    default_init = jax.jit(lambda p: lorajax.lorafy(p, rank=4, where=init_targets, key=key, layout=layout))
+    same_sharding = lambda tree, want: all(
+        jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), tree, want))
+    )
+    for case, (spec_fn, data_spec) in cases.items():
+        specs = jax.tree_util.tree_map_with_path(lambda p, x: spec_fn(case, lorajax.path_str(p), x.shape), base)
         shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
         sharded_base = jax.device_put(base, shardings)
         lora = lora_init(sharded_base)
         want = lorajax.partition_specs(lora, shardings)
-        placed = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), lora, want)
-        lorafied_raw = lorajax.lorafy(sharded_base, rank=4, where=TARGETS, key=key)
-        raw_ok = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), lorafied_raw, want)
-        same_init = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), lorafied_raw, single_device_init)
-        data = jax.device_put(tokens, NamedSharding(mesh, DATA_SPEC[case]))
-        entry = {
-            "factors_placed": all(jax.tree.leaves(placed)) and all(jax.tree.leaves(raw_ok)),
-            "init_matches_single_device": all(jax.tree.leaves(same_init)),
-        }
+        data = jax.device_put(tokens, NamedSharding(mesh, data_spec))
+        entry = {"factors_placed": same_sharding(lora, want)}
+        if case == "tp":  # default init on the mesh: placed, and the same numbers as on one device
+            lorafied_raw = lorajax.lorafy(sharded_base, rank=4, where=init_targets, key=key, layout=layout)
+            same_init = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), lorafied_raw, default_init(base))
+            raw_want = lorajax.partition_specs(lorafied_raw, shardings)
+            entry["factors_placed"] = entry["factors_placed"] and same_sharding(lorafied_raw, raw_want)
+            entry["init_matches_single_device"] = all(jax.tree.leaves(same_init))
         merge_compiled = jax.jit(lorajax.merge).lower(lora).compile()
         merge_hlo = merge_compiled.as_text()
         merged = merge_compiled(lora)
-        entry["merge_keeps_sharding"] = all(
-            jax.tree.leaves(jax.tree.map(lambda m, s: m.sharding.is_equivalent_to(s, m.ndim), merged, shardings))
-        )
-        entry["merge_gathers"] = full_kernel_collectives(merge_hlo, kernel_shapes)
+        entry["merge_keeps_sharding"] = same_sharding(merged, shardings)
         entry["merge_collectives"] = full_kernel_collectives(
             merge_hlo, kernel_shapes, ("all-gather", "all-reduce", "all-to-all", "collective-permute")
         )
-        for kind in ("merge", "factored"):
+        if case == "tp":  # the per-target donated merge, on the mesh with the most varied shardings
+            # merge(donate=True): per-target programs on a copy; same values, same shardings, no collectives.
+            donor = jax.tree.map(lambda x: x.copy(), lora)
+            programs = {}  # one compile per distinct (shape, sharding, layout), as merge(donate=True) does
+            for x in jax.tree.leaves(donor, is_leaf=lorajax.is_lora):
+                sig = (x.shape, x.base.sharding, x.layout) if lorajax.is_lora(x) else None
+                if sig is not None and sig not in programs:
+                    meta = (x.rank, x.alpha, x.layout, x.rslora)
+                    programs[sig] = _merge._donating_merge(x.base.sharding).lower(x.base, x.a, x.b, meta).compile()
+            donated_hlo = [c.as_text() for c in programs.values()]
+            merged_donated = lorajax.merge(donor, donate=True)
+            entry["donated_merge_ok"] = same_sharding(merged_donated, shardings) and all(
+                jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), merged_donated, merged))
+            )
+            every = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+            entry["donated_merge_collectives"] = [
+                op for h in donated_hlo for op in full_kernel_collectives(h, kernel_shapes, every)
+            ]
+        for kind in kinds:
             step = jax.jit(make_step(model, tx, kind == "factored"), out_shardings=(want, None, None))
             opt_state = init_opt(lora)
             compiled = step.lower(lora, opt_state, data).compile()  # compile once; reuse it for the steps
-            hlo = compiled.as_text()
             p, losses = run_steps(compiled, lora, opt_state, data)
             ref_losses, ref_factors = ref[kind]
             got = factors(p)
             entry[kind] = {
-                "gathers": full_kernel_collectives(hlo, kernel_shapes),
+                "gathers": full_kernel_collectives(compiled.as_text(), kernel_shapes),
                 "loss": losses,
                 "ref_loss": ref_losses,
                 "loss_err": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                 "factor_err": max(float(np.max(np.abs(got[k] - ref_factors[k]))) for k in ref_factors),
-                "keeps_sharding": all(
-                    jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), p, want))
-                ),
+                "keeps_sharding": same_sharding(p, want),
             }
         if case == "fsdp":
             # FSDP gathers each weight for its forward by design (ZeRO-3); count what a full fine-tune of the
@@ -204,10 +268,33 @@ def main() -> None:
 
             hlo = jax.jit(full_step).lower(sharded_base, jax.eval_shape(full_tx.init, base), data).compile().as_text()
             entry["full_finetune_gathers"] = full_kernel_collectives(hlo, kernel_shapes)
-        results["cases"][case] = entry
-        log(f"{case} done")
+        results["cases"][case if name == "gpt" else f"{name}_{case}"] = entry
+        log(f"{name} {case} done")
 
-    # Flax boxes with a real mesh: lorafy of nn.Partitioned arrays keeps the names and the placement.
+
+def main() -> None:
+    t0 = time.time()
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    results: dict = {"cases": {}}
+    tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, 64)
+    # One block keeps compile time down; every kernel kind (q/k/v "ioo", out "iio", Dense "io") is there.
+    gpt = TinyGPT(vocab=64, d_model=32, heads=4, layers=1)
+    cases = {case: (spec_for, DATA_SPEC[case]) for case in ("dp", "fsdp", "tp")}
+    check_model("gpt", gpt, tokens, TARGETS, None, cases, ("merge", "factored"), mesh, results)
+    # Layers stacked by nn.scan: each layer keeps its own factors ("sio"), trained through factored.
+    scan_cases = {"tp": (scan_spec, P("data"))}
+    check_model(
+        "scan",
+        ScanLM(),
+        tokens,
+        ["fc1", "fc2"],
+        {"fc1": "s...", "fc2": "s..."},
+        scan_cases,
+        ("factored",),
+        mesh,
+        results,
+    )
     results["seconds"] = time.time() - t0
     print(json.dumps(results))
 
