@@ -113,7 +113,7 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
     bases = [x.base if is_lora(x) else x for _, x in pairs]
     want = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(treedef, bases), is_leaf=_boxes.is_box)
     specs, got = jax.tree_util.tree_flatten(base_specs, is_leaf=_is_spec_leaf)
-    if got != want:
+    if got != want:  # type: ignore[operator]  # PyTreeDef's stub lacks __ne__
         raise ValueError(
             "lorajax.partition_specs: base_specs must have the structure of the params before lorafy "
             f"(lorajax.unlorafy(lorafied)), with a PartitionSpec, NamedSharding or None per leaf.\n"

@@ -185,7 +185,7 @@ class MemoryPlan:
         return self.full.total / self.lora.total if self.lora.total else float("inf")
 
     def __str__(self) -> str:
-        parts = [
+        parts: list[tuple[str, float, float]] = [
             ("frozen weights", self.lora.frozen, self.full.frozen),
             ("trainable params", self.lora.trainable, self.full.trainable),
             ("gradients", self.lora.gradients, self.full.gradients),
