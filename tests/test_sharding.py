@@ -152,6 +152,25 @@ def test_flax_partitioned_boxes_keep_logical_names():
     chex.assert_trees_all_equal(nn.unbox(merged), nn.unbox(variables))
 
 
+def test_nnx_sharded_params_get_sharded_factors_and_metadata():
+    from flax import nnx
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((1, 1), ("embed", "mlp"), axis_types=(AxisType.Auto,) * 2)
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    with jax.set_mesh(mesh):  # NNX places annotated variables eagerly
+        model = nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+    _, state = nnx.split(model)
+    node = lorajax.lorafy(state, rank=2, where=lambda p, x: lorajax.path_str(p) == "kernel", key=jax.random.key(0))[
+        "kernel"
+    ]
+    assert isinstance(node.a, nnx.Param)
+    assert node.a.get_value().sharding.spec == P("embed", None)  # placed by lorafy
+    assert node.b.get_value().sharding.spec == P(None, "mlp")
+    spec = nnx.get_partition_spec(nnx.State({"kernel": node}))["kernel"]  # and described by NNX metadata
+    assert (spec.a.get_value(), spec.b.get_value()) == (P("embed", None), P(None, "mlp"))
+
+
 # ----------------------------------------------------------------------------------------------
 # 8 virtual devices, one subprocess for every mesh case.
 
