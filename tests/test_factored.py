@@ -134,7 +134,7 @@ class _Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(_ScanBlock) if self.remat else _ScanBlock
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
         return stack(name="layers")(x, None)[0]
 
 
@@ -160,9 +160,11 @@ def test_nn_remat():
 
 
 def test_tiny_gpt_all_linear():
-    from _models import tiny_gpt
+    from _models import TinyGPT
 
-    model, params, tokens = tiny_gpt(d_model=16, batch=2, seq=6)
+    model = TinyGPT(vocab=24, d_model=16, heads=2, layers=1)
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 24)
+    params = model.init(jax.random.key(0), tokens)["params"]
     lp = _perturb({"params": lorajax.lorafy(params, rank=2, where=lorajax.all_linear, key=jax.random.key(0))})
     check(model.apply, lp, tokens)
 
