@@ -250,6 +250,10 @@ def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, result
             got = factors(p)
             entry[kind] = {
                 "gathers": full_kernel_collectives(compiled.as_text(), kernel_shapes),
+                # A full-size weight gradient reduced across devices (the merge path forms dW; factored never does).
+                "weight_reductions": full_kernel_collectives(
+                    compiled.as_text(), kernel_shapes, ("all-reduce", "reduce-scatter")
+                ),
                 "loss": losses,
                 "ref_loss": ref_losses,
                 "loss_err": max(abs(a - b) for a, b in zip(losses, ref_losses)),

@@ -234,3 +234,10 @@ def test_mesh_training_step_gathers_no_full_weight(mesh_results, case, kind):
         assert len(r[kind]["gathers"]) <= len(r["full_finetune_gathers"]), r[kind]["gathers"]
     else:
         assert r[kind]["gathers"] == [], r[kind]["gathers"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mesh_factored_step_never_reduces_a_full_weight_gradient(mesh_results, case):
+    # The factored path forms no d x k weight gradient, so no device ever sends one (the merge path can: under
+    # FSDP XLA all-reduces dW of the attention output kernel).
+    assert mesh_results["cases"][case]["factored"]["weight_reductions"] == []
