@@ -59,6 +59,11 @@ class _Interpreter:
             f"lorajax.factored: the LoRA kernel {ref.info.path!r} (view shape {ref.shape}) reaches `{where}`, "
             "which cannot be factored"
         )
+        if ref.info.per_example:
+            raise ValueError(
+                msg + ". It holds per-example factors (from lorajax.select), so no single W exists; only dot_general "
+                "and embedding gathers (with the examples on the activations' leading axis) can run it."
+            )
         if self.strict:
             raise ValueError(msg + "; strict=True forbids forming W. Pass strict=False to allow it for this use.")
         warnings.warn(FallbackWarning(msg + "; W = base + scale*A@B is formed for this one use."), stacklevel=2)

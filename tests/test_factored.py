@@ -451,8 +451,10 @@ def test_per_example_dense_and_gather():
         ww = w.base + a[i] @ b[i]
         want.append(we[tokens[i]] @ ww)
     chex.assert_trees_all_close(got, jnp.stack(want), rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="per-example"):
-        lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]))({"w": w}, jnp.ones((n, d)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # an error, not a warning followed by an error
+        with pytest.raises(ValueError, match=r"'w'.*`cos`.*per-example"):
+            lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]))({"w": w}, jnp.ones((n, d)))
 
 
 @pytest.mark.parametrize("fuse,flatten", [(True, True), (False, True), (True, False)])
