@@ -28,7 +28,16 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lorajax import _boxes
-from lorajax._factored_ref import KernelRef, NodeInfo, drop_unit, is_array, materialize, normalize, reshape_factors
+from lorajax._factored_ref import (
+    KernelRef,
+    NodeInfo,
+    drop_unit,
+    is_array,
+    materialize,
+    normalize,
+    reshape_factors,
+    slice_factors,
+)
 from lorajax._factored_rules import DotPlan, _matmul, conv_lora, dot_lora_einsum, gather_lora
 from lorajax._node import LoRA, is_lora
 from lorajax._targets import path_str
@@ -124,6 +133,10 @@ class _Interpreter:
             out = self.view(name, p, invals[0], eqn)
             if out is not None:
                 return [out]
+        if name == "dynamic_slice" and isinstance(invals[0], KernelRef):
+            out = self.dynamic_slice(eqn, invals)
+            if out is not None:
+                return [out]
         if name in _CALLS:
             closed = p.get("jaxpr", p.get("call_jaxpr"))
             return self.eval(*_open(closed), invals)
@@ -165,6 +178,13 @@ class _Interpreter:
                 ref = drop_unit(ref, d)
             labels = tuple(lab for k, lab in enumerate(ref.labels) if k not in dims)
             return ref.replace(base=lax.squeeze(ref.base, dims), labels=labels)
+        if name == "slice":
+            start, limit, strides = p["start_indices"], p["limit_indices"], p["strides"] or (1,) * len(ref.shape)
+            base = eqn.primitive.bind(ref.base, **p)
+            for ax, (lo, hi, st) in enumerate(zip(start, limit, strides)):
+                if (lo, hi, st) != (0, ref.shape[ax], 1) and ref.labels[ax][0] != "u":
+                    ref = slice_factors(ref, ax, lambda f, k, lo=lo, hi=hi, st=st: lax.slice_in_dim(f, lo, hi, st, k))
+            return ref.replace(base=base)
         if name == "broadcast_in_dim":
             shape, bdims = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
             if any(ref.shape[k] != shape[d] for k, d in enumerate(bdims)):
@@ -176,6 +196,18 @@ class _Interpreter:
                 labels[d] = ref.labels[k]
             return ref.replace(base=jnp.reshape(ref.base, shape), labels=tuple(labels))
         return None
+
+    def dynamic_slice(self, eqn: Any, invals: list) -> KernelRef | None:
+        ref, idx = invals[0], invals[1:]
+        if any(isinstance(i, KernelRef) for i in idx):
+            return None
+        sizes = eqn.params["slice_sizes"]
+        base = eqn.primitive.bind(ref.base, *idx, **eqn.params)
+        for ax, (i, n) in enumerate(zip(idx, sizes)):
+            if n != ref.shape[ax] and ref.labels[ax][0] != "u":
+                # Same clamping as dynamic_slice: the factor axis has the kernel axis's length.
+                ref = slice_factors(ref, ax, lambda f, k, i=i, n=n: lax.dynamic_slice_in_dim(f, i, n, k))
+        return ref.replace(base=base)
 
     # --- consumers ---------------------------------------------------------------
     def dot(self, eqn: Any, invals: list, env: dict, eqns: list, idx: int, pre: dict) -> jax.Array:
@@ -420,6 +452,7 @@ def factored(
                 base = _boxes.unbox(node.base)
                 a, b = _boxes.unbox(node.a), _boxes.unbox(node.b)
                 name = path_str(path[2:] if path and getattr(path[0], "idx", None) == 0 else path[1:])
+                name = name or f"argument {getattr(path[1], 'idx', getattr(path[1], 'key', '?'))}"
                 infos.append((n, name, node, jax.tree_util.tree_structure(node.base)))
                 dyn.append(base)
                 factors.extend([a, b])

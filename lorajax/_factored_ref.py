@@ -223,3 +223,14 @@ def prod(xs: Any) -> int:
 
 def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def slice_factors(ref: KernelRef, axis: int, cut: Any) -> KernelRef:
+    """Apply ``cut(factor, factor_axis)`` to whichever factors hold kernel axis ``axis``."""
+    g, j = ref.labels[axis]
+    a, b = ref.a, ref.b
+    if g in "si":
+        a = cut(a, ref.factor_axis("a", (g, j)))
+    if g in "so":
+        b = cut(b, ref.factor_axis("b", (g, j)))
+    return ref.replace(a=a, b=b)

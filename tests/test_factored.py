@@ -238,6 +238,8 @@ def _node(key, shape, layout, rank=2, alpha=4.0):
         "outer_stack",
         "expand_squeeze",
         "custom_jvp",
+        "index_stacked",
+        "slice_columns",
     ],
 )
 def test_dot_general_forms(name):
@@ -262,6 +264,17 @@ def test_dot_general_forms(name):
         p, fn = _node(k, (2, 6, 5), "sio"), lambda w, x: jnp.einsum("bsi,lio->lbso", x, w)
     elif name == "expand_squeeze":  # broadcast_in_dim / squeeze / size-1 axes between kernel and dot
         p, fn = _node(k, (6, 5), "io"), lambda w, x: jnp.einsum("bsi,zio->bszo", x, jnp.squeeze(w[None, :, None], 2))
+    elif name == "index_stacked":  # a Python loop over a stacked kernel: slice + squeeze, dynamic_slice
+        p = _node(k, (3, 6, 5), "sio")
+        fn = lambda w, x: (
+            sum(x @ w[i] for i in range(3))
+            + jax.lax.fori_loop(
+                0, 3, lambda i, h: h + x @ jax.lax.dynamic_index_in_dim(w, i, keepdims=False), jnp.zeros((3, 4, 5))
+            )
+        )
+    elif name == "slice_columns":  # a fused qkv kernel split by slicing its fan-out
+        p = _node(k, (6, 9), "io")
+        fn = lambda w, x: (x @ w[:, :3]) * (x @ w[:, 3:6]) + x @ w[:, 6::2] @ jnp.ones((2, 3))
     else:
 
         @jax.custom_jvp
