@@ -106,7 +106,9 @@ def load_corpora(max_train: int = 1_000_000, max_val: int = 100_000) -> tuple[Co
             tree = ast.parse(text)
         except SyntaxError:
             continue
-        val = _is_val(name, index)
+        if name.startswith("_sysconfigdata"):
+            continue  # a generated, machine-specific table of build flags: neither prose nor typical code
+        val = _is_val(name, index)  # by position in the full sorted listing, so skipping files moves no split
         cap = max_val if val else max_train
         for kind, texts in (
             ("prose", lambda: _docstrings(tree)),
