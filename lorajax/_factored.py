@@ -487,14 +487,15 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
     for n, (_, leaf) in enumerate(leaves):
         if is_lora(leaf) or is_array(leaf):
             dyn_pos.append(n)
-    static_leaves = [leaf for _, leaf in leaves]
+    # Keep no reference to the first call's arrays (the cache outlives them); boxes are kept as templates.
+    static_leaves = [None if n in dyn_pos else leaf for n, (_, leaf) in enumerate(leaves)]
+    box_of = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf) and _boxes.is_box(leaf.base)}
 
     def call(*vals: Any) -> Any:
         rebuilt = list(static_leaves)
         for n, v in zip(dyn_pos, vals):
             if n in lora_pos:
-                node = leaves[n][1]
-                rebuilt[n] = _boxes.rebox(node.base, v)
+                rebuilt[n] = _boxes.rebox(box_of[n], v) if n in box_of else v
             else:
                 rebuilt[n] = v
         a, kw = jax.tree_util.tree_unflatten(treedef, rebuilt)
@@ -503,17 +504,20 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
     shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2]) for v in dyn]
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*shapes)
     out_tree = jax.tree_util.tree_structure(out_shape)
-    node_at = {dyn_pos.index(n): (k, name, node) for k, (n, name, node, _) in enumerate(infos)}
+    node_at = {
+        dyn_pos.index(n): (k, name, node.scale, node.per_example, node.layout)
+        for k, (n, name, node, _) in enumerate(infos)
+    }
 
     def run(dyn_vals: list, factor_vals: list, rng: Any) -> Any:
         interp = _Interpreter(strict=strict, fuse=fuse, flatten=flatten, rate=rate, active=active)
         args = []
         for i, v in enumerate(dyn_vals):
             if i in node_at:
-                k, name, node = node_at[i]
-                info = NodeInfo(name, k, node.scale, node.per_example, jnp.dtype(v.dtype))
+                k, name, scale, per_example, layout = node_at[i]
+                info = NodeInfo(name, k, scale, per_example, jnp.dtype(v.dtype))
                 key = None if rng is None else jax.random.fold_in(rng, k)
-                labels = tuple((c if c in "so" else "i", 0) for c in node.layout.axes)
+                labels = tuple((c if c in "so" else "i", 0) for c in layout.axes)
                 counts = {"s": 0, "i": 0, "o": 0}
                 numbered = []
                 for g, _ in labels:
