@@ -191,10 +191,10 @@ class _Interpreter:
                 return None
             if any(shape[d] != 1 for d in range(len(shape)) if d not in bdims):
                 return None
-            labels = [("u", 0)] * len(shape)
+            new_labels: list[tuple[str, int]] = [("u", 0)] * len(shape)
             for k, d in enumerate(bdims):
-                labels[d] = ref.labels[k]
-            return ref.replace(base=jnp.reshape(ref.base, shape), labels=tuple(labels))
+                new_labels[d] = ref.labels[k]
+            return ref.replace(base=jnp.reshape(ref.base, shape), labels=tuple(new_labels))
         return None
 
     def dynamic_slice(self, eqn: Any, invals: list) -> KernelRef | None:
@@ -358,10 +358,10 @@ class _Interpreter:
         init = self.arrays(invals[cn + bn :], "while carry")
         cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
-        def cond_fun(c: tuple) -> Any:
+        def cond_fun(c: Any) -> Any:
             return self.eval(cj.jaxpr, cj.consts, list(cconsts) + list(c), arrays_out=True, where="while")[0]
 
-        def body_fun(c: tuple) -> tuple:
+        def body_fun(c: Any) -> Any:
             return tuple(self.eval(bj.jaxpr, bj.consts, list(bconsts) + list(c), arrays_out=True, where="while"))
 
         return list(lax.while_loop(cond_fun, body_fun, tuple(init)))
