@@ -485,3 +485,25 @@ def test_sibling_fusion_and_flatten_options(fuse, flatten):
     n_dots = str(jax.make_jaxpr(ffn)(p, x)).count("dot_general")
     # 3 base dots + 1 score dot + second factors (3) + first factors (1 fused, or 3)
     assert n_dots == (8 if fuse and flatten else 10)
+
+
+def test_per_example_stacked_in_scan():
+    n, layers, d, r = 3, 2, 5, 2
+    k = jax.random.split(jax.random.key(25), 3)
+    a = jax.random.normal(k[0], (n, layers, d, r))
+    b = jax.random.normal(k[1], (n, layers, r, d))
+    base = jax.random.normal(k[2], (layers, d, d))
+    w = lorajax.LoRA(base, a, b, rank=r, alpha=r, layout=lorajax.Layout("sio"), per_example=True)
+    x = jax.random.normal(jax.random.key(26), (n, 4, d))
+
+    def fn(w, x):
+        return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
+
+    got = lorajax.factored(fn, strict=True)(w, x)
+    want = []
+    for i in range(n):
+        h = x[i]
+        for layer in range(layers):
+            h = jnp.tanh(h @ (base[layer] + a[i, layer] @ b[i, layer]))
+        want.append(h)
+    chex.assert_trees_all_close(got, jnp.stack(want), rtol=1e-5, atol=1e-5)
