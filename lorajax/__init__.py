@@ -8,44 +8,7 @@
 (8, 8)
 """
 
-from lorajax._lorafy import infer_layout, lorafy
-from lorajax._merge import delta, merge, unlorafy
-from lorajax._node import Layout, LoRA, is_lora
-from lorajax._summary import Summary, TargetRow, summary
-from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp, path_str
-from lorajax._train import combine, mask, masked, partition
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "Layout",
-    "LoRA",
-    "Preset",
-    "Summary",
-    "TargetRow",
-    "all_linear",
-    "attn_all",
-    "attn_qkv",
-    "attn_qv",
-    "combine",
-    "delta",
-    "infer_layout",
-    "is_lora",
-    "lorafy",
-    "mask",
-    "masked",
-    "merge",
-    "mlp",
-    "partition",
-    "path_str",
-    "summary",
-    "unlorafy",
-]
-
-# --- exports added by feature work below (one block per module) ---
-
-# native adapters, swapping, combining and adapter banks (lorajax/_adapters.py, lorajax/_bank.py)
-from lorajax._adapters import (  # noqa: E402
+from lorajax._adapters import (
     Adapter,
     AdapterFactors,
     adapter,
@@ -56,36 +19,64 @@ from lorajax._adapters import (  # noqa: E402
     save_adapter,
     swap,
 )
-from lorajax._bank import AdapterBank, BankNode, select, stack_adapters  # noqa: E402
+from lorajax._bank import AdapterBank, BankNode, select, stack_adapters
+from lorajax._factored import FallbackWarning, factored
+from lorajax._lorafy import infer_layout, lorafy
+from lorajax._merge import delta, merge, unlorafy
+from lorajax._node import Layout, LoRA, is_lora
+from lorajax._peft import load_peft, read_peft, save_peft
+from lorajax._sharding import factor_specs, partition_specs, shardings_of
+from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
+from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp, path_str
+from lorajax._train import combine, mask, masked, partition
 
-__all__ += [
+__version__ = "0.1.0"
+
+__all__ = [
     "Adapter",
     "AdapterBank",
     "AdapterFactors",
     "BankNode",
+    "FallbackWarning",
+    "Layout",
+    "LoRA",
+    "MemoryPlan",
+    "Preset",
+    "StateBytes",
+    "Summary",
+    "TargetRow",
     "adapter",
+    "all_linear",
     "attach",
+    "attn_all",
+    "attn_qkv",
+    "attn_qv",
+    "combine",
     "combine_adapters",
+    "delta",
+    "factor_specs",
+    "factored",
+    "infer_layout",
+    "is_lora",
     "load_adapter",
+    "load_peft",
+    "lorafy",
+    "mask",
+    "masked",
+    "memory_plan",
+    "merge",
+    "mlp",
+    "partition",
+    "partition_specs",
+    "path_str",
     "read_adapter",
+    "read_peft",
     "save_adapter",
+    "save_peft",
     "select",
+    "shardings_of",
     "stack_adapters",
+    "summary",
     "swap",
+    "unlorafy",
 ]
-
-# PEFT interop (lorajax/_peft.py)
-from lorajax._peft import load_peft, read_peft, save_peft  # noqa: E402
-
-__all__ += ["load_peft", "read_peft", "save_peft"]
-
-# factored execution (issue 3)
-from lorajax._factored import FallbackWarning, factored  # noqa: E402
-
-__all__ += ["FallbackWarning", "factored"]
-
-# sharding, memory planning and large merges (issue 5: lorajax/_sharding.py, lorajax/_summary.py, lorajax/_merge.py)
-from lorajax._sharding import factor_specs, partition_specs, shardings_of  # noqa: E402
-from lorajax._summary import MemoryPlan, StateBytes, memory_plan  # noqa: E402
-
-__all__ += ["MemoryPlan", "StateBytes", "factor_specs", "memory_plan", "partition_specs", "shardings_of"]
