@@ -225,11 +225,15 @@ for label, path in names.items():
     d = np.asarray(w1["kernel"] - w0["kernel"]).reshape(w0["kernel"].shape[0], -1)
     s = np.linalg.svd(d, compute_uv=False)
     axes[0].semilogy(s / s[0], label=label)
-    axes[1].plot(np.cumsum(s**2) / np.sum(s**2), label=label)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    axes[1].plot(np.arange(1, len(s) + 1), energy, label=label)
+    print(f"{label}: top 8 directions hold {100 * energy[7]:.0f}% of ||W_tuned - W0||^2")
 rand = rng.normal(size=(128, 128))
 s = np.linalg.svd(rand, compute_uv=False)
+energy = np.cumsum(s**2) / np.sum(s**2)
 axes[0].semilogy(s / s[0], "k:", label="random 128 x 128")
-axes[1].plot(np.cumsum(s**2) / np.sum(s**2), "k:", label="random 128 x 128")
+axes[1].plot(np.arange(1, len(s) + 1), energy, "k:", label="random 128 x 128")
+print(f"random 128 x 128 matrix: top 8 directions hold {100 * energy[7]:.0f}%")
 axes[0].set(xlabel="singular value index", ylabel="sigma_k / sigma_1", title="spectrum of W_tuned - W0")
 axes[1].set(xlabel="rank r", ylabel="fraction of ||dW||^2", title="energy captured by the top r directions")
 axes[1].axvline(8, color="gray", ls="--", lw=1)
@@ -242,9 +246,11 @@ plt.show()""",
     (
         "md",
         """\
-The update's spectrum decays far faster than a random matrix's: the first 8 directions (dashed line) carry a large
-share of the change, which is what a rank-8 LoRA can represent. (Very short fine-tunes with Adam are noisy, so the tail
-is not zero; longer runs concentrate further.)
+The update's spectrum decays faster than a random matrix's: the first 8 directions (dashed line) hold 40-50% of
+the change's energy (printed above), against about a fifth for a random matrix of the same shape. That concentrated part is
+what a rank-8 LoRA can represent. The update is *not* exactly low-rank: its tail is long (a short Adam fine-tune
+moves every weight a little), which is one reason why full fine-tuning still ends a little lower than LoRA in the
+demo's table.
 
 ## 5. Merging costs nothing at inference
 
