@@ -175,6 +175,10 @@ def test_nnx_sharded_params_get_sharded_factors_and_metadata():
 # 8 virtual devices, one subprocess for every mesh case.
 
 
+# One worker runs this whole module (pytest -n 2 --dist loadgroup), so the 8-device subprocess starts once.
+pytestmark = pytest.mark.xdist_group("mesh")
+
+
 @pytest.fixture(scope="module")
 def mesh_results():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
