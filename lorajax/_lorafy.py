@@ -91,17 +91,22 @@ def _parse_spec(spec: LayoutSpec, path: KeyPath, shape: tuple[int, ...]) -> Layo
     return layout
 
 
+def layout_spec(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -> LayoutSpec | None:
+    """The spec the user's ``layout=`` argument gives this parameter, or None where it says nothing."""
+    if callable(layout):
+        return layout(path, leaf)
+    if isinstance(layout, Mapping):
+        return _targets.match_pattern(dict(layout), path)
+    if layout is not None:
+        raise TypeError(
+            f"{caller}: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
+        )
+    return None
+
+
 def _layout_for(layout: Any, path: KeyPath, leaf: Any) -> Layout:
     shape = tuple(leaf.shape)
-    spec = None
-    if callable(layout):
-        spec = layout(path, leaf)
-    elif isinstance(layout, Mapping):
-        spec = _targets.match_pattern(dict(layout), path)
-    elif layout is not None:
-        raise TypeError(
-            f"lorafy: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
-        )
+    spec = layout_spec(layout, path, leaf)
     return infer_layout(path, shape) if spec is None else _parse_spec(spec, path, shape)
 
 

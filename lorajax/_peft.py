@@ -451,13 +451,7 @@ def load_peft(
                 raise _Problem(f"{pstr}: holds per-example factors (lorajax.select); load onto the plain params")
             name = direct.get(n) or next(iter(stacked[n].values()))
             entry = modules[name]
-            spec = None
-            if callable(layout):
-                spec = layout(kpath, array)
-            elif isinstance(layout, Mapping):
-                spec = _targets.match_pattern(dict(layout), kpath)
-            elif layout is not None:
-                raise TypeError(f"load_peft: layout must be a dict {{regex: spec}} or a callable; got {layout!r}.")
+            spec = _lorafy.layout_spec(layout, kpath, array, caller="load_peft")
             if node is not None:
                 lay = node.layout
             elif spec is not None:
