@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from lorajax import _boxes, _targets
-from lorajax._node import Layout, LoRA, is_lora
+from lorajax._node import Layout, LoRA, is_lora, lora_scale
 
 FORMAT = "lorajax-adapter"
 FORMAT_VERSION = 1
@@ -72,7 +71,7 @@ class AdapterFactors:
     @property
     def scale(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
 
 @jax.tree_util.register_dataclass

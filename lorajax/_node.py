@@ -116,6 +116,11 @@ class Layout:
         return f"Layout({self.axes!r})"
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (Kalajdzievski 2023), as PEFT scales."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoRA:
@@ -152,7 +157,7 @@ class LoRA:
     @property
     def scale(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def shape(self) -> tuple[int, ...]:

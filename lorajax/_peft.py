@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes, _lorafy, _targets
-from lorajax._node import Layout, LoRA, is_lora
+from lorajax._node import Layout, LoRA, is_lora, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -529,7 +529,7 @@ def _stack_factors(
     dtype = np.result_type(*[g[0].dtype for g in got.values()])
     a, b = np.zeros((count, *a_shape), dtype), np.zeros((count, *b_shape), dtype)
     for i, (ai, bi, r) in got.items():
-        scale = alpha_of(layers[i]) / (math.sqrt(r) if rslora else r)
+        scale = lora_scale(alpha_of(layers[i]), r, rslora)
         a[i, ..., :r] = ai
         b[i, :r] = (bi.astype(np.float32) * np.float32(scale)).astype(dtype)
     return a, b, r_max, float(r_max), False
