@@ -6,13 +6,11 @@ swapping on a merged model and combining adapters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from lorajax import _boxes, _targets
+from lorajax._files import atomic_write
 from lorajax._node import Layout, LoRA, is_lora, lora_scale
 
 FORMAT = "lorajax-adapter"
@@ -402,22 +401,7 @@ def save_adapter(
         "metadata": user,
     }
     data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
-    _atomic_write(os.fspath(path), data)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:

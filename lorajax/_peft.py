@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes, _lorafy, _targets
+from lorajax._files import publish
 from lorajax._node import Layout, LoRA, is_lora, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -558,6 +559,7 @@ def _write_atomic(root: Path, files: dict[str, Callable[[Path], object]]) -> Non
     if not root.exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
         try:
+            publish(tmp, directory=True)
             for fname, write in files.items():
                 write(tmp / fname)
             os.replace(tmp, root)
@@ -572,6 +574,7 @@ def _write_atomic(root: Path, files: dict[str, Callable[[Path], object]]) -> Non
         os.close(fd)
         try:
             write(Path(tmp_name))
+            publish(tmp_name)
             os.replace(tmp_name, root / fname)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)

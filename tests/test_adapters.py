@@ -329,6 +329,16 @@ def test_writes_are_atomic(gpt, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["task.safetensors"]
 
 
+def test_written_files_follow_the_umask_not_mkstemp(gpt, tmp_path):
+    _, base, _ = gpt
+    old = os.umask(0o022)
+    try:
+        lorajax.save_adapter(tmp_path / "task.safetensors", trained(base, 0))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "task.safetensors").stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0o600
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # swap
 

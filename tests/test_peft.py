@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -507,6 +508,20 @@ def test_save_peft_is_atomic(tmp_path, monkeypatch):
     lorajax.save_peft(out, p, base_model_name_or_path="org/model")
     assert sorted(f.name for f in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+
+
+def test_save_peft_follows_the_umask(tmp_path):
+    base, _ = load_fixture("linear")
+    p = lorajax.load_peft(FIXTURES / "linear", base)
+    old = os.umask(0o022)
+    try:
+        lorajax.save_peft(tmp_path / "new", p)  # a new folder (built as a temp folder, then renamed)
+        lorajax.save_peft(tmp_path / "new", p)  # an existing folder (each file replaced through a temp file)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755  # mkdtemp alone would leave 0o700
+    for f in (tmp_path / "new").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
 
 
 # ---------------------------------------------------------------------------------------------------------------------
