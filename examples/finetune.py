@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--lora-exec",
         choices=["merge", "factored"],
-        default="merge",
-        help="LoRA forward in training: merge W0 + s*A@B in the step, or lorajax.factored (never forms W)",
+        default="factored",
+        help="LoRA forward in training: lorajax.factored (never forms W or dW), or merge W0 + s*A@B in the step",
     )
     ap.add_argument("--methods", default="attn_qv,all_linear,full", help="comma list of attn_qv, all_linear, full")
     ap.add_argument("--seed", type=int, default=0)

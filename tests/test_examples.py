@@ -144,3 +144,24 @@ def test_notebooks_match_their_generator(tmp_path: Path) -> None:
     ]:
         build_notebooks.build(cells, tmp_path / name)
         assert nbformat.read(tmp_path / name, as_version=4) == nbformat.read(ROOT / "notebooks" / name, as_version=4)
+
+
+def test_peft_interop() -> None:
+    out = run([str(EXAMPLES / "peft_interop.py")])
+    err = float(re.search(r"max \|lorajax - PEFT\| = ([0-9.e+-]+)", out).group(1))
+    assert err < 1e-5 and "saved ['adapter_config.json', 'adapter_model.safetensors']" in out
+
+
+def test_multi_adapter() -> None:
+    out = run([str(EXAMPLES / "multi_adapter.py")])
+    diffs = [float(m) for m in re.findall(r"max \|mixed - alone\| = ([0-9.e+-]+)", out)]
+    assert len(diffs) == 6 and max(diffs) < 1e-5 and "swap alice -> bob" in out
+
+
+def test_sharded_finetune() -> None:
+    out = run([str(EXAMPLES / "sharded_finetune.py"), "--steps", "5"])
+    assert "8 devices" in out and "A P(None, None), B P(None, 'model', None)" in out
+    before = float(re.search(r"validation loss before: ([0-9.]+)", out).group(1))
+    after = float(re.search(r"validation loss after: +([0-9.]+)", out).group(1))
+    merged = float(re.search(r"merged model validation loss ([0-9.]+)", out).group(1))
+    assert after < before and abs(merged - after) < 2e-3
