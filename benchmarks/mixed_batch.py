@@ -28,45 +28,14 @@ import statistics
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _gpt import GPT, tree_bytes
 
 import lorajax
 
 ADAPTERS = 8
-
-
-class Block(nn.Module):
-    d: int
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, mask):
-        h = nn.LayerNorm(name="ln1")(x)
-        x = x + nn.MultiHeadDotProductAttention(self.heads, deterministic=True, name="attn")(h, h, mask=mask)
-        h = nn.LayerNorm(name="ln2")(x)
-        return x + nn.Dense(self.d, name="fc2")(nn.gelu(nn.Dense(4 * self.d, name="fc1")(h)))
-
-
-class GPT(nn.Module):
-    vocab: int
-    d: int
-    layers: int
-    heads: int
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.d, name="wte")(tokens)
-        mask = nn.make_causal_mask(tokens)
-        for i in range(self.layers):
-            x = Block(self.d, self.heads, name=f"h{i}")(x, mask)
-        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
-
-
-def tree_bytes(tree: Any) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def gflops(jitted: Any, *args: Any) -> float:

@@ -17,56 +17,21 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _gpt import GPT, tree_bytes
 
 import lorajax
 
 RANK = 8
 
 
-# --- the model ---------------------------------------------------------------------------------------------------
-class Block(nn.Module):
-    d: int
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, mask):
-        h = nn.LayerNorm(name="ln1")(x)
-        x = x + nn.MultiHeadDotProductAttention(self.heads, deterministic=True, name="attn")(h, h, mask=mask)
-        h = nn.LayerNorm(name="ln2")(x)
-        h = nn.Dense(4 * self.d, name="fc1")(h)
-        return x + nn.Dense(self.d, name="fc2")(nn.gelu(h))
-
-
-class GPT(nn.Module):
-    vocab: int
-    d: int
-    layers: int
-    heads: int
-    seq: int
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.d, name="wte")(tokens)
-        x = x + nn.Embed(self.seq, self.d, name="wpe")(jnp.arange(tokens.shape[1]))[None]
-        mask = nn.make_causal_mask(tokens)
-        for i in range(self.layers):
-            x = Block(self.d, self.heads, name=f"h{i}")(x, mask)
-        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
-
-
+# --- the loss ---------------------------------------------------------------------------------------------------
 def lm_loss(logits, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-
-
-def tree_bytes(tree: Any) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
 # --- steps ---------------------------------------------------------------------------------------------------------
