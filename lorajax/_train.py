@@ -108,6 +108,14 @@ def combine(*trees: Any) -> Any:
     """Put trees with ``None`` holes (from :func:`partition`) back together.
 
     Each leaf is taken from the first tree that has it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> trainable, frozen = lorajax.partition(p)
+        >>> grads = jax.grad(lambda t: lorajax.merge(lorajax.combine(t, frozen))["q"]["kernel"].sum())(trainable)
+        >>> grads["q"]["kernel"].a.shape, grads["q"]["kernel"].base is None
+        ((4, 2), True)
     """
 
     def first(*xs: Any) -> Any:
