@@ -2,7 +2,7 @@
 
 On a machine without accelerators this script asks XLA for 8 virtual CPU devices (before JAX starts),
 lays them out as a ``data x model`` mesh and fine-tunes the tiny byte-level GPT from ``textlm.py``
-(pretrained on stdlib prose, ``assets/base_prose.safetensors``) on lorajax's own source code:
+(pretrained mostly on stdlib prose, ``assets/base_prose.safetensors``) on lorajax's own source code:
 
 1. the base weights are placed with ``NamedSharding``s: tensor parallel (``--mesh tp``: attention
    heads and the MLP hidden axis on ``model``), FSDP (``--mesh fsdp``: every matrix sharded on its

@@ -6,10 +6,11 @@ Two bodies of text that every Python installation carries, so nothing is downloa
   and function with more than 200 characters). English technical prose, about 0.7 MB on CPython 3.11.
 * **code**: the same modules' Python source with every docstring removed and comments dropped (``ast.unparse``).
 
-The base model is pretrained on the prose (see ``pretrain_base.py``; the result ships as
-``assets/base_prose.safetensors``) and the demo adapts it to the code: a clearly different register (indentation,
-keywords, operators, identifiers instead of sentences) drawn from the same files. Files are split into train and
-validation by name (every 10th file in sorted order is validation), so validation text is never trained on.
+The base model is pretrained mostly on the prose, with a 15% share of code windows as a real language model's mix has
+(see ``pretrain_base.py``; the result ships as ``assets/base_prose.safetensors``), and the demo adapts it to a small
+set of the code: a clearly different register (indentation, keywords, operators, identifiers instead of sentences)
+drawn from the same files. Files are split into train and validation by name (every 10th file in sorted order is
+validation), so validation text is never trained on.
 
 The model is a plain pre-LayerNorm decoder: byte embeddings + learned positions, ``n_layers`` blocks of Flax's
 ``MultiHeadDotProductAttention`` (modules ``query``/``key``/``value``/``out``) and an MLP (``fc1``/``fc2``), and an
@@ -144,6 +145,20 @@ def train_batches(data: np.ndarray, batch: int, seq_len: int, seed: int) -> Iter
     while True:
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
         yield np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+
+
+def spread_sample(data: np.ndarray, n_bytes: int, piece: int = 4096) -> np.ndarray:
+    """About ``n_bytes`` of ``data`` as evenly spaced pieces of ``piece`` bytes: a small dataset of the same mix.
+
+    Example:
+        >>> len(spread_sample(np.arange(100_000) % 256, 20_000, piece=1000))
+        20000
+    """
+    n_pieces = len(data) // piece
+    if n_bytes >= n_pieces * piece:
+        return data
+    starts = piece * np.linspace(0, n_pieces - 1, max(1, round(n_bytes / piece))).round().astype(np.int64)
+    return np.concatenate([data[s : s + piece] for s in starts])
 
 
 def val_windows(data: np.ndarray, seq_len: int, count: int) -> np.ndarray:

@@ -13,7 +13,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,15 @@ def run(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def import_textlm() -> Any:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import textlm
+    finally:
+        sys.path.pop(0)
+    return textlm
+
+
 def test_finetune_fast(tmp_path: Path) -> None:
     out = run([str(EXAMPLES / "finetune.py"), "--fast", "--out", str(tmp_path / "run")])
     run_dir = tmp_path / "run"
@@ -42,18 +53,34 @@ def test_finetune_fast(tmp_path: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     rows = {r["name"]: r for r in results["results"]}
     assert set(rows) == {"attn_qv", "all_linear", "full"}
-    for name in ["attn_qv", "all_linear"]:  # B starts at zero, so even a dozen LoRA steps move toward code
-        assert rows[name]["val_after"] < rows[name]["val_before"], name
-    # A dozen full fine-tuning steps can bump the loss up first (the default 200 steps bring it far down).
-    assert rows["full"]["val_after"] < rows["full"]["val_before"] + 0.2
+    for name, row in rows.items():
+        # LoRA starts exactly at the base (B = 0); every method then moves. A dozen steps at full learning rate can
+        # bump the validation loss up first, so no direction is promised here (the default 200 steps bring it down).
+        assert row["val_before"] == pytest.approx(results["base_val"]["code"], abs=1e-5), name
+        assert 1e-4 < abs(row["val_after"] - row["val_before"]) < 0.2, name
     assert rows["attn_qv"]["trainable"] < 0.02 * rows["full"]["trainable"]
     assert rows["attn_qv"]["opt_state_bytes"] < 0.05 * rows["full"]["opt_state_bytes"]
     assert rows["attn_qv"]["file_bytes"] < 0.05 * rows["full"]["file_bytes"]
     for name, adapter_val, reloaded_val in results["reload_checks"]:
         assert abs(adapter_val - reloaded_val) < 1e-4, name
+    for row in rows.values():  # forgetting is tracked along the run: prose loss at every evaluation, base first
+        assert len(row["prose_curve"]) == len(row["curve"]) and row["prose_curve"][-1][1] == row["prose_after"]
+        assert row["prose_curve"][0][1] == pytest.approx(results["base_val"]["prose"], abs=1e-5)
     assert "reload check attn_qv" in out and "MISMATCH" not in out
-    assert re.search(r"\| LoRA attn_qv +\| \d\.\d{3} +\| \d\.\d{3} +\| 16,384 ", out), out
+    # method | code val before | code val after | prose val after | trainable params ...
+    assert re.search(r"\| LoRA attn_qv +\| \d\.\d{3} +\| \d\.\d{3} +\| \d\.\d{3} +\| 16,384 ", out), out
+    assert re.search(r"gap attn_qv vs full fine-tune: [+-]\d\.\d{3} nats/byte", out), out
+    assert "fine-tuning set code: 176 kB train" in out  # --train-kb 176 by default
     assert f"outputs in {run_dir}" in out
+
+
+def test_spread_sample_takes_evenly_spaced_pieces() -> None:
+    textlm = import_textlm()
+    data = np.arange(10_000, dtype=np.int64)
+    sub = textlm.spread_sample(data, 3_000, piece=1_000)
+    # 3 pieces of 1,000 from 10 (first, middle, last), each contiguous, in order.
+    np.testing.assert_array_equal(sub, np.concatenate([data[0:1_000], data[4_000:5_000], data[9_000:10_000]]))
+    assert textlm.spread_sample(data, 20_000, piece=1_000) is data  # asking for more than there is: all of it
 
 
 def test_finetune_pretrains_when_flags_differ_from_checkpoint(tmp_path: Path) -> None:
@@ -71,24 +98,26 @@ def test_pretrain_base_script_writes_a_loadable_checkpoint(tmp_path: Path) -> No
         [str(EXAMPLES / "pretrain_base.py"), "--steps", "3", "--d-model", "32", "--n-layers", "1"]
         + ["--out", str(tmp_path / "base.safetensors")]
     )
-    assert "wrote" in out
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import textlm
-    finally:
-        sys.path.pop(0)
+    assert "wrote" in out and "15% of windows from code" in out
+    textlm = import_textlm()
     params, config = textlm.load_params(tmp_path / "base.safetensors")
     assert (config.d_model, config.n_layers) == (32, 1)
     assert params["params"]["block0"]["fc1"]["kernel"].shape == (32, 128)
     assert tmp_path.joinpath("base.safetensors").stat().st_size < 2_000_000
 
 
+def test_pretrain_base_rejects_a_code_share_outside_0_1() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "pretrain_base.py"), "--code-frac", "1.5"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2 and "--code-frac must be in [0, 1], got 1.5" in proc.stderr
+
+
 def test_shipped_base_checkpoint_is_small_and_pretrained() -> None:
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import textlm
-    finally:
-        sys.path.pop(0)
+    textlm = import_textlm()
     assert textlm.BASE_CHECKPOINT.stat().st_size < 2_000_000
     params, config = textlm.load_params(textlm.BASE_CHECKPOINT)
     prose, _ = textlm.load_corpora(max_train=1_000, max_val=20_000)
