@@ -165,6 +165,7 @@ def test_new_ids_do_not_retrace(gpt_bank):
     assert not np.allclose(a, b)
 
 
+@pytest.mark.torch
 def test_mixed_batch_matches_peft_adapter_names_forward():
     """Same weights in PyTorch/PEFT and lorajax: PEFT's mixed-batch forward (adapter_names=) is the reference."""
     torch = pytest.importorskip("torch")
