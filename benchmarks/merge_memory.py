@@ -88,7 +88,7 @@ def measure(name: str, base: dict, rank: int, where) -> dict:
     for node in jax.tree.leaves(lora, is_leaf=lorajax.is_lora):
         if not lorajax.is_lora(node):
             continue
-        meta = (node.rank, node.alpha, node.layout, node.rslora)
+        meta = node.spec
         sig = (node.base.shape, node.base.dtype, node.a.dtype, meta)
         if sig not in programs:
             compiled = _merge._donating_merge(sharding).lower(node.base, node.a, node.b, meta).compile()

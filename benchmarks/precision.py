@@ -28,6 +28,7 @@ Prints tables and writes JSON (default benchmarks/precision.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ def make(d: int, rel: float, dtype, rank: int = 16, seed: int = 0):
     b_dir = rng.standard_normal(node.b.shape)
     std = np.std(node.scale * a @ b_dir)
     b = jnp.asarray(b_dir * (rel * 0.02 / std), jnp.float32)
-    return lorajax.LoRA(**{**node.__dict__, "b": b})
+    return dataclasses.replace(node, b=b)
 
 
 def metrics(merged, ref, floor, update, w, dtype) -> dict:
@@ -88,7 +89,7 @@ def run_merge(d: int, rel: float, dtype) -> dict:
     two_roundings = node.base + f32_update.astype(dtype)
     a_lo, b_lo = node.a.astype(dtype), node.b.astype(dtype)
     low = node.base + (jnp.asarray(node.scale, dtype) * jnp.matmul(a_lo, b_lo, preferred_element_type=dtype))
-    low_factor_node = lorajax.LoRA(**{**node.__dict__, "a": a_lo, "b": b_lo})
+    low_factor_node = dataclasses.replace(node, a=a_lo, b=b_lo)
     ours_low_factors = jax.jit(lorajax.merge)({"w": {"kernel": low_factor_node}})["w"]["kernel"]
     methods = {
         "floor": floor,

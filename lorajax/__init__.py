@@ -21,16 +21,17 @@ from lorajax._adapters import (
 )
 from lorajax._bank import AdapterBank, BankNode, select, stack_adapters
 from lorajax._factored import FallbackWarning, factored
-from lorajax._lorafy import infer_layout, lorafy
+from lorajax._layout import Layout, infer_layout
+from lorajax._lorafy import lorafy
 from lorajax._merge import delta, merge, unlorafy
-from lorajax._node import Layout, LoRA, is_lora
+from lorajax._node import LoRA, LoRASpec, is_lora
+from lorajax._paths import path_str
 from lorajax._peft import load_peft, read_peft, save_peft
 from lorajax._sharding import factor_specs, partition_specs, shardings_of
 from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
-from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp, path_str
+from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
 from lorajax._train import combine, mask, masked, partition
-
-__version__ = "0.1.0"
+from lorajax._version import __version__ as __version__
 
 __all__ = [
     "Adapter",
@@ -40,6 +41,7 @@ __all__ = [
     "FallbackWarning",
     "Layout",
     "LoRA",
+    "LoRASpec",
     "MemoryPlan",
     "Preset",
     "StateBytes",

@@ -22,7 +22,8 @@ import numpy as np
 
 from lorajax import _boxes, _targets
 from lorajax._files import atomic_write
-from lorajax._node import Layout, LoRA, is_lora, lora_scale
+from lorajax._layout import Layout
+from lorajax._node import LoRA, LoRASpec, is_lora, lora_scale
 
 FORMAT = "lorajax-adapter"
 FORMAT_VERSION = 1
@@ -291,7 +292,7 @@ def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> 
         >>> lorajax.attach(base, ad)["dense"]["kernel"].rank
         2
     """
-    from lorajax._lorafy import _factor_names  # the lead's helper: sharding names of the factors
+    from lorajax._layout import factor_names as _factor_names
 
     ad = adapter if isinstance(adapter, Adapter) else _adapter_of(adapter)
     leaves, index = _leaf_index(base_params)
@@ -323,10 +324,7 @@ def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> 
             base=base,
             a=_boxes.rebox(base, f.a, names_a),
             b=_boxes.rebox(base, f.b, names_b),
-            rank=f.rank,
-            alpha=f.alpha,
-            layout=f.layout,
-            rslora=f.rslora,
+            spec=LoRASpec(rank=f.rank, alpha=f.alpha, layout=f.layout, rslora=f.rslora),
         )
     return _rebuild(base_params, leaves, replaced)
 

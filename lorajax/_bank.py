@@ -12,7 +12,8 @@ import numpy as np
 
 from lorajax import _boxes
 from lorajax._adapters import Adapter, _base_problems, _group_targets, _leaf_index, _raise_problems, _rebuild, adapter
-from lorajax._node import Layout, LoRA, is_lora
+from lorajax._layout import Layout
+from lorajax._node import LoRA, LoRASpec, is_lora
 
 
 @jax.tree_util.register_dataclass
@@ -210,10 +211,7 @@ def select(bank: AdapterBank, ids: Any) -> Any:
             base=node.base,
             a=jnp.take(node.a, rows, axis=0),
             b=jnp.take(node.b, rows, axis=0),
-            rank=node.rank,
-            alpha=float(node.rank),
-            layout=node.layout,
-            rslora=False,
+            spec=LoRASpec(rank=node.rank, alpha=float(node.rank), layout=node.layout),
             per_example=True,
         )
 

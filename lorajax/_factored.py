@@ -456,7 +456,7 @@ def factored(
                 infos.append((n, name, node, jax.tree_util.tree_structure(node.base)))
                 dyn.append(base)
                 factors.extend([a, b])
-                spec.append(("lora", node.rank, node.alpha, node.layout, node.rslora, node.per_example))
+                spec.append(("lora", node.spec, node.per_example))
                 spec.append(_aval_key(base))
                 spec.extend([_aval_key(a), _aval_key(b), jax.tree_util.tree_structure(node.base)])
             elif is_array(leaf):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -11,103 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes, _sharding, _targets
-from lorajax._node import Layout, LoRA, is_lora
-from lorajax._targets import KeyPath
+from lorajax._layout import Layout, LayoutArg, factor_names, resolve_layout
+from lorajax._node import LoRA, LoRASpec, is_lora
+from lorajax._paths import KeyPath
 
-LayoutSpec: TypeAlias = "str | Layout"
 InitFn: TypeAlias = Callable[[jax.Array, jax.Array, Layout, int, Any], tuple[jax.Array, jax.Array]]
-
-_QKV = re.compile(r"(?:.*/)?(?:" + "|".join([_targets._Q, _targets._K, _targets._V, _targets._FUSED]) + ")")
-_OUT = re.compile(r"(?:.*/)?(?:" + _targets._OUT + ")")
-
-
-def _ambiguous(path: KeyPath, shape: tuple[int, ...], why: str) -> ValueError:
-    name = _targets.path_str(path)
-    return ValueError(
-        f"lorafy: cannot tell the layout of {name} with shape {shape}: {why}. State it with "
-        f"layout={{{name!r}: ...}}, one code per axis: 's' stacked layer axis, 'i' fan-in, 'o' fan-out, "
-        f"'w' conv window, 'e' embedding rows; e.g. 'sio' for a Dense kernel stacked by nn.scan, 'ioo' for a "
-        f"DenseGeneral query kernel, or 's...' to declare one leading stacked axis and infer the rest."
-    )
-
-
-def infer_layout(path: KeyPath, shape: tuple[int, ...]) -> Layout:
-    """The layout that names and shape settle, or a ValueError asking the user to state it.
-
-    >>> from jax.tree_util import DictKey
-    >>> infer_layout((DictKey("Dense_0"), DictKey("kernel")), (8, 4))
-    Layout('io')
-    """
-    parts = _targets.path_parts(path)
-    leaf, module = parts[-1], ("/".join(parts[:-1]))
-    owner = parts[-2] if len(parts) > 1 else ""
-    n = len(shape)
-    if n < 2:
-        raise ValueError(f"lorafy: {_targets.path_str(path)} with shape {shape} is not a matrix; LoRA needs 2+ axes.")
-    if leaf == "embedding" or _targets._EMBED_MODULES.fullmatch(owner):
-        if n == 2:
-            return Layout("eo")
-        raise _ambiguous(path, shape, "an embedding table has 2 axes; more suggests stacked tables")
-    conv = _targets._CONV_MODULES.fullmatch(owner) is not None
-    if leaf == "weight":  # PyTorch / Equinox convention: (out, in, *window)
-        if n == 2:
-            return Layout("oi")
-        if conv and n in (3, 4):
-            return Layout("oi" + "w" * (n - 2))
-        raise _ambiguous(path, shape, f"a {n}-D 'weight' is neither a linear (out, in) nor a named 1-D/2-D conv")
-    # Flax convention: (*fan_in, *fan_out).
-    if n == 2:
-        return Layout("io")
-    if conv and n in (3, 4):
-        return Layout("w" * (n - 2) + "io")
-    if n == 3 and _QKV.fullmatch(module):
-        return Layout("ioo")  # DenseGeneral (d_model, heads, head_dim)
-    if n == 3 and _OUT.fullmatch(module):
-        return Layout("iio")  # DenseGeneral (heads, head_dim, d_model)
-    raise _ambiguous(path, shape, f"a {n}-D kernel could be stacked layers, multi-head or a convolution")
-
-
-def _parse_spec(spec: LayoutSpec, path: KeyPath, shape: tuple[int, ...]) -> Layout:
-    if isinstance(spec, Layout):
-        layout = spec
-    elif isinstance(spec, str) and spec.endswith("..."):
-        prefix = spec[:-3]
-        if len(prefix) >= len(shape):
-            raise ValueError(
-                f"lorafy: layout {spec!r} for {_targets.path_str(path)} leaves no axes of {shape} to infer."
-            )
-        rest = infer_layout(path, shape[len(prefix) :])
-        layout = Layout(prefix + rest.axes)
-    elif isinstance(spec, str):
-        layout = Layout(spec)
-    else:
-        raise TypeError(
-            f"lorafy: layout for {_targets.path_str(path)} must be a string or lorajax.Layout, got {spec!r}."
-        )
-    if layout.ndim != len(shape):
-        raise ValueError(
-            f"lorafy: layout {layout.axes!r} has {layout.ndim} axes but {_targets.path_str(path)} has shape {shape}."
-        )
-    return layout
-
-
-def layout_spec(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -> LayoutSpec | None:
-    """The spec the user's ``layout=`` argument gives this parameter, or None where it says nothing."""
-    if callable(layout):
-        return layout(path, leaf)
-    if isinstance(layout, Mapping):
-        return _targets.match_pattern(dict(layout), path)
-    if layout is not None:
-        raise TypeError(
-            f"{caller}: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
-        )
-    return None
-
-
-def _layout_for(layout: Any, path: KeyPath, leaf: Any) -> Layout:
-    shape = tuple(leaf.shape)
-    spec = layout_spec(layout, path, leaf)
-    return infer_layout(path, shape) if spec is None else _parse_spec(spec, path, shape)
 
 
 def path_key(key: jax.Array, path: KeyPath) -> jax.Array:
@@ -145,14 +52,6 @@ def _init_factors(
     return a, jnp.zeros(b_shape, dtype)
 
 
-def _factor_names(base_box: Any, layout: Layout) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
-    names = _boxes.names(base_box)
-    if names is None:
-        return None, None
-    pick = lambda axes: tuple(names[k] for k in axes)
-    return pick(layout.stack) + pick(layout.fan_in) + (None,), pick(layout.stack) + (None,) + pick(layout.fan_out)
-
-
 def lorafy(
     params: Any,
     *,
@@ -165,7 +64,7 @@ def lorafy(
     dtype: Any = jnp.float32,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
-    layout: Mapping[str, LayoutSpec] | Callable[[KeyPath, Any], LayoutSpec | None] | None = None,
+    layout: LayoutArg = None,
 ) -> Any:
     """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
 
@@ -222,7 +121,7 @@ def lorafy(
         shape = tuple(array.shape)
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"lorafy: {name} with shape {shape} has dtype {array.dtype}; LoRA needs a float kernel.")
-        lay = _layout_for(layout, path, array)
+        lay = resolve_layout(layout, path, array)
         r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
         _check_rank(r, f"rank for {name}")
         fan_in, fan_out = lay.sizes(shape)
@@ -235,15 +134,12 @@ def lorafy(
         a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
         # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
         a, b = _sharding.init_placed(_init_factors, (init, path_key(key, path), array, lay, r, dtype), array, lay)
-        names_a, names_b = _factor_names(leaf, lay)
+        names_a, names_b = factor_names(leaf, lay)
         chosen[n] = LoRA(
             base=leaf,
             a=_boxes.rebox(leaf, a, names_a),
             b=_boxes.rebox(leaf, b, names_b),
-            rank=int(r),
-            alpha=float(a_alpha),
-            layout=lay,
-            rslora=rslora,
+            spec=LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora),
         )
     if not chosen:
         candidates = [_targets.path_str(p) for p, x in leaves if _targets.is_kernel(p, x.base if is_lora(x) else x)]

@@ -7,16 +7,10 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from lorajax import _boxes
-from lorajax._node import LoRA, is_lora
-from lorajax._targets import path_str
-
-
-def _compute_dtype(dtype: Any) -> Any:
-    # float32 at least; float64 bases (x64 mode) keep their precision.
-    return jnp.promote_types(dtype, jnp.float32)
+from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
+from lorajax._paths import path_str
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
@@ -26,8 +20,8 @@ def delta(node: LoRA, dtype: Any = None) -> jax.Array:
     GPUs do not round it through bf16/TF32 passes.
 
     >>> import jax.numpy as jnp
-    >>> from lorajax import LoRA, Layout
-    >>> node = LoRA(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), rank=1, alpha=2.0, layout=Layout("io"))
+    >>> from lorajax import LoRA, LoRASpec, Layout
+    >>> node = LoRA(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), LoRASpec(1, 2.0, Layout("io")))
     >>> delta(node).tolist()
     [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
@@ -36,19 +30,13 @@ def delta(node: LoRA, dtype: Any = None) -> jax.Array:
             "This LoRA node holds per-example factors (from lorajax.select); it has no single delta. Run it through "
             "lorajax.factored, or merge each adapter of the bank separately."
         )
-    dt = dtype or _compute_dtype(node.dtype)
-    a = _boxes.unbox(node.a).astype(dt)
-    b = _boxes.unbox(node.b).astype(dt)
-    d = jnp.einsum(
-        node.layout.einsum_subscripts(), a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dt
-    )
-    return d * jnp.asarray(node.scale, dt)
+    return lora_delta(_boxes.unbox(node.a), _boxes.unbox(node.b), node.spec, dtype or compute_dtype(node.dtype))
 
 
 def merged_kernel(node: LoRA) -> jax.Array:
     """``base + delta`` for one node, computed in float32 and rounded once to the base dtype."""
     base = jax.lax.stop_gradient(_boxes.unbox(node.base))
-    dt = _compute_dtype(base.dtype)
+    dt = compute_dtype(base.dtype)
     return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
 
 
@@ -91,9 +79,8 @@ def merge(params: Any, *, donate: bool = False) -> Any:
     return jax.tree.map(lambda x: _boxes.rebox(x.base, merged_kernel(x)) if is_lora(x) else x, params, is_leaf=is_lora)
 
 
-def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, meta: tuple[Any, ...]) -> jax.Array:
-    rank, alpha, layout, rslora = meta
-    return merged_kernel(LoRA(base, a, b, rank=rank, alpha=alpha, layout=layout, rslora=rslora))
+def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, spec: LoRASpec) -> jax.Array:
+    return merged_kernel(LoRA(base, a, b, spec))
 
 
 @functools.lru_cache(maxsize=256)
@@ -115,7 +102,7 @@ def _merge_donated(params: Any) -> Any:
         with warnings.catch_warnings():
             # Backends without donation (or a layout change) copy instead; the result is the same.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            merged = _donating_merge(base.sharding)(base, a, b, (x.rank, x.alpha, x.layout, x.rslora))
+            merged = _donating_merge(base.sharding)(base, a, b, x.spec)
         for factor in (a, b):
             factor.delete()  # free the factors now, not when the caller drops the tree
         return _boxes.rebox(x.base, merged)

@@ -1,4 +1,12 @@
-"""The LoRA node: a frozen base kernel plus its low-rank factors."""
+"""The LoRA node and its static spec, and the one implementation of the LoRA arithmetic.
+
+:class:`LoRASpec` holds what every LoRA-carrying type shares (rank, alpha, layout,
+rsLoRA, the variant): :class:`LoRA` nodes, adapter entries and bank entries all keep
+one, so a new option is added in one place. :func:`lora_delta` is the update
+``scale * a @ b`` in a kernel's layout, used by ``merge``, ``swap``, combining
+adapters and the factored path's fallback; :func:`fold_scale` folds a scale into
+``b`` for banks, combined adapters and PEFT layers.
+"""
 
 from __future__ import annotations
 
@@ -7,113 +15,12 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lorajax import _boxes
+from lorajax._layout import Layout
 
-_AXIS_CODES = {
-    "s": "stacked (a leading layer axis from nn.scan / nnx.scan / vmap)",
-    "i": "fan-in",
-    "o": "fan-out",
-    "w": "convolution window (fan-in)",
-    "e": "embedding rows (fan-in, looked up by index)",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Which axes of a kernel are fan-in, fan-out and stacked.
-
-    A layout is a string with one code per kernel axis:
-
-    ====  ==========================================================
-    code  meaning
-    ====  ==========================================================
-    ``s`` stacked axis (layers from ``nn.scan``); every slice gets its own A, B
-    ``i`` fan-in
-    ``o`` fan-out
-    ``w`` convolution window, counted as fan-in (PEFT's conv construction)
-    ``e`` embedding rows: fan-in, but the kernel is looked up, not multiplied
-    ====  ==========================================================
-
-    Examples: a Flax ``Dense`` kernel is ``"io"``, an Equinox/PyTorch ``weight``
-    is ``"oi"``, a DenseGeneral query kernel (d_model, heads, head_dim) is
-    ``"ioo"``, the attention output kernel is ``"iio"``, a 2-D Flax conv is
-    ``"wwio"``, an ``Embed`` table is ``"eo"`` and a Dense kernel stacked by
-    ``nn.scan`` is ``"sio"``.
-
-    The factor shapes follow the layout: ``a`` is ``(*stacked, *fan_in, rank)``
-    and ``b`` is ``(*stacked, rank, *fan_out)``, each group in kernel order.
-
-    >>> Layout("iio").fan_in, Layout("iio").fan_out
-    ((0, 1), (2,))
-    """
-
-    axes: str
-
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.axes) - set(_AXIS_CODES))
-        if bad:
-            codes = ", ".join(f"{k!r} ({v})" for k, v in _AXIS_CODES.items())
-            raise ValueError(f"Layout {self.axes!r}: unknown axis codes {bad}; use {codes}.")
-        if not any(c in "iwe" for c in self.axes) or "o" not in self.axes:
-            raise ValueError(
-                f"Layout {self.axes!r} needs at least one fan-in ('i', 'w' or 'e') and one fan-out ('o') axis."
-            )
-        if "e" in self.axes and (self.axes.count("e") > 1 or "i" in self.axes or "w" in self.axes):
-            raise ValueError(f"Layout {self.axes!r}: an embedding has exactly one 'e' axis and no other fan-in axes.")
-        if "w" in self.axes and "i" not in self.axes:
-            raise ValueError(
-                f"Layout {self.axes!r}: a convolution needs an input-channel axis 'i' beside its window 'w'."
-            )
-
-    @property
-    def ndim(self) -> int:
-        return len(self.axes)
-
-    @property
-    def stack(self) -> tuple[int, ...]:
-        """Positions of the stacked (layer) axes."""
-        return tuple(k for k, c in enumerate(self.axes) if c == "s")
-
-    @property
-    def fan_in(self) -> tuple[int, ...]:
-        """Positions of the fan-in axes (input channels, window, embedding rows)."""
-        return tuple(k for k, c in enumerate(self.axes) if c in "iwe")
-
-    @property
-    def fan_out(self) -> tuple[int, ...]:
-        """Positions of the fan-out axes."""
-        return tuple(k for k, c in enumerate(self.axes) if c == "o")
-
-    @property
-    def kind(self) -> str:
-        """``"embed"``, ``"conv"`` or ``"dense"``."""
-        if "e" in self.axes:
-            return "embed"
-        return "conv" if "w" in self.axes else "dense"
-
-    def a_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
-        """Shape of the ``a`` factor for a kernel of ``shape``."""
-        return tuple(shape[k] for k in self.stack) + tuple(shape[k] for k in self.fan_in) + (rank,)
-
-    def b_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
-        """Shape of the ``b`` factor for a kernel of ``shape``."""
-        return tuple(shape[k] for k in self.stack) + (rank,) + tuple(shape[k] for k in self.fan_out)
-
-    def sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """``(fan_in, fan_out)`` sizes of one (unstacked) kernel."""
-        return math.prod(shape[k] for k in self.fan_in), math.prod(shape[k] for k in self.fan_out)
-
-    def einsum_subscripts(self) -> str:
-        """Subscripts that contract ``a`` and ``b`` back into the kernel layout."""
-        letters = "abcdefghijklmnopq"[: self.ndim]
-        r = "r"
-        a = "".join(letters[k] for k in self.stack + self.fan_in) + r
-        b = "".join(letters[k] for k in self.stack) + r + "".join(letters[k] for k in self.fan_out)
-        return f"{a},{b}->{letters}"
-
-    def __repr__(self) -> str:
-        return f"Layout({self.axes!r})"
+VARIANTS = ("lora",)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -121,16 +28,86 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """The static description of one adapted kernel: rank, alpha, layout, rsLoRA and variant.
+
+    Shared by :class:`LoRA` nodes, :class:`lorajax.AdapterFactors` and
+    :class:`lorajax.BankNode`. It is static pytree metadata: never trained,
+    and changing it retraces.
+
+    >>> LoRASpec(rank=4, alpha=8.0, layout=Layout("io")).scale
+    2.0
+    >>> LoRASpec(rank=4, alpha=8.0, layout=Layout("io"), rslora=True).scale
+    4.0
+    """
+
+    rank: int
+    alpha: float
+    layout: Layout
+    rslora: bool = False
+    variant: str = "lora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRASpec: rank must be an integer >= 1, got {self.rank!r}.")
+        if not isinstance(self.layout, Layout):
+            raise TypeError(f"LoRASpec: layout must be a lorajax.Layout, got {self.layout!r}.")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"LoRASpec: variant must be one of {VARIANTS}, got {self.variant!r}.")
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+    def replace(self, **changes: Any) -> LoRASpec:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+class HasSpec:
+    """Read-only views of a ``spec`` field, shared by the types that carry one."""
+
+    spec: LoRASpec
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank ``r``."""
+        return self.spec.rank
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha."""
+        return self.spec.alpha
+
+    @property
+    def layout(self) -> Layout:
+        """The kernel's :class:`lorajax.Layout`."""
+        return self.spec.layout
+
+    @property
+    def rslora(self) -> bool:
+        """Whether the scale is ``alpha / sqrt(rank)`` (rsLoRA)."""
+        return self.spec.rslora
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return self.spec.scale
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(HasSpec):
     """A targeted kernel: frozen ``base`` plus trainable factors ``a`` and ``b``.
 
     The effective kernel is ``base + scale * a @ b``, contracted back into the
-    base's layout (see :class:`Layout`). ``base`` is the caller's very array (or
-    its Flax box), never a copy. ``rank``, ``alpha``, ``layout`` and ``rslora``
-    are static pytree metadata, so they are never trained and changing them
-    retraces.
+    base's layout (see :class:`lorajax.Layout`). ``base`` is the caller's very
+    array (or its Flax box), never a copy. ``spec`` (:class:`lorajax.LoRASpec`:
+    rank, alpha, layout, rsLoRA) is static pytree metadata, so it is never
+    trained and changing it retraces; ``node.rank``, ``node.scale`` and the like
+    read it.
 
     With ``per_example=True`` (made by :func:`lorajax.select` for mixed-adapter
     batches) ``a`` and ``b`` carry one extra leading axis that indexes the
@@ -140,24 +117,17 @@ class LoRA:
     ``b`` then carry boxes of the same type whose axis names follow the base's.
 
     >>> import jax.numpy as jnp
-    >>> node = LoRA(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), rank=2, alpha=4.0, layout=Layout("io"))
-    >>> node.scale
-    2.0
+    >>> spec = LoRASpec(rank=2, alpha=4.0, layout=Layout("io"))
+    >>> node = LoRA(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), spec)
+    >>> node.scale, node.rank
+    (2.0, 2)
     """
 
     base: Any
     a: Any
     b: Any
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    alpha: float = dataclasses.field(metadata=dict(static=True))
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
-    rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
     per_example: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-    @property
-    def scale(self) -> float:
-        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -177,3 +147,43 @@ def is_lora(x: Any) -> bool:
     {'w': False}
     """
     return isinstance(x, LoRA)
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype LoRA arithmetic runs in: float32 at least (float64 bases in x64 mode keep theirs)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def lora_delta(a: jax.Array, b: jax.Array, spec: LoRASpec, dtype: Any) -> jax.Array:
+    """``scale * a @ b`` contracted into the kernel's layout, in ``dtype``.
+
+    The one implementation of the LoRA update. It runs at ``Precision.HIGHEST`` so
+    TPUs and GPUs do not round it through bf16/TF32 passes.
+
+    >>> a, b = jnp.ones((2, 1)), jnp.ones((1, 3))
+    >>> lora_delta(a, b, LoRASpec(rank=1, alpha=2.0, layout=Layout("io")), jnp.float32).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    d = jnp.einsum(
+        spec.layout.einsum_subscripts(),
+        jnp.asarray(a).astype(dtype),
+        jnp.asarray(b).astype(dtype),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=dtype,
+    )
+    return d * jnp.asarray(spec.scale, dtype)
+
+
+def fold_scale(b: Any, scale: float, dtype: Any = None, xp: Any = jnp) -> Any:
+    """``b * scale`` computed in float32 (at least) and rounded once to ``dtype`` (default: ``b``'s).
+
+    Where a scale is folded into ``b`` (adapter banks, combined adapters, PEFT
+    layers stacked into one kernel), the result has scale 1 and gives the same
+    update up to one rounding. ``xp`` is ``jax.numpy`` or ``numpy``.
+
+    >>> fold_scale(jnp.ones((1, 2), jnp.bfloat16), 0.5).tolist()
+    [[0.5, 0.5]]
+    """
+    dtype = b.dtype if dtype is None else dtype
+    wide = xp.promote_types(b.dtype, xp.float32)
+    return (xp.asarray(b, wide) * xp.asarray(scale, wide)).astype(dtype)

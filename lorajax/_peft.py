@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax import _boxes, _lorafy, _targets
+from lorajax import _boxes, _layout, _targets
 from lorajax._files import publish
-from lorajax._node import Layout, LoRA, is_lora, lora_scale
+from lorajax._layout import Layout
+from lorajax._node import LoRA, LoRASpec, is_lora, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -196,7 +197,7 @@ def _guess_layout(
             return Layout("o" * k + "i" * (n - k))
         if not torch_style and (left, right) == (n_in, n_out):
             return Layout("i" * k + "o" * (n - k))
-    return _lorafy.infer_layout(path, shape)
+    return _layout.infer_layout(path, shape, "load_peft")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -452,11 +453,11 @@ def load_peft(
                 raise _Problem(f"{pstr}: holds per-example factors (lorajax.select); load onto the plain params")
             name = direct.get(n) or next(iter(stacked[n].values()))
             entry = modules[name]
-            spec = _lorafy.layout_spec(layout, kpath, array, caller="load_peft")
+            spec = _layout.layout_spec(layout, kpath, array, caller="load_peft")
             if node is not None:
                 lay = node.layout
             elif spec is not None:
-                lay = _lorafy._parse_spec(spec, kpath, shape)
+                lay = _layout.parse_layout(spec, kpath, shape, caller="load_peft")
             elif n in stacked:  # a name template means one leading layer axis
                 lay = Layout(
                     "s" + _guess_layout(entry["kind"], kpath, shape[1:], entry["A"], entry["B"], fan_in_fan_out).axes
@@ -476,14 +477,14 @@ def load_peft(
         except (_Problem, ValueError) as e:
             problems.append(str(e) if isinstance(e, _Problem) else f"{pstr}: {e}")
             continue
-        names_a, names_b = _lorafy._factor_names(box, lay)
+        names_a, names_b = _layout.factor_names(box, lay)
         a = _boxes.rebox(box, jnp.asarray(a), names_a)
         b = _boxes.rebox(box, jnp.asarray(b), names_b)
         rs = rslora if n in direct else rs
         if node is not None:
-            replaced[n] = dataclasses.replace(node, a=a, b=b, rank=r, alpha=alpha, rslora=rs)
+            replaced[n] = dataclasses.replace(node, a=a, b=b, spec=node.spec.replace(rank=r, alpha=alpha, rslora=rs))
         else:
-            replaced[n] = LoRA(base=leaf, a=a, b=b, rank=r, alpha=alpha, layout=lay, rslora=rs)
+            replaced[n] = LoRA(base=leaf, a=a, b=b, spec=LoRASpec(rank=r, alpha=alpha, layout=lay, rslora=rs))
     if problems:
         raise ValueError(f"load_peft: {len(problems)} problem(s) loading {path}:\n  " + "\n  ".join(problems))
     treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: _boxes.is_box(x) or is_lora(x))

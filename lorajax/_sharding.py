@@ -18,7 +18,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lorajax import _boxes, _targets
-from lorajax._node import Layout, is_lora
+from lorajax._layout import Layout
+from lorajax._node import is_lora
 
 
 def _padded(spec: PartitionSpec | None, ndim: int, what: str) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ document on its last stdout line; the test module asserts on it. Run it by hand 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 if __name__ == "__main__":  # only as a script: pytest's doctest collection imports this file too
@@ -193,7 +194,7 @@ def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, result
             if not lorajax.is_lora(x):
                 return x
             b = 0.1 * np.random.default_rng(x.b.size).standard_normal(x.b.shape, np.float32)
-            return lorajax.LoRA(**{**x.__dict__, "b": jax.device_put(b, x.b.sharding)})
+            return dataclasses.replace(x, b=jax.device_put(b, x.b.sharding))
 
         return jax.tree.map(fill, lora, is_leaf=lorajax.is_lora)
 
@@ -241,7 +242,7 @@ def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, result
             for x in jax.tree.leaves(donor, is_leaf=lorajax.is_lora):
                 sig = (x.shape, x.base.sharding, x.layout) if lorajax.is_lora(x) else None
                 if sig is not None and sig not in programs:
-                    meta = (x.rank, x.alpha, x.layout, x.rslora)
+                    meta = x.spec
                     programs[sig] = _merge._donating_merge(x.base.sharding).lower(x.base, x.a, x.b, meta).compile()
             donated_hlo = [c.as_text() for c in programs.values()]
             merged_donated = lorajax.merge(donor, donate=True)

@@ -202,10 +202,7 @@ def test_mixed_batch_matches_peft_adapter_names_forward():
                 base[module]["kernel"],
                 jnp.asarray(layer.lora_A[name].weight.detach().numpy().T),  # (in, r)
                 jnp.asarray(layer.lora_B[name].weight.detach().numpy().T),  # (r, out)
-                rank=cfg.r,
-                alpha=float(cfg.lora_alpha),
-                layout=lorajax.Layout("io"),
-                rslora=cfg.use_rslora,
+                lorajax.LoRASpec(cfg.r, float(cfg.lora_alpha), lorajax.Layout("io"), rslora=cfg.use_rslora),
             )
         ours[name] = {m: {**base[m], **({"kernel": nodes[m]} if m in nodes else {})} for m in base}
 

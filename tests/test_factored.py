@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import chex
@@ -28,7 +29,7 @@ def _perturb(params, seed=0):
             ka, kb = jax.random.split(jax.random.key(seed + n))
             a = jax.tree.map(lambda v, k=ka: 0.3 * jax.random.normal(k, v.shape, v.dtype), x.a)
             b = jax.tree.map(lambda v, k=kb: 0.3 * jax.random.normal(k, v.shape, v.dtype), x.b)
-            x = lorajax.LoRA(x.base, a, b, x.rank, x.alpha, x.layout, x.rslora, x.per_example)
+            x = dataclasses.replace(x, a=a, b=b)
         out.append(x)
     return jax.tree.unflatten(treedef, out)
 
@@ -220,9 +221,7 @@ def _node(key, shape, layout, rank=2, alpha=4.0):
         jax.random.normal(k0, shape),
         jax.random.normal(k1, lay.a_shape(shape, rank)),
         jax.random.normal(k2, lay.b_shape(shape, rank)),
-        rank=rank,
-        alpha=alpha,
-        layout=lay,
+        lorajax.LoRASpec(rank, alpha, lay),
     )
 
 
@@ -444,12 +443,16 @@ def test_per_example_dense_and_gather():
     a = jax.random.normal(k[0], (n, d, r))
     b = jax.random.normal(k[1], (n, r, o))
     w = lorajax.LoRA(
-        jax.random.normal(k[2], (d, o)), a, b, rank=r, alpha=r, layout=lorajax.Layout("io"), per_example=True
+        jax.random.normal(k[2], (d, o)), a, b, lorajax.LoRASpec(r, float(r), lorajax.Layout("io")), per_example=True
     )
     ea = jax.random.normal(k[3], (n, vocab, r))
     eb = jax.random.normal(k[4], (n, r, d))
     e = lorajax.LoRA(
-        jax.random.normal(k[5], (vocab, d)), ea, eb, rank=r, alpha=r, layout=lorajax.Layout("eo"), per_example=True
+        jax.random.normal(k[5], (vocab, d)),
+        ea,
+        eb,
+        lorajax.LoRASpec(r, float(r), lorajax.Layout("eo")),
+        per_example=True,
     )
     tokens = jax.random.randint(jax.random.key(22), (n, 4), 0, vocab)
 
@@ -493,7 +496,7 @@ def test_per_example_stacked_in_scan():
     a = jax.random.normal(k[0], (n, layers, d, r))
     b = jax.random.normal(k[1], (n, layers, r, d))
     base = jax.random.normal(k[2], (layers, d, d))
-    w = lorajax.LoRA(base, a, b, rank=r, alpha=r, layout=lorajax.Layout("sio"), per_example=True)
+    w = lorajax.LoRA(base, a, b, lorajax.LoRASpec(r, float(r), lorajax.Layout("sio")), per_example=True)
     x = jax.random.normal(jax.random.key(26), (n, 4, d))
 
     def fn(w, x):

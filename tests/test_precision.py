@@ -17,7 +17,7 @@ def _node(dtype, rel=0.5):
     a = jnp.asarray(rng.uniform(-1, 1, (D, R)) / np.sqrt(D), jnp.float32)
     b = rng.standard_normal((R, D))
     b = jnp.asarray(b * rel * 0.02 / np.std(np.asarray(a, np.float64) @ b), jnp.float32)
-    return lorajax.LoRA(w, a, b, rank=R, alpha=float(R), layout=lorajax.Layout("io"))  # scale 1
+    return lorajax.LoRA(w, a, b, lorajax.LoRASpec(R, float(R), lorajax.Layout("io")))  # scale 1
 
 
 def _reference(node):

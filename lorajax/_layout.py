@@ -1,0 +1,245 @@
+"""Kernel layouts: which axes are fan-in, fan-out and stacked, and how they map onto the factors.
+
+Everything that must agree on a kernel's axes (``lorafy``'s factor shapes, the
+factors' Flax axis names and shardings, PEFT and adapter files) goes through
+:class:`Layout` and its :meth:`Layout.project`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+from lorajax import _boxes, _names, _targets
+from lorajax._paths import KeyPath, path_parts, path_str
+
+T = TypeVar("T")
+
+_AXIS_CODES = {
+    "s": "stacked (a leading layer axis from nn.scan / nnx.scan / vmap)",
+    "i": "fan-in",
+    "o": "fan-out",
+    "w": "convolution window (fan-in)",
+    "e": "embedding rows (fan-in, looked up by index)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of a kernel are fan-in, fan-out and stacked.
+
+    A layout is a string with one code per kernel axis:
+
+    ====  ==========================================================
+    code  meaning
+    ====  ==========================================================
+    ``s`` stacked axis (layers from ``nn.scan``); every slice gets its own A, B
+    ``i`` fan-in
+    ``o`` fan-out
+    ``w`` convolution window, counted as fan-in (PEFT's conv construction)
+    ``e`` embedding rows: fan-in, but the kernel is looked up, not multiplied
+    ====  ==========================================================
+
+    Examples: a Flax ``Dense`` kernel is ``"io"``, an Equinox/PyTorch ``weight``
+    is ``"oi"``, a DenseGeneral query kernel (d_model, heads, head_dim) is
+    ``"ioo"``, the attention output kernel is ``"iio"``, a 2-D Flax conv is
+    ``"wwio"``, an ``Embed`` table is ``"eo"`` and a Dense kernel stacked by
+    ``nn.scan`` is ``"sio"``.
+
+    The factor shapes follow the layout: ``a`` is ``(*stacked, *fan_in, rank)``
+    and ``b`` is ``(*stacked, rank, *fan_out)``, each group in kernel order.
+
+    >>> Layout("iio").fan_in, Layout("iio").fan_out
+    ((0, 1), (2,))
+    """
+
+    axes: str
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.axes) - set(_AXIS_CODES))
+        if bad:
+            codes = ", ".join(f"{k!r} ({v})" for k, v in _AXIS_CODES.items())
+            raise ValueError(f"Layout {self.axes!r}: unknown axis codes {bad}; use {codes}.")
+        if not any(c in "iwe" for c in self.axes) or "o" not in self.axes:
+            raise ValueError(
+                f"Layout {self.axes!r} needs at least one fan-in ('i', 'w' or 'e') and one fan-out ('o') axis."
+            )
+        if "e" in self.axes and (self.axes.count("e") > 1 or "i" in self.axes or "w" in self.axes):
+            raise ValueError(f"Layout {self.axes!r}: an embedding has exactly one 'e' axis and no other fan-in axes.")
+        if "w" in self.axes and "i" not in self.axes:
+            raise ValueError(
+                f"Layout {self.axes!r}: a convolution needs an input-channel axis 'i' beside its window 'w'."
+            )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """Positions of the stacked (layer) axes."""
+        return tuple(k for k, c in enumerate(self.axes) if c == "s")
+
+    @property
+    def fan_in(self) -> tuple[int, ...]:
+        """Positions of the fan-in axes (input channels, window, embedding rows)."""
+        return tuple(k for k, c in enumerate(self.axes) if c in "iwe")
+
+    @property
+    def fan_out(self) -> tuple[int, ...]:
+        """Positions of the fan-out axes."""
+        return tuple(k for k, c in enumerate(self.axes) if c == "o")
+
+    @property
+    def kind(self) -> str:
+        """``"embed"``, ``"conv"`` or ``"dense"``."""
+        if "e" in self.axes:
+            return "embed"
+        return "conv" if "w" in self.axes else "dense"
+
+    def project(self, per_axis: Sequence[T], rank_entry: T) -> tuple[tuple[T, ...], tuple[T, ...]]:
+        """Map one value per kernel axis onto the axes of ``(a, b)``.
+
+        The one projection of a kernel's axes onto its factors, used for their
+        shapes, their Flax axis names and their shardings: ``a`` takes the stacked
+        and fan-in entries plus ``rank_entry``, ``b`` the stacked entries,
+        ``rank_entry`` and the fan-out entries.
+
+        >>> Layout("sio").project(("layers", "embed", "mlp"), None)
+        (('layers', 'embed', None), ('layers', None, 'mlp'))
+        """
+        if len(per_axis) != self.ndim:
+            raise ValueError(f"Layout {self.axes!r} has {self.ndim} axes; got {len(per_axis)} entries {per_axis!r}.")
+        pick = lambda axes: tuple(per_axis[k] for k in axes)
+        return pick(self.stack) + pick(self.fan_in) + (rank_entry,), pick(self.stack) + (rank_entry,) + pick(
+            self.fan_out
+        )
+
+    def a_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """Shape of the ``a`` factor for a kernel of ``shape``."""
+        return tuple(int(d) for d in self.project(tuple(shape), rank)[0])
+
+    def b_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """Shape of the ``b`` factor for a kernel of ``shape``."""
+        return tuple(int(d) for d in self.project(tuple(shape), rank)[1])
+
+    def sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(fan_in, fan_out)`` sizes of one (unstacked) kernel."""
+        return math.prod(shape[k] for k in self.fan_in), math.prod(shape[k] for k in self.fan_out)
+
+    def einsum_subscripts(self) -> str:
+        """Subscripts that contract ``a`` and ``b`` back into the kernel layout."""
+        letters = "abcdefghijklmnopq"[: self.ndim]
+        r = "r"
+        a = "".join(letters[k] for k in self.stack + self.fan_in) + r
+        b = "".join(letters[k] for k in self.stack) + r + "".join(letters[k] for k in self.fan_out)
+        return f"{a},{b}->{letters}"
+
+    def __repr__(self) -> str:
+        return f"Layout({self.axes!r})"
+
+
+LayoutSpec: TypeAlias = "str | Layout"
+LayoutArg: TypeAlias = "Mapping[str, LayoutSpec] | Callable[[KeyPath, Any], LayoutSpec | None] | None"
+
+_QKV = _names.suffix_regex(_names.QUERY, _names.KEY, _names.VALUE, _names.FUSED_QKV)
+_OUT = _names.suffix_regex(_names.ATTN_OUT)
+
+
+def _ambiguous(path: KeyPath, shape: tuple[int, ...], why: str, caller: str) -> ValueError:
+    name = path_str(path)
+    return ValueError(
+        f"{caller}: cannot tell the layout of {name} with shape {shape}: {why}. State it with "
+        f"layout={{{name!r}: ...}}, one code per axis: 's' stacked layer axis, 'i' fan-in, 'o' fan-out, "
+        f"'w' conv window, 'e' embedding rows; e.g. 'sio' for a Dense kernel stacked by nn.scan, 'ioo' for a "
+        f"DenseGeneral query kernel, or 's...' to declare one leading stacked axis and infer the rest."
+    )
+
+
+def infer_layout(path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy") -> Layout:
+    """The layout that names and shape settle, or a ValueError asking the user to state it.
+
+    >>> from jax.tree_util import DictKey
+    >>> infer_layout((DictKey("Dense_0"), DictKey("kernel")), (8, 4))
+    Layout('io')
+    """
+    parts = path_parts(path)
+    leaf, module = parts[-1], ("/".join(parts[:-1]))
+    owner = parts[-2] if len(parts) > 1 else ""
+    n = len(shape)
+    if n < 2:
+        raise ValueError(f"{caller}: {path_str(path)} with shape {shape} is not a matrix; LoRA needs 2+ axes.")
+    if leaf == "embedding" or _names.EMBED_MODULES.fullmatch(owner):
+        if n == 2:
+            return Layout("eo")
+        raise _ambiguous(path, shape, "an embedding table has 2 axes; more suggests stacked tables", caller)
+    conv = _names.CONV_MODULES.fullmatch(owner) is not None
+    if leaf == "weight":  # PyTorch / Equinox convention: (out, in, *window)
+        if n == 2:
+            return Layout("oi")
+        if conv and n in (3, 4):
+            return Layout("oi" + "w" * (n - 2))
+        raise _ambiguous(
+            path, shape, f"a {n}-D 'weight' is neither a linear (out, in) nor a named 1-D/2-D conv", caller
+        )
+    # Flax convention: (*fan_in, *fan_out).
+    if n == 2:
+        return Layout("io")
+    if conv and n in (3, 4):
+        return Layout("w" * (n - 2) + "io")
+    if n == 3 and _QKV.fullmatch(module):
+        return Layout("ioo")  # DenseGeneral (d_model, heads, head_dim)
+    if n == 3 and _OUT.fullmatch(module):
+        return Layout("iio")  # DenseGeneral (heads, head_dim, d_model)
+    raise _ambiguous(path, shape, f"a {n}-D kernel could be stacked layers, multi-head or a convolution", caller)
+
+
+def parse_layout(spec: LayoutSpec, path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy") -> Layout:
+    """The :class:`Layout` a user's spec gives a kernel of ``shape`` (``"s..."`` infers the rest)."""
+    if isinstance(spec, Layout):
+        layout = spec
+    elif isinstance(spec, str) and spec.endswith("..."):
+        prefix = spec[:-3]
+        if len(prefix) >= len(shape):
+            raise ValueError(f"{caller}: layout {spec!r} for {path_str(path)} leaves no axes of {shape} to infer.")
+        rest = infer_layout(path, shape[len(prefix) :], caller)
+        layout = Layout(prefix + rest.axes)
+    elif isinstance(spec, str):
+        layout = Layout(spec)
+    else:
+        raise TypeError(f"{caller}: layout for {path_str(path)} must be a string or lorajax.Layout, got {spec!r}.")
+    if layout.ndim != len(shape):
+        raise ValueError(
+            f"{caller}: layout {layout.axes!r} has {layout.ndim} axes but {path_str(path)} has shape {shape}."
+        )
+    return layout
+
+
+def layout_spec(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -> LayoutSpec | None:
+    """The spec the user's ``layout=`` argument gives this parameter, or None where it says nothing."""
+    if callable(layout):
+        return layout(path, leaf)
+    if isinstance(layout, Mapping):
+        return _targets.match_pattern(dict(layout), path)
+    if layout is not None:
+        raise TypeError(
+            f"{caller}: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
+        )
+    return None
+
+
+def resolve_layout(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -> Layout:
+    """The layout of one kernel: the user's ``layout=`` spec for it, else inferred from names and shape."""
+    shape = tuple(leaf.shape)
+    spec = layout_spec(layout, path, leaf, caller)
+    return infer_layout(path, shape, caller) if spec is None else parse_layout(spec, path, shape, caller)
+
+
+def factor_names(base_box: Any, layout: Layout) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+    """Flax per-axis sharding names of ``(a, b)`` for a boxed base (``None, None`` where it has none)."""
+    names = _boxes.names(base_box)
+    if names is None:
+        return None, None
+    return layout.project(names, None)
