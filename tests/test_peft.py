@@ -540,8 +540,16 @@ def torch_side():
 @pytest.mark.parametrize("case", CASES)
 def test_fixtures_regenerate_identically(torch_side, case, tmp_path):
     torch_side.write_case(case, tmp_path)
-    for name in ("adapter_model.safetensors", "base.safetensors", "io.safetensors"):
+    for name in ("adapter_model.safetensors", "base.safetensors"):
         chex.assert_trees_all_equal(load_file(str(tmp_path / name)), load_file(str(FIXTURES / case / name)))
+    # Inputs are seeded, so bit-equal; outputs come from torch's CPU kernels, which pick different instruction
+    # sets (and summation orders) on different CPUs: equal to float32 rounding, not always bit for bit.
+    io_got, io_want = load_file(str(tmp_path / "io.safetensors")), load_file(str(FIXTURES / case / "io.safetensors"))
+    outputs = [k for k in io_want if k.startswith("y")]
+    chex.assert_trees_all_equal(
+        {k: v for k, v in io_got.items() if k not in outputs}, {k: v for k, v in io_want.items() if k not in outputs}
+    )
+    chex.assert_trees_all_close({k: io_got[k] for k in outputs}, {k: io_want[k] for k in outputs}, rtol=1e-6, atol=1e-6)
     got = json.loads((tmp_path / "adapter_config.json").read_text())
     want = json.loads((FIXTURES / case / "adapter_config.json").read_text())
     # The LoRA fields only: other PEFT versions add or drop unrelated config keys.
