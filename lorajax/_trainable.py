@@ -1,0 +1,123 @@
+"""What trains: the LoRA factors plus leaves declared trainable once, in the tree itself.
+
+A leaf the user wants to train beside the adapters (a bias, a norm, a new head) is
+wrapped in a :class:`Trainable` node by ``lorafy(..., also=...)`` or
+:func:`trainable`. Because the declaration lives in the params, every consumer reads
+the same answer: ``mask`` (and so ``optax.masked``), ``masked``, ``partition``,
+``summary``, and ``merge``/``factored``, which stop the gradient of everything else.
+So a frozen leaf cannot move under any optimizer, and a declared leaf cannot be
+silently left untrained by a forgotten argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from lorajax import _boxes, _paths, _targets
+from lorajax._node import LoRA, is_lora
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """A leaf that trains beside the LoRA factors (a bias, a norm scale, a head).
+
+    ``value`` is the caller's leaf (array or Flax box), unchanged. ``merge`` and
+    ``unlorafy`` unwrap it; ``mask`` marks it True.
+
+    >>> import jax.numpy as jnp
+    >>> Trainable(jnp.zeros(3)).value.shape
+    (3,)
+    """
+
+    value: Any
+
+
+def is_trainable(x: Any) -> bool:
+    """True for a :class:`Trainable` node."""
+    return isinstance(x, Trainable)
+
+
+def is_node(x: Any) -> bool:
+    """True for the nodes lorajax puts into params (:class:`LoRA`, :class:`Trainable`)."""
+    return isinstance(x, (LoRA, Trainable))
+
+
+def holds_nodes(tree: Any) -> bool:
+    """Whether ``tree`` holds any :class:`LoRA` or :class:`Trainable` node."""
+    return any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
+
+
+def trainable(params: Any, where: Any) -> Any:
+    """Declare extra leaves trainable: each leaf ``where`` picks is wrapped in :class:`Trainable`.
+
+    The declaration is made once and read by everything: ``mask``/``optax.masked``,
+    ``masked``, ``partition``, ``summary``, ``merge`` and ``factored``. Every leaf
+    that is neither a LoRA factor nor declared here is frozen (its gradient through
+    ``merge``/``factored`` is exactly zero). ``lorafy(..., also=where)`` does the
+    same in one call.
+
+    Args:
+        params: a pytree (lorafied or not).
+        where: which leaves, as ``lorafy``'s ``where`` (a regex over the '/'-joined
+            path, a list of module names, or a callable ``(path, leaf) -> bool``);
+            any leaf may be picked, not only kernels. LoRA nodes are never picked.
+
+    Returns:
+        ``params`` with :class:`Trainable` nodes at the picked leaves.
+
+    Raises:
+        ValueError: when ``where`` picks no leaf.
+
+    Example:
+        >>> import jax.numpy as jnp, lorajax
+        >>> p = lorajax.trainable({"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}, r".*/bias")
+        >>> lorajax.mask(p)["dense"]["bias"].value, lorajax.mask(p)["dense"]["kernel"]
+        (True, False)
+    """
+    match = _targets.compile_where(where)
+    if isinstance(where, (list, tuple)):
+        # A module list picks every leaf of the named modules, not only their kernels.
+        names = [n.replace(".", "/") for n in where]
+        match = lambda path, leaf: _targets.module_matches(_paths.module_path(path), names)
+    leaves = _paths.tree_paths(params, is_leaf=is_node)
+    chosen = {}
+    for n, (path, leaf) in enumerate(leaves):
+        if is_node(leaf) or not hasattr(_boxes.unbox(leaf), "shape"):
+            continue
+        if match(path, _boxes.unbox(leaf)):
+            chosen[n] = Trainable(leaf)
+    if not chosen:
+        shown = ", ".join(_paths.path_str(p) for p, x in leaves[:8] if not is_node(x))
+        raise ValueError(f"trainable: where={where!r} matched no leaf. Paths available include: {shown or 'none'}.")
+    return _paths.rebuild(params, leaves, chosen, is_node)
+
+
+def _stop(x: Any) -> Any:
+    if isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def stop_frozen(tree: Any) -> Any:
+    """``tree`` with the gradient of every frozen leaf stopped.
+
+    Frozen is everything but LoRA factors and :class:`Trainable` values: LoRA
+    bases, and every plain leaf of a tree that holds adapters. Trees without any
+    LoRA or Trainable node (inputs, RNG keys) are returned as they are.
+    """
+    if not holds_nodes(tree):
+        return tree
+
+    def one(x: Any) -> Any:
+        if is_lora(x):
+            return dataclasses.replace(x, base=jax.tree.map(_stop, x.base))
+        if is_trainable(x):
+            return x
+        return jax.tree.map(_stop, x)
+
+    return jax.tree.map(one, tree, is_leaf=is_node)
