@@ -12,7 +12,11 @@ import jax.numpy as jnp
 from lorajax import _boxes, _sharding, _targets
 from lorajax._layout import Layout, LayoutArg, factor_names, resolve_layout
 from lorajax._node import LoRA, LoRASpec, is_lora
-from lorajax._paths import KeyPath
+from lorajax._paths import KeyPath, rebuild
+from lorajax._trainable import is_node, is_trainable, trainable
+
+#: The seed of the key ``lorafy`` uses when none is given.
+DEFAULT_SEED = 0
 
 InitFn: TypeAlias = Callable[[jax.Array, jax.Array, Layout, int, Any], tuple[jax.Array, jax.Array]]
 
@@ -57,7 +61,8 @@ def lorafy(
     *,
     rank: int,
     where: Any,
-    key: jax.Array,
+    key: jax.Array | None = None,
+    also: Any = None,
     alpha: float | None = None,
     rslora: bool = False,
     init: str | InitFn = "kaiming",
@@ -81,7 +86,12 @@ def lorafy(
             ``mlp``, ``all_linear``), a regex (full match on the '/'-joined path, e.g.
             ``r".*/query/kernel"``), a list of module names (PEFT's ``target_modules``
             rule), or a callable ``(path, leaf) -> bool`` over JAX key paths.
-        key: PRNG key; each target's key is folded from its path.
+        key: PRNG key; each target's key is folded from its path. ``None`` (the default) means
+            ``jax.random.key(0)``: the same call always gives the same factors. Pass a key for
+            other draws.
+        also: extra leaves to train beside the factors (biases, norms, a head), as a ``where``
+            (a module list picks every leaf of those modules); they are wrapped in
+            :class:`lorajax.Trainable`, see :func:`lorajax.trainable`. Every other leaf is frozen.
         alpha: LoRA alpha; ``None`` means each target's own rank (scale 1).
         rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
         init: ``"kaiming"`` (PEFT's default), ``"gaussian"`` (std ``1/rank``), or a
@@ -99,25 +109,25 @@ def lorafy(
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
         >>> params = {"query": {"kernel": jnp.ones((16, 16))}, "key": {"kernel": jnp.ones((16, 16))}}
-        >>> lora = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv, key=jax.random.key(0))
+        >>> lora = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv)
         >>> lora["query"]["kernel"].a.shape, lora["query"]["kernel"].b.shape
         ((16, 4), (4, 16))
         >>> bool((lorajax.merge(lora)["query"]["kernel"] == params["query"]["kernel"]).all())
         True
     """
     _check_rank(rank, "rank")
+    key = jax.random.key(DEFAULT_SEED) if key is None else key
     match = _targets.compile_where(where)
-    leaves = _targets.tree_paths(params, is_leaf=is_lora)
+    leaves = _targets.tree_paths(params, is_leaf=is_node)
     chosen: dict[int, Any] = {}
     for n, (path, leaf) in enumerate(leaves):
-        array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf)
+        array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf.value if is_trainable(leaf) else leaf)
         if not hasattr(array, "shape") or not match(path, array):
             continue
         name = _targets.path_str(path)
-        if is_lora(leaf):
-            raise ValueError(
-                f"lorafy: {name} is already a LoRA node; merge or unlorafy it first, or leave it out of where."
-            )
+        if is_node(leaf):
+            what = "a LoRA node" if is_lora(leaf) else "declared trainable (lorajax.Trainable)"
+            raise ValueError(f"lorafy: {name} is already {what}; merge or unlorafy it first, or leave it out of where.")
         shape = tuple(array.shape)
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"lorafy: {name} with shape {shape} has dtype {array.dtype}; LoRA needs a float kernel.")
@@ -142,11 +152,15 @@ def lorafy(
             spec=LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora),
         )
     if not chosen:
-        candidates = [_targets.path_str(p) for p, x in leaves if _targets.is_kernel(p, x.base if is_lora(x) else x)]
+        candidates = [
+            _targets.path_str(p)
+            for p, x in leaves
+            if not is_trainable(x) and _targets.is_kernel(p, x.base if is_lora(x) else x)
+        ]
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(f"lorafy: where={where!r} matched no parameter. Kernel paths available: {shown or 'none'}.")
-    treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: _boxes.is_box(x) or is_lora(x))
-    return jax.tree_util.tree_unflatten(treedef, [chosen.get(n, leaf) for n, (_, leaf) in enumerate(leaves)])
+    out = rebuild(params, leaves, chosen, is_node)
+    return out if also is None else trainable(out, also)
 
 
 def _check_rank(rank: Any, what: str) -> None:

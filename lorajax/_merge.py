@@ -7,10 +7,13 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lorajax import _boxes
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
-from lorajax._paths import path_str
+from lorajax._paths import path_str, tree_paths
+from lorajax._problems import Problems
+from lorajax._trainable import is_node, is_trainable, stop_frozen
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
@@ -40,15 +43,19 @@ def merged_kernel(node: LoRA) -> jax.Array:
     return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
 
 
-def merge(params: Any, *, donate: bool = False) -> Any:
+def merge(params: Any, *, donate: bool = False, check_finite: bool = False) -> Any:
     """Fold every LoRA node into a plain kernel: ``base + scale * a @ b``.
 
     The sum is computed in float32 (at least) and cast once to the base dtype,
-    so a bf16 base is rounded once, not at every add. The base is wrapped in
-    ``stop_gradient``: gradients of a loss on ``merge(params)`` reach ``a`` and
-    ``b`` and never the frozen base. The result has the structure, shapes and
-    dtypes of the params before :func:`lorafy` (Flax boxes included). Pure and
-    jit-able.
+    so a bf16 base is rounded once, not at every add. The result has the
+    structure, shapes and dtypes of the params before :func:`lorafy` (Flax boxes
+    included; :class:`lorajax.Trainable` nodes are unwrapped). Pure and jit-able.
+
+    Gradients of a loss on ``merge(params)`` reach only what trains: the factors
+    ``a`` and ``b`` and the leaves declared trainable (``lorafy(..., also=...)``,
+    :func:`lorajax.trainable`). Every other leaf, LoRA bases and plain leaves alike,
+    is under ``stop_gradient``, so its gradient is exactly zero and no optimizer
+    (``optax.masked`` included, weight decay included) can move it.
 
     ``donate=True`` is for models near the size of device memory: each target
     is merged by its own small compiled program that *donates* the base, so the
@@ -62,21 +69,51 @@ def merge(params: Any, *, donate: bool = False) -> Any:
     Args:
         params: a pytree with :class:`LoRA` nodes.
         donate: merge target by target into the donated base buffers (see above).
+        check_finite: raise if any merged kernel holds NaN or Inf, naming every such
+            target (PEFT's ``safe_merge``). It reads the values, so it runs eagerly,
+            not under ``jit``.
 
     Returns:
         The same pytree with each node replaced by its merged kernel.
 
+    Raises:
+        ValueError: with ``check_finite=True``, listing the targets whose merged kernel is not finite.
+
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
-        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
-        >>> lorajax.merge(p)["q"]["kernel"].shape
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"])
+        >>> lorajax.merge(p, check_finite=True)["q"]["kernel"].shape
         (4, 4)
         >>> lorajax.merge(p, donate=True)["q"]["kernel"].shape  # p's LoRA buffers are consumed
         (4, 4)
     """
+    if check_finite:
+        _check_finite(params)
     if donate:
         return _merge_donated(params)
-    return jax.tree.map(lambda x: _boxes.rebox(x.base, merged_kernel(x)) if is_lora(x) else x, params, is_leaf=is_lora)
+
+    def one(x: Any) -> Any:
+        if is_lora(x):
+            return _boxes.rebox(x.base, merged_kernel(x))
+        return x.value if is_trainable(x) else x
+
+    return jax.tree.map(one, stop_frozen(params), is_leaf=is_node)
+
+
+def _check_finite(params: Any) -> None:
+    problems = Problems("merge")
+    for path, x in tree_paths(params, is_leaf=is_node):
+        if is_lora(x):
+            kernel = merged_kernel(x)
+            if isinstance(kernel, jax.core.Tracer):
+                raise ValueError("merge(check_finite=True) reads the merged values; call it outside jax.jit.")
+            bad = int(jnp.size(kernel) - jnp.isfinite(kernel).sum())
+            if bad:
+                problems.add(f"{path_str(path)}: {bad} of {kernel.size} merged weights are NaN or Inf")
+    problems.raise_if_any(
+        "the merged model would hold non-finite weights",
+        "Check the adapter's factors (lorajax.adapter(params)) and the training run that produced them.",
+    )
 
 
 def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, spec: LoRASpec) -> jax.Array:
@@ -92,7 +129,7 @@ def _donating_merge(sharding: Any) -> Any:
 def _merge_donated(params: Any) -> Any:
     def one(path: Any, x: Any) -> Any:
         if not is_lora(x):
-            return x
+            return x.value if is_trainable(x) else x
         base, a, b = (_boxes.unbox(v) for v in (x.base, x.a, x.b))
         if any(isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array) for v in (base, a, b)):
             raise ValueError(
@@ -107,11 +144,11 @@ def _merge_donated(params: Any) -> Any:
             factor.delete()  # free the factors now, not when the caller drops the tree
         return _boxes.rebox(x.base, merged)
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_lora)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
 
 
 def unlorafy(params: Any) -> Any:
-    """Drop the adapters: every LoRA node becomes its untouched base.
+    """Drop the adapters: every LoRA node becomes its untouched base, every Trainable its value.
 
     >>> import jax, jax.numpy as jnp, lorajax
     >>> w = jnp.eye(4)
@@ -119,4 +156,4 @@ def unlorafy(params: Any) -> Any:
     >>> lorajax.unlorafy(p)["q"]["kernel"] is w
     True
     """
-    return jax.tree.map(lambda x: x.base if is_lora(x) else x, params, is_leaf=is_lora)
+    return jax.tree.map(lambda x: x.base if is_lora(x) else x.value if is_trainable(x) else x, params, is_leaf=is_node)

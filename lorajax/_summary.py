@@ -12,7 +12,7 @@ import numpy as np
 from lorajax import _boxes, _targets
 from lorajax._merge import unlorafy
 from lorajax._node import is_lora
-from lorajax._train import mask, partition
+from lorajax._train import mask, partition, reject_also
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Summary:
     """Parameter counts of a lorafied tree; ``print()`` it for a per-target table.
 
     Attributes:
-        trainable: trainable parameters (LoRA factors plus any ``also`` leaves).
+        trainable: trainable parameters (LoRA factors plus any :class:`lorajax.Trainable` leaves).
         total: all parameters, frozen base included.
         trainable_bytes: bytes of the trainable parameters.
         total_bytes: bytes of all parameters.
@@ -97,7 +97,7 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
 
     Args:
         params: a pytree with :class:`LoRA` nodes.
-        also: extra trainable leaves, as in :func:`lorajax.mask`.
+        also: removed; raises ``TypeError`` (declare extra leaves with ``lorafy(..., also=...)``).
         optimizer: the plain optax optimizer (e.g. ``optax.adamw(1e-4)``, not
             ``lorajax.masked(...)``) to plan training-state memory for.
         devices: devices the state is sharded over, for the per-device line.
@@ -112,7 +112,8 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
         >>> s.trainable, s.total
         (512, 4608)
     """
-    flags = jax.tree.leaves(mask(params, also))
+    reject_also(also, "summary")
+    flags = jax.tree.leaves(mask(params))
     sizes = [_size(x) for x in jax.tree.leaves(params)]
     rows = []
     for path, node in _targets.tree_paths(params, is_leaf=is_lora):
@@ -127,7 +128,7 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
         trainable_bytes=sum(s[1] for s, f in zip(sizes, flags) if f),
         total_bytes=sum(s[1] for s in sizes),
         targets=tuple(rows),
-        memory=None if optimizer is None else memory_plan(params, optimizer, also=also, devices=devices),
+        memory=None if optimizer is None else memory_plan(params, optimizer, devices=devices),
     )
 
 
@@ -215,7 +216,7 @@ def memory_plan(params: Any, optimizer: Any, *, also: Any = None, devices: int =
     counted in the dtype of their parameters.
 
     * LoRA: frozen = every non-trainable leaf (the base model), trainable = the
-      factors (and ``also`` leaves), gradients = one per trainable leaf,
+      factors (and :class:`lorajax.Trainable` leaves), gradients = one per trainable leaf,
       optimizer = ``optimizer.init`` on the trainable leaves only (what
       :func:`lorajax.masked` keeps).
     * Full fine-tuning: ``lorajax.unlorafy(params)`` all trainable, with its
@@ -225,7 +226,7 @@ def memory_plan(params: Any, optimizer: Any, *, also: Any = None, devices: int =
         params: a lorafied pytree, concrete or abstract (``jax.eval_shape`` of
             ``lorafy``; ``ShapeDtypeStruct`` leaves).
         optimizer: the plain ``optax.GradientTransformation`` (not ``lorajax.masked``).
-        also: extra trainable leaves, as in :func:`lorajax.mask`.
+        also: removed; raises ``TypeError`` (declare extra leaves with ``lorafy(..., also=...)``).
         devices: devices the state is evenly sharded over (FSDP/ZeRO-3), for the
             per-device line of the table.
 
@@ -249,7 +250,8 @@ def memory_plan(params: Any, optimizer: Any, *, also: Any = None, devices: int =
             f"memory_plan: optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-4)), "
             f"got {optimizer!r}."
         )
-    trainable, frozen = partition(params, also)
+    reject_also(also, "memory_plan")
+    trainable, frozen = partition(params)
     full = unlorafy(params)
     lora_opt = jax.eval_shape(optimizer.init, trainable)
     full_opt = jax.eval_shape(optimizer.init, full)

@@ -1,4 +1,10 @@
-"""Training helpers: which leaves train, and an optimizer that moves only those."""
+"""Training helpers: which leaves train, and an optimizer that moves only those.
+
+What trains is read from the params themselves: the LoRA factors, plus leaves
+declared :class:`lorajax.Trainable` (``lorafy(..., also=...)``). Everything else is
+frozen, and ``merge``/``factored`` stop its gradient, so the same answer holds for
+the optimizer and for the loss.
+"""
 
 from __future__ import annotations
 
@@ -8,63 +14,76 @@ from typing import Any
 import jax
 import optax
 
-from lorajax import _boxes, _targets
 from lorajax._node import is_lora
+from lorajax._trainable import is_node, is_trainable
+
+_MOVED = (
+    "{caller}: also= moved to lorafy(..., also=...) / lorajax.trainable(params, where): declare extra trainable "
+    "leaves once, in the params, so that merge, factored, the optimizer and the summary all agree (a leaf named "
+    "only here would get a zero gradient from merge and silently not train)."
+)
 
 
-def _true(x: Any) -> Any:
-    return jax.tree.map(lambda _: True, x)
+def reject_also(also: Any, caller: str) -> None:
+    """Raise where a caller still passes the removed ``also=`` argument."""
+    if also is not None:
+        raise TypeError(_MOVED.format(caller=caller))
 
 
-def _false(x: Any) -> Any:
-    return jax.tree.map(lambda _: False, x)
+def _fill(x: Any, value: bool) -> Any:
+    return jax.tree.map(lambda _: value, x)
 
 
 def mask(params: Any, also: Any = None) -> Any:
-    """A bool pytree shaped like ``params``: True exactly at the LoRA factors.
+    """A bool pytree shaped like ``params``: True exactly at what trains.
 
-    Use it as ``optax.masked(tx, lorajax.mask)``, but note that plain
-    ``optax.masked`` passes the *unmasked* (frozen) gradients through untouched:
-    prefer :func:`masked`, which zeroes them.
+    What trains: the LoRA factors ``a`` and ``b``, and the values of
+    :class:`lorajax.Trainable` nodes (``lorafy(..., also=...)``). LoRA bases and
+    every other leaf are False. Use it as ``optax.masked(tx, lorajax.mask)``: since
+    ``merge`` and ``factored`` give every frozen leaf an exactly zero gradient, the
+    frozen leaves stay bit-identical under any optimizer. :func:`masked` does the
+    same and also keeps no optimizer state for frozen leaves.
 
     Args:
-        params: a pytree with :class:`LoRA` nodes.
-        also: extra leaves to train (biases, norms, a head: PEFT's ``bias=`` and
-            ``modules_to_save``), as a ``where`` of :func:`lorafy` (regex over the
-            '/'-joined path, list of module names, or callable ``(path, leaf) -> bool``).
+        params: a pytree with :class:`LoRA` (and :class:`lorajax.Trainable`) nodes.
+        also: removed; raises ``TypeError`` (declare extra leaves with ``lorafy(..., also=...)``).
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
         >>> p = {"q": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}}
-        >>> p = lorajax.lorafy(p, rank=2, where=["q"], key=jax.random.key(0))
+        >>> p = lorajax.lorafy(p, rank=2, where=["q"])
         >>> m = lorajax.mask(p)
         >>> m["q"]["kernel"].a, m["q"]["kernel"].base, m["q"]["bias"]
         (True, False, False)
     """
-    extra = _targets.compile_where(also) if also is not None else None
+    reject_also(also, "mask")
 
-    def label(path: Any, x: Any) -> Any:
+    def label(x: Any) -> Any:
         if is_lora(x):
-            return dataclasses.replace(x, base=_false(x.base), a=_true(x.a), b=_true(x.b))
-        return _true(x) if extra is not None and extra(path, _boxes.unbox(x)) else _false(x)
+            return dataclasses.replace(x, base=_fill(x.base, False), a=_fill(x.a, True), b=_fill(x.b, True))
+        if is_trainable(x):
+            return dataclasses.replace(x, value=_fill(x.value, True))
+        return _fill(x, False)
 
-    return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: is_lora(x) or _boxes.is_box(x))
+    return jax.tree.map(label, params, is_leaf=is_node)
 
 
 def masked(tx: optax.GradientTransformation, also: Any = None) -> optax.GradientTransformation:
-    """``tx`` on the LoRA factors (and ``also`` leaves), zero updates for everything else.
+    """``tx`` on what trains (see :func:`mask`), exact zero updates for everything else.
 
-    Unlike ``optax.masked(tx, mask)``, which lets the frozen leaves' gradients
-    through as updates, every frozen leaf gets an exact zero update, and the
-    optimizer state is kept only for the trainable leaves.
+    Unlike ``optax.masked(tx, lorajax.mask)``, which hands the frozen leaves'
+    gradients through as updates (zero once they come from ``merge``/``factored``,
+    but whatever they are otherwise), every frozen leaf gets an exact zero update
+    whatever the gradients say, and the optimizer state is kept only for the
+    trainable leaves.
 
     Args:
         tx: the optimizer for the trainable leaves.
-        also: extra leaves to train, as in :func:`mask`.
+        also: removed; raises ``TypeError`` (declare extra leaves with ``lorafy(..., also=...)``).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, lorajax
-        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"])
         >>> tx = lorajax.masked(optax.adam(1e-2))
         >>> state = tx.init(p)
         >>> grads = jax.tree.map(jnp.ones_like, p)
@@ -72,9 +91,10 @@ def masked(tx: optax.GradientTransformation, also: Any = None) -> optax.Gradient
         >>> bool((updates["q"]["kernel"].base == 0).all())
         True
     """
+    reject_also(also, "masked")
 
     def labels(params: Any) -> Any:
-        return jax.tree.map(lambda m: "train" if m else "freeze", mask(params, also))
+        return jax.tree.map(lambda m: "train" if m else "freeze", mask(params))
 
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
@@ -86,19 +106,20 @@ def partition(params: Any, also: Any = None) -> tuple[Any, Any]:
     leaf is ever formed: ``jax.grad(lambda t: loss(combine(t, frozen)))(trainable)``.
 
     Args:
-        params: a pytree with :class:`LoRA` nodes.
-        also: extra leaves to train, as in :func:`mask`.
+        params: a pytree with :class:`LoRA` (and :class:`lorajax.Trainable`) nodes.
+        also: removed; raises ``TypeError`` (declare extra leaves with ``lorafy(..., also=...)``).
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
-        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"])
         >>> trainable, frozen = lorajax.partition(p)
         >>> trainable["q"]["kernel"].base is None, frozen["q"]["kernel"].a is None
         (True, True)
         >>> lorajax.combine(trainable, frozen)["q"]["kernel"].base is p["q"]["kernel"].base
         True
     """
-    keep = mask(params, also)
+    reject_also(also, "partition")
+    keep = mask(params)
     trainable = jax.tree.map(lambda m, x: x if m else None, keep, params)
     frozen = jax.tree.map(lambda m, x: None if m else x, keep, params)
     return trainable, frozen
@@ -111,7 +132,7 @@ def combine(*trees: Any) -> Any:
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
-        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"], key=jax.random.key(0))
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.eye(4)}}, rank=2, where=["q"])
         >>> trainable, frozen = lorajax.partition(p)
         >>> grads = jax.grad(lambda t: lorajax.merge(lorajax.combine(t, frozen))["q"]["kernel"].sum())(trainable)
         >>> grads["q"]["kernel"].a.shape, grads["q"]["kernel"].base is None

@@ -50,7 +50,7 @@ def test_optimizer_state_comes_from_the_optimizer_itself():
 
 
 def test_also_moves_leaves_from_frozen_to_trainable():
-    plan = lorajax.memory_plan(_params(), optax.adam(1e-3), also=r"fc/bias")
+    plan = lorajax.memory_plan(lorajax.trainable(_params(), r"fc/bias"), optax.adam(1e-3))
     bias = D_OUT * 4
     assert plan.lora.frozen == KERNEL + OTHER - bias
     assert plan.lora.trainable == plan.lora.gradients == FACTORS + bias

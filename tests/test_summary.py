@@ -20,7 +20,7 @@ def test_counts_and_bytes_by_hand():
     assert s.trainable_bytes == 4 * s.trainable  # float32 factors
     assert s.total_bytes == 2 * 64 * 32 + 4 * 64 * 32 + 4 * 32 + 4 * s.trainable  # bf16 q base, f32 v base
     assert [t.path for t in s.targets] == ["q/kernel", "v/kernel"] and s.targets[1].rank == 2
-    assert lorajax.summary(lora, also=r".*bias").trainable == s.trainable + 32
+    assert lorajax.summary(lorajax.trainable(lora, r".*bias")).trainable == s.trainable + 32
 
 
 def test_table_lists_every_target_and_the_peft_line():

@@ -63,14 +63,18 @@ def test_plain_optax_masked_lets_frozen_gradients_through_but_ours_does_not():
 
 def test_also_trains_chosen_extra_leaves():
     _, params, _ = lorafied_gpt()
-    m = lorajax.mask(params, also=r".*/bias|lm_head/.*")
-    assert m["lm_head"]["kernel"] and m["Block_0"]["fc1"]["bias"]
+    m = lorajax.mask(lorajax.trainable(params, r".*/bias|lm_head/.*"))
+    assert m["lm_head"]["kernel"].value and m["Block_0"]["fc1"]["bias"].value
     assert not m["Block_0"]["fc1"]["kernel"] and not m["Block_0"]["LayerNorm_0"]["scale"]
-    tx = lorajax.masked(optax.sgd(1.0), also=["lm_head"])
+    model, params, _ = tiny_gpt()
+    params = lorajax.lorafy(params, rank=4, where=lorajax.attn_qv, key=jax.random.key(1), also=["lm_head"])
+    tx = lorajax.masked(optax.sgd(1.0))
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_array_equal(updates["lm_head"]["kernel"], -1.0)
-    assert float(jnp.abs(updates["lm_head"]["bias"]).sum()) == 0  # module-name lists pick kernels only
+    np.testing.assert_array_equal(updates["lm_head"]["kernel"].value, -1.0)
+    # A module-name list picks the whole module (PEFT's modules_to_save), bias included.
+    np.testing.assert_array_equal(updates["lm_head"]["bias"].value, -1.0)
+    assert float(jnp.abs(updates["Block_0"]["fc1"]["bias"]).sum()) == 0
 
 
 def test_partition_grad_matches_merge_grad_and_forms_no_base_gradient():
@@ -86,9 +90,9 @@ def test_partition_grad_matches_merge_grad_and_forms_no_base_gradient():
 
 def test_combine_round_trip_is_identity():
     _, params, _ = lorafied_gpt(lorajax.all_linear)
-    t, f = lorajax.partition(params, also=r".*/bias")
+    t, f = lorajax.partition(lorajax.trainable(params, r".*/bias"))
     rebuilt = lorajax.combine(t, f)
-    assert jax.tree.structure(rebuilt) == jax.tree.structure(params)
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(lorajax.trainable(params, r".*/bias"))
     for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params), strict=True):
         assert a is b
 
@@ -111,4 +115,4 @@ def test_masked_compiles_once():
 def test_mask_rejects_nothing_silently():
     _, params, _ = lorafied_gpt()
     with pytest.raises(TypeError, match="where must be a preset"):
-        lorajax.mask(params, also=3)
+        lorajax.trainable(params, 3)
