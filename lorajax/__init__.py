@@ -26,12 +26,12 @@ from lorajax._lorafy import lorafy
 from lorajax._merge import delta, merge, unlorafy
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import path_str
-from lorajax._peft import load_peft, read_peft, save_peft
 from lorajax._sharding import factor_specs, partition_specs, shardings_of
 from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
 from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
 from lorajax._train import combine, mask, masked, partition
 from lorajax._version import __version__ as __version__
+from lorajax.peft import load_peft, read_peft, save_peft
 
 __all__ = [
     "Adapter",

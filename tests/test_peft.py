@@ -32,7 +32,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lorajax
-from lorajax import _peft
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
 RTOL = ATOL = 1e-5
@@ -93,8 +92,18 @@ class Embedder(nn.Module):
 
 
 def _gpt2_names(path: str) -> str:
-    # A callable name_map: linen's "h_0" is PyTorch's ModuleList entry "h.0".
-    return re.sub(r"^h_(\d+)", r"h.\1", _peft.default_module_name(path))
+    # A callable name_map: "params/h_0/c_attn/kernel" -> "h.0.c_attn" (linen's "h_0" is PyTorch's ModuleList "h.0").
+    module = path.removeprefix("params/").rpartition("/")[0]
+    return re.sub(r"^h_(\d+)", r"h.\1", module).replace("/", ".")
+
+
+def peft_pattern_key(pattern: dict, module: str) -> str | None:
+    """PEFT's documented rank_pattern/alpha_pattern rule, written out here as the tests' own oracle.
+
+    The first key whose regex matches the whole dotted module name, or a part of it that follows a '.'
+    (``peft.utils.other.get_pattern_key``; PEFT falls back to the defaults where no key matches).
+    """
+    return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", module)), None)
 
 
 _CONV2D_NAMES = {"Conv_0": "conv_a", "params/Conv_1": "conv_b", "Conv_2/kernel": "conv_c"}  # a dict name_map
@@ -216,7 +225,7 @@ def test_load_peft_onto_pytorch_layout_params(case):
         A = tensors[prefix + ("lora_embedding_A" if emb else "lora_A.weight")]
         B = tensors[prefix + ("lora_embedding_B" if emb else "lora_B.weight")]
         r = A.shape[0]
-        key_a = _peft._pattern_key(config["alpha_pattern"], module)
+        key_a = peft_pattern_key(config["alpha_pattern"], module)
         alpha = config["alpha_pattern"][key_a] if key_a is not None else config["lora_alpha"]
         scaling = alpha / (np.sqrt(r) if config["use_rslora"] else r)
         d = (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(B.shape[0], *A.shape[1:])
@@ -279,7 +288,7 @@ def test_save_peft_round_trip_is_bit_exact(case, tmp_path):
         for pattern, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
 
             def resolve(cfg):
-                key = _peft._pattern_key(cfg[pattern], module)
+                key = peft_pattern_key(cfg[pattern], module)
                 return cfg[pattern][key] if key is not None else cfg[default]
 
             assert resolve(config) == resolve(original), (module, pattern)
@@ -311,8 +320,8 @@ def test_save_peft_anchors_pattern_keys_that_would_match_other_modules(tmp_path)
     assert config["r"] == 2 and config["lora_alpha"] == 2
     (rkey,) = config["rank_pattern"]
     assert rkey != "fc" and config["alpha_pattern"] == {"block.fc": 7}
-    assert _peft._pattern_key(config["rank_pattern"], "fc") == rkey
-    assert _peft._pattern_key(config["rank_pattern"], "block.fc") is None
+    assert peft_pattern_key(config["rank_pattern"], "fc") == rkey
+    assert peft_pattern_key(config["rank_pattern"], "block.fc") is None
     back = nodes(lorajax.load_peft(tmp_path / "a", lorajax.unlorafy(p)))
     assert {k: (n.rank, n.alpha) for k, n in back.items()} == {k: (n.rank, n.alpha) for k, n in nodes(p).items()}
 
@@ -493,21 +502,36 @@ def test_save_peft_is_atomic(tmp_path, monkeypatch):
     base, _ = load_fixture("linear")
     p = lorajax.load_peft(FIXTURES / "linear", base)
     out = tmp_path / "adapter"
-    import safetensors.numpy
+    real_fsync, calls = os.fsync, []
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def disk_full_at(n):
+        def fsync(fd):  # the n-th file written fails at its flush to disk
+            calls.append(fd)
+            if len(calls) == n:
+                raise OSError("disk full")
+            real_fsync(fd)
+
+        return fsync
 
     with monkeypatch.context() as m:
-        m.setattr(safetensors.numpy, "save_file", broken)
+        m.setattr(os, "fsync", disk_full_at(2))  # one file complete, the second fails
         with pytest.raises(OSError, match="disk full"):
             lorajax.save_peft(out, p)
+    assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []  # no half-written folder, no temp folder
     lorajax.save_peft(out, p)
     (out / "README.md").write_text("mine")
     lorajax.save_peft(out, p, base_model_name_or_path="org/model")
     assert sorted(f.name for f in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+    # In an existing folder a failed write leaves the old file whole and no temp file behind.
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", disk_full_at(1))
+        with pytest.raises(OSError, match="disk full"):
+            lorajax.save_peft(out, p, base_model_name_or_path="other/model")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_save_peft_follows_the_umask(tmp_path):

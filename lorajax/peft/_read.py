@@ -1,0 +1,158 @@
+"""Reading a PEFT adapter folder: the config checks and the per-module factor pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorajax._problems import Problems
+from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+
+#: Tensor-name suffix -> (factor, module kind).
+_SUFFIXES = {
+    ".lora_A.weight": ("A", "dense"),
+    ".lora_B.weight": ("B", "dense"),
+    ".lora_embedding_A": ("A", "embed"),
+    ".lora_embedding_B": ("B", "embed"),
+}
+# Tensor-name fragments of PEFT features lorajax does not implement, for a precise error.
+_UNSUPPORTED_KEYS = (
+    ("lora_magnitude_vector", "DoRA (use_dora=True) magnitude vectors"),
+    ("modules_to_save", "modules_to_save (fully trained copies of modules)"),
+    ("trainable_tokens", "trainable_token_indices"),
+    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
+)
+_SUPPORTED = "Only plain LoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding loads."
+
+
+def _unsupported_features(config: dict[str, Any]) -> list[str]:
+    found = []
+    if config.get("use_dora"):
+        found.append("use_dora=True (DoRA magnitude vectors)")
+    if config.get("modules_to_save"):
+        found.append(f"modules_to_save={config['modules_to_save']!r} (fully trained module copies)")
+    if config.get("lora_bias"):
+        found.append("lora_bias=True (a trained bias on lora_B)")
+    if config.get("target_parameters"):
+        found.append(f"target_parameters={config['target_parameters']!r} (LoRA on raw nn.Parameters)")
+    if config.get("bias", "none") != "none":
+        found.append(f"bias={config['bias']!r} (trained base biases)")
+    for key in ("trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config"):
+        if config.get(key):
+            found.append(f"{key}={config[key]!r}")
+    found += [f"{key}=True" for key in ("use_qalora", "use_bdlora") if config.get(key)]
+    return found
+
+
+def check_config(config: Any, where: str, caller: str) -> dict[str, Any]:
+    """``config`` if it describes a plain LoRA adapter lorajax can load, else a ValueError naming what it uses."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{caller}: {where} does not hold a JSON object.")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ValueError(f"{caller}: {where} is a {peft_type} adapter; lorajax reads LoRA adapters only.")
+    unsupported = _unsupported_features(config)
+    if unsupported:
+        raise ValueError(
+            f"{caller}: {where} uses PEFT features lorajax does not support: {'; '.join(unsupported)}. {_SUPPORTED}"
+        )
+    r = config.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{caller}: {where} has r={r!r}; expected a positive integer.")
+    return config
+
+
+def _files(root: Path, caller: str) -> tuple[Path, Path]:
+    cfg_file, w_file = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not root.is_dir():
+        raise FileNotFoundError(f"{caller}: {root} is not a directory; pass the folder holding {CONFIG_NAME}.")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{caller}: {cfg_file} is missing; a PEFT adapter folder holds {CONFIG_NAME}.")
+    if not w_file.is_file():
+        hint = (
+            " (adapter_model.bin is a pickle; lorajax never unpickles: re-save it with safetensors)"
+            if (root / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{caller}: {w_file} is missing{hint}.")
+    return cfg_file, w_file
+
+
+def _group(tensors: dict[str, Any], problems: Problems) -> dict[str, dict[str, Any]]:
+    """``{module: {"kind": ..., "A": ..., "B": ...}}`` from PEFT's tensor names."""
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        feature = next((f for fragment, f in _UNSUPPORTED_KEYS if fragment in key), None)
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if feature is not None:
+            problems.add(f"{key}: {feature} is not supported")
+        elif suffix is None:
+            problems.add(f"{key}: not a LoRA factor (*.lora_A.weight, *.lora_B.weight, *.lora_embedding_A/B)")
+        else:
+            which, kind = _SUFFIXES[suffix]
+            modules.setdefault(key[: -len(suffix)].removeprefix(PREFIX), {"kind": kind})[which] = value
+    return modules
+
+
+def _check_pair(name: str, entry: dict[str, Any]) -> str | None:
+    """Settle a module's kind (a 'dense' with a window is a conv); a problem if its A, B are no LoRA pair."""
+    if "A" not in entry or "B" not in entry:
+        return f"{name}: has only lora_{'A' if 'A' in entry else 'B'}"
+    A, B = entry["A"], entry["B"]
+    if entry["kind"] == "dense" and A.ndim > 2:
+        entry["kind"] = "conv"
+    r, kind = A.shape[0], entry["kind"]
+    ok = (
+        (kind == "dense" and A.ndim == 2 and B.shape[1:] == (r,))
+        or (kind == "embed" and A.ndim == 2 and B.ndim == 2 and B.shape[1] == r)
+        or (kind == "conv" and B.ndim == A.ndim and B.shape[1] == r and all(s == 1 for s in B.shape[2:]))
+    )
+    return None if ok else f"{name}: factor shapes A {A.shape}, B {B.shape} do not form a rank-{r} LoRA pair"
+
+
+def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """:func:`read_peft` for ``caller``, the public function whose name the errors carry."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    cfg_file, w_file = _files(Path(path), caller)
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{caller}: {cfg_file} is not valid JSON: {e}") from None
+    config = check_config(config, str(cfg_file), caller)
+    try:
+        tensors = load_file(str(w_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{caller}: cannot read {w_file} (truncated or not a safetensors file?): {e}") from None
+    problems = Problems(caller)
+    modules = _group(tensors, problems)
+    for name, entry in modules.items():
+        problem = _check_pair(name, entry)
+        if problem is not None:
+            problems.add(problem)
+    problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
+    if not modules:
+        raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")
+    return config, modules
+
+
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The config and per-module factors of a PEFT adapter directory, as NumPy arrays.
+
+    Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
+    in PEFT's own shapes. Checks the same things as :func:`lorajax.load_peft` (unsupported features,
+    factor pairs).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile
+        >>> p = lorajax.lorafy({"fc": {"kernel": jnp.ones((4, 3))}}, rank=2, where=["fc"], key=jax.random.key(0))
+        >>> d = tempfile.mkdtemp() + "/adapter"
+        >>> _ = lorajax.save_peft(d, p)
+        >>> config, modules = lorajax.read_peft(d)
+        >>> config["r"], modules["fc"]["A"].shape, modules["fc"]["B"].shape
+        (2, (2, 4), (3, 2))
+    """
+    return read_files(path, "read_peft")

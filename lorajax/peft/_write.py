@@ -1,0 +1,230 @@
+"""save_peft: the LoRA nodes of a parameter pytree as a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lorajax import _boxes
+from lorajax._files import atomic_folder
+from lorajax._layout import Layout
+from lorajax._node import LoRA, is_lora
+from lorajax._paths import path_str, tree_paths
+from lorajax._problems import Problems
+from lorajax.peft._convert import to_torch, unstack
+from lorajax.peft._names import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    NameMap,
+    Namer,
+    exact_key,
+    is_template,
+    layer_name,
+    module_namer,
+)
+
+CALLER = "save_peft"
+
+
+class _Factors(NamedTuple):
+    """One LoRA node's factors as NumPy arrays, with its parameter path."""
+
+    path: str
+    node: LoRA
+    a: np.ndarray
+    b: np.ndarray
+
+
+class _Module(NamedTuple):
+    """One PEFT module: an unstacked kernel (a layer of a stacked one) and its factors."""
+
+    path: str
+    node: LoRA
+    layout: Layout
+    shape: tuple[int, ...]
+    a: np.ndarray
+    b: np.ndarray
+
+
+def _nonfinite(factors: Iterable[_Factors], problems: Problems) -> None:
+    for f in factors:
+        found = [
+            f"{name} has {count} {what}"
+            for name, x in (("a", f.a), ("b", f.b))
+            for what, count in (("NaN", int(np.isnan(x).sum())), ("Inf", int(np.isinf(x).sum())))
+            if count
+        ]
+        if found:
+            problems.add(f"{f.path}: {', '.join(found)}")
+
+
+def _split(f: _Factors, name: str) -> list[tuple[str, _Module]]:
+    """The PEFT modules of one node: itself, or one per layer of a stacked kernel (``name`` has ``{}``)."""
+    node = f.node
+    if not node.layout.stack:
+        return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b))]
+    if not is_template(name):
+        raise ValueError(
+            f"{f.path}: stacked layout {node.layout.axes!r} but one module name {name!r}; PEFT has one module "
+            "per layer: give name_map a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'"
+        )
+    inner, inner_shape, count = unstack(node.layout, node.shape, f.path)
+    return [(layer_name(name, k), _Module(f.path, node, inner, inner_shape, f.a[k], f.b[k])) for k in range(count)]
+
+
+def _modules(factors: Iterable[_Factors], namer: Namer, problems: Problems) -> dict[str, _Module]:
+    """``{module name: module}`` for every node, or problems (unnamed, per-example, clashing names)."""
+    modules: dict[str, _Module] = {}
+    for f in factors:
+        name = namer(f.path, True)
+        if name is None:
+            problems.add(f"{f.path}: name_map gives no module name")
+            continue
+        if f.node.per_example:
+            problems.add(f"{f.path}: holds per-example factors (lorajax.select); save the adapters before selecting")
+            continue
+        try:
+            parts = _split(f, name)
+        except ValueError as e:
+            problems.add(str(e))
+            continue
+        for module, part in parts:
+            if module in modules:
+                problems.add(f"{f.path}: module name {module!r} is also used by {modules[module].path}; pass name_map")
+            else:
+                modules[module] = part
+    return modules
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _tensors(modules: dict[str, _Module]) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name, m in modules.items():
+        A, B = to_torch(m.layout.kind, m.a, m.b, m.layout, m.shape)
+        if m.layout.kind == "embed":
+            tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = A, B
+    return tensors
+
+
+def _config(modules: dict[str, _Module], base_model_name_or_path: str | None, fan_in_fan_out: bool) -> dict[str, Any]:
+    """PEFT's config: the most common rank and alpha, patterns for the rest, one rsLoRA rule for all."""
+    rslora = _most_common(m.node.rslora for m in modules.values())
+    ranks, alphas = {}, {}
+    for name, m in modules.items():
+        # Same scale under the file's rslora rule: alpha/r == alpha'/sqrt(r) or the reverse.
+        alpha = m.node.alpha
+        if m.node.rslora != rslora:
+            alpha = alpha / math.sqrt(m.node.rank) if rslora else alpha * math.sqrt(m.node.rank)
+        ranks[name], alphas[name] = m.node.rank, _json_number(alpha)
+    r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    names = sorted(modules)
+    others = {n: [o for o in names if o != n] for n in names}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": names,
+        "rank_pattern": {exact_key(n, others[n]): ranks[n] for n in names if ranks[n] != r},
+        "alpha_pattern": {exact_key(n, others[n]): alphas[n] for n in names if alphas[n] != lora_alpha},
+        "use_rslora": rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_peft(
+    path: str | os.PathLike,
+    params: Any,
+    *,
+    name_map: NameMap = None,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """Write the LoRA nodes of ``params`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
+
+    Writes ``adapter_config.json`` (``target_modules``, ``r`` and ``lora_alpha``
+    set to the most common values, ``rank_pattern``/``alpha_pattern`` for the
+    modules that differ, ``use_rslora``, ``fan_in_fan_out``) and
+    ``adapter_model.safetensors`` (factors transposed into PyTorch's layout, in
+    their own dtype). A new folder appears whole or not at all; in an existing
+    one each file is replaced atomically. A node whose ``rslora`` differs from the
+    majority is saved with the ``alpha`` that gives the same scale under the
+    majority rule, so outputs are unchanged.
+
+    Args:
+        path: output directory (created; files in an existing one are replaced).
+        params: lorafied params (only the LoRA nodes are written).
+        name_map: parameter path -> PyTorch module name, as in :func:`lorajax.load_peft`; a name with
+            ``{}`` writes a stacked kernel as one module per layer index.
+        base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
+        fan_in_fan_out: set for GPT-2-style ``Conv1D`` bases (PEFT would otherwise fix it with a warning).
+        allow_nonfinite: write factors holding NaN or Inf. By default they are refused: a diverged
+            run must not be exported as if it were a model.
+
+    Returns:
+        The config that was written.
+
+    Raises:
+        ValueError: no LoRA nodes; one message listing every node without a module name, every
+            clash of names and every stacked node without a ``{}`` name; or (unless
+            ``allow_nonfinite``) one listing every node whose factors hold NaN/Inf. Nothing is written.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile
+        >>> p = lorajax.lorafy({"params": {"fc1": {"kernel": jnp.ones((4, 3))}}}, rank=2, where=["fc1"],
+        ...                    key=jax.random.key(0))
+        >>> cfg = lorajax.save_peft(tempfile.mkdtemp() + "/adapter", p)
+        >>> cfg["target_modules"], cfg["r"]
+        (['fc1'], 2)
+    """
+    from safetensors.numpy import save
+
+    namer = module_namer(name_map, CALLER)
+    factors = [
+        _Factors(path_str(kpath), x, np.asarray(_boxes.unbox(x.a)), np.asarray(_boxes.unbox(x.b)))
+        for kpath, x in tree_paths(params, is_leaf=is_lora)
+        if is_lora(x)
+    ]
+    if not factors:
+        raise ValueError(f"{CALLER}: params hold no LoRA nodes; lorafy or load_peft them first.")
+    problems = Problems(CALLER)
+    modules = _modules(factors, namer, problems)
+    problems.raise_if_any("cannot name every LoRA node as a PEFT module")
+    if not allow_nonfinite:
+        _nonfinite(factors, nonfinite := Problems(CALLER))
+        nonfinite.raise_if_any(
+            "factors hold NaN/Inf",
+            "Nothing was written. Find where training diverged, or pass allow_nonfinite=True to write them anyway.",
+        )
+    config = _config(modules, base_model_name_or_path, fan_in_fan_out)
+    files = {
+        WEIGHTS_NAME: save(_tensors(modules), metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+    }
+    atomic_folder(path, files, caller=CALLER)
+    return config
