@@ -91,7 +91,7 @@ def measure(name: str, base: dict, rank: int, where) -> dict:
         meta = node.spec
         sig = (node.base.shape, node.base.dtype, node.a.dtype, meta)
         if sig not in programs:
-            compiled = _merge._donating_merge(sharding).lower(node.base, node.a, node.b, meta).compile()
+            compiled = _merge.merge_program(sharding).lower(node.base, node.a, node.b, meta).compile()
             programs[sig] = peak(compiled)
         p = programs[sig]
         worst = max(worst, p["outputs"] - p["aliased"] + p["temporaries"])

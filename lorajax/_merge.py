@@ -121,8 +121,12 @@ def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, spec: LoRASpec) -
 
 
 @functools.lru_cache(maxsize=256)
-def _donating_merge(sharding: Any) -> Any:
-    # One compiled program per (shape, dtype, sharding, layout): a model's repeated layers share it.
+def merge_program(sharding: Any) -> Any:
+    """The jitted per-target program ``merge(donate=True)`` runs: ``(base, a, b, spec)`` -> merged, base donated.
+
+    One compiled program per (shape, dtype, sharding, spec): a model's repeated layers share it. Public inside
+    the package so tests and benchmarks can inspect its HLO and memory.
+    """
     return jax.jit(_merge_arrays, static_argnums=(3,), donate_argnums=(0,), out_shardings=sharding)
 
 
@@ -139,7 +143,7 @@ def _merge_donated(params: Any) -> Any:
         with warnings.catch_warnings():
             # Backends without donation (or a layout change) copy instead; the result is the same.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            merged = _donating_merge(base.sharding)(base, a, b, x.spec)
+            merged = merge_program(base.sharding)(base, a, b, x.spec)
         for factor in (a, b):
             factor.delete()  # free the factors now, not when the caller drops the tree
         return _boxes.rebox(x.base, merged)

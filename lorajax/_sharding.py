@@ -55,12 +55,9 @@ def factor_specs(
         (P(None, None, None), P(None, None, 'tp'))
     """
     layout = layout if isinstance(layout, Layout) else Layout(layout)
-    s = _padded(spec, layout.ndim, "factor_specs")
-    pick = lambda axes: tuple(s[k] for k in axes)
+    a, b = layout.project(_padded(spec, layout.ndim, "factor_specs"), None)
     lead = (None,) if per_example else ()
-    a = PartitionSpec(*lead, *pick(layout.stack), *pick(layout.fan_in), None)
-    b = PartitionSpec(*lead, *pick(layout.stack), None, *pick(layout.fan_out))
-    return a, b
+    return PartitionSpec(*lead, *a), PartitionSpec(*lead, *b)
 
 
 def _factor_shardings(sharding: Any, layout: Layout, per_example: bool = False) -> tuple[Any, Any]:

@@ -243,7 +243,7 @@ def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, result
                 sig = (x.shape, x.base.sharding, x.layout) if lorajax.is_lora(x) else None
                 if sig is not None and sig not in programs:
                     meta = x.spec
-                    programs[sig] = _merge._donating_merge(x.base.sharding).lower(x.base, x.a, x.b, meta).compile()
+                    programs[sig] = _merge.merge_program(x.base.sharding).lower(x.base, x.a, x.b, meta).compile()
             donated_hlo = [c.as_text() for c in programs.values()]
             merged_donated = lorajax.merge(donor, donate=True)
             entry["donated_merge_ok"] = same_sharding(merged_donated, shardings) and all(

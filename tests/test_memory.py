@@ -1,9 +1,7 @@
-"""Memory planning (memory_plan / summary(optimizer=...)) against hand-counted bytes, and donated merges."""
+"""Memory planning (memory_plan / summary(optimizer=...)) against hand-counted bytes."""
 
-import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -110,39 +108,3 @@ def test_llama2_7b_plan_matches_closed_form():
 
 # ------------------------------------------------------------------------------------------------
 # Donated merge: one target at a time, the result lands in the base's buffer.
-
-
-def _numpy_init(key, base, layout, rank, dtype):
-    # Deterministic numpy factors with a non-zero B: no PRNG program to compile, and merging changes the kernel.
-    rng = np.random.default_rng(base.size)
-    a_shape, b_shape = layout.a_shape(base.shape, rank), layout.b_shape(base.shape, rank)
-    return jnp.asarray(rng.standard_normal(a_shape), dtype), jnp.asarray(rng.standard_normal(b_shape), dtype)
-
-
-def _lorafied_with_update(dtype=jnp.float32):
-    rng = np.random.default_rng(0)
-    params = {
-        "a": {"kernel": jnp.asarray(rng.standard_normal((16, 8)), dtype), "bias": jnp.zeros(8)},
-        "b": {"kernel": jnp.asarray(rng.standard_normal((3, 8, 4)), dtype)},
-    }
-    return lorajax.lorafy(
-        params, rank=2, where=["a", "b"], key=jax.random.key(0), layout={"b": "sio"}, init=_numpy_init
-    )
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_donated_merge_equals_merge(dtype):
-    lora = _lorafied_with_update(dtype)
-    expected = jax.tree.map(np.asarray, jax.jit(lorajax.merge)(lora))
-    donor = _lorafied_with_update(dtype)  # donation consumes these buffers, keep `lora` for the reference
-    merged = lorajax.merge(donor, donate=True)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, merged), expected)
-    assert merged["b"]["kernel"].dtype == dtype
-    node = donor["a"]["kernel"]
-    assert node.base.is_deleted() and node.a.is_deleted() and node.b.is_deleted()  # the buffers were consumed
-    assert not donor["a"]["bias"].is_deleted()  # non-LoRA leaves pass through untouched
-
-
-def test_donated_merge_refuses_tracers():
-    with pytest.raises(ValueError, match="donate=True.*outside jax.jit"):
-        jax.jit(lambda p: lorajax.merge(p, donate=True))(_lorafied_with_update())
