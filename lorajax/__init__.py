@@ -8,18 +8,21 @@
 (8, 8)
 """
 
-from lorajax._adapters import (
+from lorajax.adapters import (
     Adapter,
+    AdapterBank,
     AdapterFactors,
+    BankNode,
     adapter,
     attach,
     combine_adapters,
     load_adapter,
     read_adapter,
     save_adapter,
+    select,
+    stack_adapters,
     swap,
 )
-from lorajax._bank import AdapterBank, BankNode, select, stack_adapters
 from lorajax._factored import FallbackWarning, factored
 from lorajax._layout import Layout, infer_layout
 from lorajax._lorafy import lorafy

@@ -10,14 +10,14 @@ import pytest
 from _models import TinyGPT
 
 import lorajax
-from lorajax._boxes import rebox, unbox
 
 
 def trained(base, seed, rank=2, where=".*kernel", alpha=None, rslora=False, **kw):
     """lorafy, then give every factor random values, as after training."""
     lora = lorajax.lorafy(base, rank=rank, where=where, key=jax.random.key(seed), alpha=alpha, rslora=rslora, **kw)
     rng = np.random.default_rng(seed + 1000)
-    rand = lambda box: rebox(box, jnp.asarray(0.2 * rng.normal(size=unbox(box).shape), jnp.float32))
+    # Flax boxes (nn.Partitioned, nnx.Param) are pytrees around one array: tree.map refills them, boxes kept.
+    rand = lambda box: jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), jnp.float32), box)
     return jax.tree.map(
         lambda x: dataclasses.replace(x, a=rand(x.a), b=rand(x.b)) if lorajax.is_lora(x) else x,
         lora,

@@ -11,28 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes
-from lorajax._adapters import Adapter, _base_problems, _group_targets, _leaf_index, _raise_problems, _rebuild, adapter
-from lorajax._layout import Layout
-from lorajax._node import LoRA, LoRASpec, is_lora
+from lorajax._node import HasSpec, LoRA, LoRASpec, fold_scale, is_lora
+from lorajax._problems import Problems
+from lorajax.adapters._adapter import Adapter, as_adapter
+from lorajax.adapters._attach import base_problems, group_targets, index_paths, rebuild_params
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BankNode:
+class BankNode(HasSpec):
     """One target of an :class:`AdapterBank`: the base kernel and every adapter's factors.
 
     ``a`` is ``(num_adapters + 1, *a_shape)`` and ``b`` is
     ``(num_adapters + 1, *b_shape)`` at the bank's common ``rank`` (smaller
     ranks padded with zeros); each adapter's scale is folded into its ``b``
-    rows, and the last row is all zeros (the base model, id ``-1``). Not a
+    rows, and the last row is all zeros (the base model, id ``-1``). ``spec``
+    has ``alpha = rank`` (scale 1), since the scales are folded. Not a
     :class:`lorajax.LoRA`, so ``merge``/``mask`` never mistake it for one.
     """
 
     base: Any
     a: Any
     b: Any
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
+    spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
 
 
 def is_bank_node(x: Any) -> bool:
@@ -117,16 +118,16 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
         base = next((x for x in items if not isinstance(x, Adapter)), None)
         if base is None:
             raise ValueError("stack_adapters: all entries are Adapter objects; pass the base params as base=...")
-    ads = [adapter(x) for x in items]
-    groups = _group_targets(ads, "stack_adapters")
-    leaves, index = _leaf_index(base)
-    problems: list[str] = []
+    ads = [as_adapter(x, caller="stack_adapters") for x in items]
+    groups = group_targets(ads, "stack_adapters")
+    leaves, index = index_paths(base)
+    problems = Problems("stack_adapters")
     for name, members in groups.items():
         if name not in index:
-            problems.append(f"missing: {name}: no such parameter in the base")
+            problems.add(f"missing: {name}: no such parameter in the base")
         else:
-            problems += _base_problems(name, members[0][1], leaves[index[name]][1], False)
-    _raise_problems("stack_adapters: the adapters do not fit the base", problems, "Stack only adapters of this base.")
+            problems.extend(base_problems(name, members[0][1], leaves[index[name]][1], False))
+    problems.raise_if_any("the adapters do not fit the base", "Stack only adapters of this base.")
 
     replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
     for name, members in groups.items():
@@ -142,19 +143,16 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
             b_pad = [(0, 0)] * f.b.ndim
             b_pad[ns] = (0, pad)
             a_rows[k] = jnp.pad(jnp.asarray(f.a, dt), a_pad)
-            # Fold the scale in float32 (at least) and round once to the bank's dtype.
-            b32 = jnp.asarray(f.b, jnp.promote_types(f.b.dtype, jnp.float32)) * f.scale
-            b_rows[k] = jnp.pad(b32.astype(dt), b_pad)
+            b_rows[k] = jnp.pad(fold_scale(jnp.asarray(f.b), f.scale, dt), b_pad)
         n = index[name]
         leaf = leaves[n][1]
         replaced[n] = BankNode(
             base=leaf.base if is_lora(leaf) else leaf,
             a=jnp.stack(a_rows),
             b=jnp.stack(b_rows),
-            rank=rank,
-            layout=ref.layout,
+            spec=LoRASpec(rank=rank, alpha=float(rank), layout=ref.layout),
         )
-    return AdapterBank(_rebuild(base, leaves, replaced), names)
+    return AdapterBank(rebuild_params(base, leaves, replaced), names)
 
 
 def select(bank: AdapterBank, ids: Any) -> Any:
@@ -211,7 +209,7 @@ def select(bank: AdapterBank, ids: Any) -> Any:
             base=node.base,
             a=jnp.take(node.a, rows, axis=0),
             b=jnp.take(node.b, rows, axis=0),
-            spec=LoRASpec(rank=node.rank, alpha=float(node.rank), layout=node.layout),
+            spec=node.spec,
             per_example=True,
         )
 

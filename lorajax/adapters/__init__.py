@@ -1,0 +1,30 @@
+"""Native adapters: LoRA factors without their base, their files, and many adapters on one base.
+
+One concept per module: the types and :func:`adapter` (``_adapter``), fitting an
+adapter to a base and :func:`attach` (``_attach``), the safetensors file format
+(``_format``), :func:`swap` on merged models (``_swap``), :func:`combine_adapters`
+(``_combine``) and adapter banks for mixed batches (``_bank``).
+"""
+
+from lorajax.adapters._adapter import Adapter, AdapterFactors, adapter
+from lorajax.adapters._attach import attach
+from lorajax.adapters._bank import AdapterBank, BankNode, select, stack_adapters
+from lorajax.adapters._combine import combine_adapters
+from lorajax.adapters._format import load_adapter, read_adapter, save_adapter
+from lorajax.adapters._swap import swap
+
+__all__ = [
+    "Adapter",
+    "AdapterBank",
+    "AdapterFactors",
+    "BankNode",
+    "adapter",
+    "attach",
+    "combine_adapters",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "select",
+    "stack_adapters",
+    "swap",
+]

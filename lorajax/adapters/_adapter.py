@@ -1,0 +1,157 @@
+"""The adapter types: LoRA factors without their base, as a pytree, and how to take them from lorafied params."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorajax import _boxes
+from lorajax._node import HasSpec, LoRASpec, is_lora
+from lorajax._paths import path_str, tree_paths
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterFactors(HasSpec):
+    """The LoRA factors of one target kernel, without the kernel.
+
+    ``a`` and ``b`` are plain arrays (never Flax boxes) shaped as in
+    :class:`lorajax.LoRA`. Everything else is static metadata: the
+    :class:`lorajax.LoRASpec` (``.rank``, ``.alpha``, ``.layout``, ``.rslora`` and
+    ``.scale`` read it) and the ``shape`` and ``dtype`` of the base kernel the
+    factors were made for, so an adapter can tell a wrong base from the right one.
+
+    >>> import jax.numpy as jnp, lorajax
+    >>> spec = lorajax.LoRASpec(rank=2, alpha=4.0, layout=lorajax.Layout("io"))
+    >>> f = lorajax.AdapterFactors(jnp.zeros((4, 2)), jnp.zeros((2, 3)), spec, shape=(4, 3), dtype="float32")
+    >>> f.rank, f.scale
+    (2, 2.0)
+    """
+
+    a: Any
+    b: Any
+    spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="", metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter on its own: ``{path: AdapterFactors}`` plus JSON metadata.
+
+    A plain pytree whose only leaves are the factor arrays, so it can be
+    jitted, ``device_put``, sharded or checkpointed with Orbax like any other
+    tree. Paths are '/'-joined parameter paths (``"params/Dense_0/kernel"``).
+    ``metadata`` is user metadata (JSON-serialisable); it is kept as static
+    JSON text so the tree stays hashable.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> p = lorajax.lorafy({"q": {"kernel": jnp.ones((4, 4))}}, rank=2, where=".*", key=jax.random.key(0))
+        >>> ad = lorajax.adapter(p)
+        >>> ad.targets, ad["q/kernel"].a.shape
+        (('q/kernel',), (4, 2))
+    """
+
+    factors: dict[str, AdapterFactors]
+    metadata_json: str = dataclasses.field(default="{}", metadata=dict(static=True))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """User metadata (a fresh dict on every access)."""
+        return json.loads(self.metadata_json)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Paths of the targeted kernels, sorted."""
+        return tuple(sorted(self.factors))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the targets' paths, base shapes and base dtypes."""
+        return fingerprint(self.factors)
+
+    def __getitem__(self, path: str) -> AdapterFactors:
+        return self.factors[path]
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def with_metadata(self, metadata: Mapping[str, Any] | None) -> Adapter:
+        """A copy whose metadata is updated with ``metadata``."""
+        merged = {**self.metadata, **dict(metadata or {})}
+        return Adapter(dict(self.factors), dump_metadata(merged))
+
+
+def fingerprint(factors: Mapping[str, AdapterFactors]) -> str:
+    """sha256 over ``[path, base shape, base dtype]`` of every target: which base an adapter belongs to."""
+    spec = [[p, list(f.shape), f.dtype] for p, f in sorted(factors.items())]
+    return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
+
+
+def dump_metadata(metadata: Mapping[str, Any] | None) -> str:
+    """User metadata as canonical JSON text; a TypeError says what is not serialisable."""
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of JSON-serialisable values, got {type(metadata).__name__}.")
+    try:
+        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metadata must be JSON-serialisable (str, number, bool, None, list, dict): {e}") from None
+
+
+def adapter(params: Any, metadata: Mapping[str, Any] | None = None) -> Adapter:
+    """The LoRA factors of lorafied ``params`` with their metadata, without any base weight.
+
+    Args:
+        params: lorafied params (or an :class:`Adapter`, returned with ``metadata`` added).
+        metadata: optional JSON-serialisable user metadata carried along (and saved by
+            :func:`save_adapter`).
+
+    Returns:
+        An :class:`Adapter`: ``{path: AdapterFactors}``. The factor arrays are the
+        caller's own (unboxed), not copies.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"dense": {"kernel": jnp.ones((8, 4))}}
+        >>> ad = lorajax.adapter(lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0)))
+        >>> ad.targets
+        ('dense/kernel',)
+    """
+    return as_adapter(params, metadata, caller="adapter")
+
+
+def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller: str) -> Adapter:
+    """:func:`adapter`, with errors that name ``caller`` (the public function that took ``params``)."""
+    if isinstance(params, Adapter):
+        return params.with_metadata(metadata) if metadata else params
+    factors: dict[str, AdapterFactors] = {}
+    for path, leaf in tree_paths(params, is_leaf=is_lora):
+        if not is_lora(leaf):
+            continue
+        name = path_str(path)
+        if leaf.per_example:
+            raise ValueError(
+                f"{caller}: {name} is a per-example LoRA node (made by lorajax.select for a mixed batch); take the "
+                f"adapter from the params you stacked into the bank instead."
+            )
+        base = _boxes.unbox(leaf.base)
+        factors[name] = AdapterFactors(
+            a=_boxes.unbox(leaf.a),
+            b=_boxes.unbox(leaf.b),
+            spec=leaf.spec,
+            shape=tuple(int(d) for d in base.shape),
+            dtype=jnp.dtype(base.dtype).name,
+        )
+    if not factors:
+        raise ValueError(f"{caller}: params hold no LoRA node; call lorajax.lorafy (or lorajax.load_adapter) first.")
+    return Adapter(factors, dump_metadata(metadata))

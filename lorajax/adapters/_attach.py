@@ -1,0 +1,160 @@
+"""Fitting adapters to a base: the checks every adapter operation shares, and ``attach``.
+
+Each check returns problem lines rather than raising, so the public functions can
+report every mismatch of a whole model in one error (:class:`lorajax._problems.Problems`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from lorajax import _boxes
+from lorajax._layout import factor_names
+from lorajax._node import LoRA, is_lora
+from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
+from lorajax._problems import Problems
+from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter
+
+
+def factor_problems(name: str, f: AdapterFactors) -> list[str]:
+    """Inconsistencies inside one entry: its layout against its recorded base shape against its factor shapes."""
+    if f.layout.ndim != len(f.shape):
+        return [
+            f"layout: {name}: layout {f.layout.axes!r} has {f.layout.ndim} axes, "
+            f"the kernel shape {f.shape} has {len(f.shape)}"
+        ]
+    out = []
+    for which, got, want in (
+        ("a", f.a.shape, f.layout.a_shape(f.shape, f.rank)),
+        ("b", f.b.shape, f.layout.b_shape(f.shape, f.rank)),
+    ):
+        if tuple(got) != want:
+            out.append(
+                f"shape: {name}: factor {which} has shape {tuple(got)}, expected {want} "
+                f"(rank {f.rank}, layout {f.layout.axes!r})"
+            )
+    return out
+
+
+def base_problems(name: str, f: AdapterFactors, leaf: Any, check_dtype: bool) -> list[str]:
+    """Whether the base's ``leaf`` (a kernel, its box, or a LoRA node on it) is the kernel ``f`` was made for."""
+    if is_lora(leaf):
+        leaf = leaf.base
+    base = _boxes.unbox(leaf)
+    if not hasattr(base, "shape"):
+        return [f"missing: {name}: the base has {type(base).__name__} there, not an array"]
+    shape = tuple(int(d) for d in base.shape)
+    if len(shape) != f.layout.ndim:
+        return [
+            f"layout: {name}: layout {f.layout.axes!r} has {f.layout.ndim} axes but the base kernel has shape {shape}"
+        ]
+    if shape != f.shape:
+        return [f"shape: {name}: the adapter was made for a base kernel of shape {f.shape}, this base has {shape}"]
+    if check_dtype and f.dtype and jnp.dtype(base.dtype).name != f.dtype:
+        return [
+            f"dtype: {name}: the adapter was made for a {f.dtype} base kernel, "
+            f"this base is {jnp.dtype(base.dtype).name}"
+        ]
+    return []
+
+
+def index_paths(tree: Any) -> tuple[list[tuple[KeyPath, Any]], dict[str, int]]:
+    """The leaves of ``tree`` (stopping at boxes and LoRA nodes) and ``{path string: leaf number}``."""
+    leaves = tree_paths(tree, is_leaf=is_lora)
+    return leaves, {path_str(p): n for n, (p, _) in enumerate(leaves)}
+
+
+def rebuild_params(tree: Any, leaves: list[tuple[KeyPath, Any]], replaced: dict[int, Any]) -> Any:
+    """``tree`` with the leaves of :func:`index_paths` numbered in ``replaced`` swapped in."""
+    return rebuild(tree, leaves, replaced, is_leaf=is_lora)
+
+
+def group_targets(ads: Sequence[Adapter], caller: str) -> dict[str, list[tuple[int, AdapterFactors]]]:
+    """``{path: [(adapter index, factors), ...]}``, sorted, with layouts and base shapes checked to agree."""
+    groups: dict[str, list[tuple[int, AdapterFactors]]] = {}
+    for k, ad in enumerate(ads):
+        for name, f in ad.factors.items():
+            groups.setdefault(name, []).append((k, f))
+    problems = Problems(caller)
+    for name, members in sorted(groups.items()):
+        ref_k, ref = members[0]
+        for k, f in members:
+            problems.extend(factor_problems(f"{name} (adapter {k})", f))
+            if f.layout != ref.layout:
+                problems.add(
+                    f"layout: {name}: adapter {ref_k} has layout {ref.layout.axes!r}, adapter {k} {f.layout.axes!r}"
+                )
+            if f.shape != ref.shape:
+                problems.add(
+                    f"shape: {name}: adapter {ref_k} was made for base shape {ref.shape}, adapter {k} for {f.shape}"
+                )
+    problems.raise_if_any(
+        "the adapters do not share one base", "Combine or stack only adapters of the same base model."
+    )
+    return dict(sorted(groups.items()))
+
+
+def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> Any:
+    """Lorafied params again: ``adapter``'s factors on ``base_params``' kernels.
+
+    ``base_params`` may be plain or lorafied; LoRA nodes already there are
+    replaced by their base first, so the result carries exactly this adapter.
+    Factors are re-boxed like their base (``nn.Partitioned``, ``nnx.Param``).
+
+    Args:
+        base_params: the base model's params (any pytree lorafy accepts).
+        adapter: an :class:`Adapter` (or lorafied params to take it from).
+        check_dtype: also require each base kernel's dtype to be the one the adapter
+            was made for (off by default: serving a float32-trained adapter on a
+            bfloat16 base is normal).
+
+    Returns:
+        Params with a :class:`lorajax.LoRA` node at every target of the adapter.
+
+    Raises:
+        ValueError: listing every mismatch at once: targets missing from the base,
+            kernels of another shape or rank of axes than the adapter was made for,
+            factors inconsistent with their rank or layout.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"dense": {"kernel": jnp.ones((8, 4))}}
+        >>> ad = lorajax.adapter(lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0)))
+        >>> lorajax.attach(base, ad)["dense"]["kernel"].rank
+        2
+    """
+    return attach_as(base_params, adapter, check_dtype=check_dtype, caller="attach", what="")
+
+
+def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str, what: str) -> Any:
+    """:func:`attach`, with errors that name ``caller`` and, before the problems, ``what`` (a file name)."""
+    ad = as_adapter(adapter, caller=caller)
+    leaves, index = index_paths(base_params)
+    problems = Problems(caller)
+    for name, f in sorted(ad.factors.items()):
+        problems.extend(factor_problems(name, f))
+        if name not in index:
+            near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.75)
+            problems.add(
+                f"missing: {name}: no such parameter in the base" + (f" (similar: {', '.join(near)})" if near else "")
+            )
+        else:
+            problems.extend(base_problems(name, f, leaves[index[name]][1], check_dtype))
+    problems.raise_if_any(
+        f"{what}the adapter does not fit these base params",
+        "Attach an adapter only to the base model it was trained on (compare adapter.targets with the base's paths).",
+    )
+    replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
+    for name, f in ad.factors.items():
+        n = index[name]
+        leaf = leaves[n][1]
+        base = leaf.base if is_lora(leaf) else leaf
+        names_a, names_b = factor_names(base, f.layout)
+        replaced[n] = LoRA(
+            base=base, a=_boxes.rebox(base, f.a, names_a), b=_boxes.rebox(base, f.b, names_b), spec=f.spec
+        )
+    return rebuild_params(base_params, leaves, replaced)

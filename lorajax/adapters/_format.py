@@ -1,0 +1,280 @@
+"""The adapter file: one safetensors file with a JSON header under ``"lorajax"``.
+
+Format 1: tensor keys are ``"<path>.a"`` / ``"<path>.b"`` in their own dtype; the
+header holds per target its rank, alpha, rsLoRA flag, scale, layout, base shape
+and base dtype, plus a fingerprint of the base shapes, a sha256 of the tensor
+bytes, the lorajax version and user metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from lorajax._files import atomic_write
+from lorajax._layout import Layout
+from lorajax._node import LoRASpec
+from lorajax._problems import Problems
+from lorajax._version import __version__
+from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, fingerprint
+from lorajax.adapters._attach import attach_as, factor_problems
+
+FORMAT = "lorajax-adapter"
+FORMAT_VERSION = 1
+
+# safetensors' numpy loader lacks bfloat16 and float8; map its dtype codes ourselves so bf16 round-trips bit-exactly.
+ST_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the tensors' names and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode() + b"\0")
+        h.update(np.ascontiguousarray(tensors[key]).tobytes())
+    return h.hexdigest()
+
+
+def _nonfinite(x: np.ndarray) -> int:
+    """How many entries of a factor are NaN or ±Inf (0 for integer factors)."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return 0
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
+def save_adapter(
+    path: str | os.PathLike[str],
+    params_or_adapter: Any,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
+    """Write an adapter to one safetensors file, atomically.
+
+    Tensor keys are the '/'-joined parameter path plus ``".a"`` / ``".b"``,
+    stored in their own dtype (bfloat16 included, bit-exact). The safetensors
+    header carries JSON under ``"lorajax"``: per target its rank, alpha, rsLoRA
+    flag, scale, layout and the base kernel's shape and dtype; a fingerprint of
+    those base shapes; a sha256 of the tensor bytes; the lorajax version; and
+    user metadata. The file is written to a temporary file in the same
+    directory and renamed over ``path``, so readers never see half a file.
+
+    Args:
+        path: destination file (conventionally ``*.safetensors``).
+        params_or_adapter: lorafied params or an :class:`Adapter`.
+        metadata: JSON-serialisable user metadata, merged over the adapter's own.
+        allow_nonfinite: write factors that hold NaN or Inf anyway. By default such an
+            adapter (the trace of a diverged run) is refused.
+
+    Raises:
+        ValueError: naming every target whose ``a`` or ``b`` holds NaN or Inf (unless
+            ``allow_nonfinite=True``); nothing is written then.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile, os
+        >>> base = {"dense": {"kernel": jnp.ones((8, 4))}}
+        >>> lora = lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0))
+        >>> f = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+        >>> lorajax.save_adapter(f, lora, metadata={"task": "demo"})
+        >>> lorajax.load_adapter(f, base)["dense"]["kernel"].rank
+        2
+    """
+    from safetensors.numpy import save
+
+    ad = as_adapter(params_or_adapter, caller="save_adapter")
+    user = {**ad.metadata, **json.loads(dump_metadata(metadata))}
+    tensors: dict[str, np.ndarray] = {}
+    targets: dict[str, Any] = {}
+    problems = Problems("save_adapter")
+    for name, f in sorted(ad.factors.items()):
+        if isinstance(f.a, jax.core.Tracer) or isinstance(f.b, jax.core.Tracer):
+            raise TypeError(f"save_adapter: {name} holds traced arrays; call save_adapter outside jax.jit.")
+        a, b = np.ascontiguousarray(jax.device_get(f.a)), np.ascontiguousarray(jax.device_get(f.b))
+        bad = [
+            f"{which} holds {n} NaN/Inf of {x.size} entries"
+            for which, x in (("a", a), ("b", b))
+            if (n := _nonfinite(x))
+        ]
+        if bad:
+            problems.add(f"non-finite: {name}: factor {', factor '.join(bad)}")
+        tensors[name + ".a"], tensors[name + ".b"] = a, b
+        targets[name] = {
+            "rank": f.rank,
+            "alpha": f.alpha,
+            "rslora": f.rslora,
+            "scale": f.scale,
+            "layout": f.layout.axes,
+            "base_shape": list(f.shape),
+            "base_dtype": f.dtype,
+            "a_dtype": a.dtype.name,
+            "b_dtype": b.dtype.name,
+        }
+        if f.spec.variant != "lora":  # format 1 files of plain LoRA carry no variant key
+            targets[name]["variant"] = f.spec.variant
+    if not allow_nonfinite:
+        problems.raise_if_any(
+            "the factors hold NaN or Inf",
+            "Such an adapter comes from a diverged run; save an earlier checkpoint, or pass allow_nonfinite=True.",
+        )
+    header = {
+        "format_version": FORMAT_VERSION,
+        "lorajax_version": __version__,
+        "targets": targets,
+        "fingerprint": ad.fingerprint,
+        "sha256": tensor_digest(tensors),
+        "metadata": user,
+    }
+    data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
+    atomic_write(path, data)
+
+
+def read_adapter(path: str | os.PathLike[str]) -> Adapter:
+    """Read an adapter file written by :func:`save_adapter`, without any base.
+
+    Everything is validated before anything is returned: the safetensors
+    structure, the lorajax header, the tensor checksum, and that every target
+    has exactly its ``.a`` and ``.b`` tensors of the recorded shapes.
+
+    Args:
+        path: the adapter file.
+
+    Returns:
+        An :class:`Adapter` whose ``metadata`` is the user metadata saved with it.
+
+    Raises:
+        ValueError: naming the file, for a truncated, corrupted or foreign file.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile, os
+        >>> base = {"dense": {"kernel": jnp.ones((8, 4))}}
+        >>> f = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+        >>> lorajax.save_adapter(f, lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0)), {"task": "x"})
+        >>> lorajax.read_adapter(f).metadata
+        {'task': 'x'}
+    """
+    return read_file(path, caller="read_adapter")
+
+
+def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
+    """:func:`read_adapter`, with errors that name ``caller`` (the public function the user called)."""
+    import safetensors
+
+    fname = os.fspath(path)
+    with open(fname, "rb") as fh:
+        data = fh.read()
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{caller}: {fname} {why}")
+
+    try:
+        flat = safetensors.deserialize(data)
+    except Exception as e:
+        raise bad(f"is not a readable safetensors file ({e}); it is truncated, corrupted or not an adapter.") from None
+    try:
+        (n,) = np.frombuffer(data[:8], dtype="<u8")
+        meta = json.loads(data[8 : 8 + int(n)]).get("__metadata__") or {}
+    except Exception as e:
+        raise bad(f"has an unreadable header ({e}).") from None
+    if meta.get("format") != FORMAT or "lorajax" not in meta:
+        raise bad(
+            "is a safetensors file but not a lorajax adapter (no 'lorajax' header); "
+            "a PEFT adapter directory loads with lorajax.load_peft."
+        )
+    try:
+        header = json.loads(meta["lorajax"])
+        targets = header["targets"]
+        version = int(header["format_version"])
+    except Exception as e:
+        raise bad(f"has a corrupted lorajax header ({e}).") from None
+    if version > FORMAT_VERSION:
+        raise bad(f"uses adapter format {version}; this lorajax reads up to {FORMAT_VERSION}. Upgrade lorajax.")
+
+    tensors: dict[str, np.ndarray] = {}
+    for key, view in flat:
+        dtype = ST_DTYPES.get(view["dtype"])
+        if dtype is None:
+            raise bad(f"holds tensor {key!r} of unsupported dtype {view['dtype']}.")
+        tensors[key] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    if header.get("sha256") != tensor_digest(tensors):
+        raise bad("fails its checksum: the tensor data is corrupted.")
+
+    factors: dict[str, AdapterFactors] = {}
+    problems = Problems(caller)
+    try:
+        for name, t in sorted(targets.items()):
+            a, b = tensors.get(name + ".a"), tensors.get(name + ".b")
+            if a is None or b is None:
+                problems.add(f"missing: {name}: tensor {name + ('.a' if a is None else '.b')} is not in the file")
+                continue
+            spec = LoRASpec(
+                rank=int(t["rank"]),
+                alpha=float(t["alpha"]),
+                layout=Layout(t["layout"]),
+                rslora=bool(t["rslora"]),
+                variant=str(t.get("variant", "lora")),
+            )
+            f = AdapterFactors(
+                a=jnp.asarray(a),
+                b=jnp.asarray(b),
+                spec=spec,
+                shape=tuple(int(d) for d in t["base_shape"]),
+                dtype=str(t["base_dtype"]),
+            )
+            problems.extend(factor_problems(name, f))
+            factors[name] = f
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None
+    known = {name + s for name in targets for s in (".a", ".b")}
+    problems.extend([f"extra: tensor {k!r} belongs to no target in the header" for k in sorted(set(tensors) - known)])
+    if not problems and header.get("fingerprint") != fingerprint(factors):
+        problems.add("fingerprint: the base-shape fingerprint does not match the targets in the header")
+    problems.raise_if_any(f"{fname} is inconsistent", "The file is corrupted; save it again.")
+    return Adapter(factors, dump_metadata(header.get("metadata") or {}))
+
+
+def load_adapter(path: str | os.PathLike[str], base_params: Any, *, check_dtype: bool = False) -> Any:
+    """Read an adapter file and attach it to ``base_params``.
+
+    Args:
+        path: a file written by :func:`save_adapter`.
+        base_params: the base model's params (plain or lorafied).
+        check_dtype: see :func:`attach`.
+
+    Returns:
+        Lorafied params. Nothing is returned unless the whole file was valid and fits
+        the base; a wrong base raises a ValueError naming each path with both shapes.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax, tempfile, os
+        >>> base = {"dense": {"kernel": jnp.ones((8, 4))}}
+        >>> f = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+        >>> lorajax.save_adapter(f, lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0)))
+        >>> lorajax.load_adapter(f, base)["dense"]["kernel"].a.shape
+        (8, 2)
+    """
+    ad = read_file(path, caller="load_adapter")
+    return attach_as(base_params, ad, check_dtype=check_dtype, caller="load_adapter", what=f"{os.fspath(path)}: ")
