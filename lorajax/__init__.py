@@ -33,6 +33,7 @@ from lorajax._sharding import factor_specs, partition_specs, shardings_of
 from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
 from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
 from lorajax._train import combine, mask, masked, partition
+from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
 from lorajax.peft import load_peft, read_peft, save_peft
 
@@ -50,6 +51,7 @@ __all__ = [
     "StateBytes",
     "Summary",
     "TargetRow",
+    "Trainable",
     "adapter",
     "all_linear",
     "attach",
@@ -63,6 +65,7 @@ __all__ = [
     "factored",
     "infer_layout",
     "is_lora",
+    "is_trainable",
     "load_adapter",
     "load_peft",
     "lorafy",
@@ -83,5 +86,6 @@ __all__ = [
     "stack_adapters",
     "summary",
     "swap",
+    "trainable",
     "unlorafy",
 ]
