@@ -15,6 +15,7 @@ orders); factors round-trip bit-exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -496,6 +497,61 @@ def test_name_map_errors(tmp_path):
     with pytest.raises(ValueError, match="stacked layout 'sio'"):
         lorajax.save_peft(tmp_path / "x", stacked)
     assert not (tmp_path / "x").exists()
+
+
+def test_errors_name_the_function_called(tmp_path):
+    base, _ = load_fixture("linear")
+    with pytest.raises(FileNotFoundError, match="^read_peft: .* is not a directory"):
+        lorajax.read_peft(tmp_path / "nope")
+    d = _copy_fixture(tmp_path)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    save_file({**tensors, "base_model.model.fc1.lora_magnitude_vector": np.ones(8, np.float32)}, str(d / "x"))
+    (d / "x").replace(d / "adapter_model.safetensors")
+    for call, name in ((lambda: lorajax.read_peft(d), "read_peft"), (lambda: lorajax.load_peft(d, base), "load_peft")):
+        with pytest.raises(ValueError, match=rf"^{name}: .*adapter_model.safetensors has entries .*(?s:.*)DoRA"):
+            call()
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="^read_peft: .*not valid JSON"):
+        lorajax.read_peft(d)
+    with pytest.raises(ValueError, match="^load_peft: .*not valid JSON"):
+        lorajax.load_peft(d, base)
+    with pytest.raises(ValueError, match=r"^load_peft: cannot load (?s:.*)module 'fc1': no parameter maps to it"):
+        lorajax.load_peft(FIXTURES / "linear", {"params": {"fc2": base["params"]["fc2"]}})
+    with pytest.raises(ValueError, match="^save_peft: params hold no LoRA nodes"):
+        lorajax.save_peft(tmp_path / "out", base)
+    with pytest.raises(TypeError, match="^save_peft: name_map must be None"):
+        lorajax.save_peft(tmp_path / "out", lorajax.load_peft(FIXTURES / "linear", base), name_map=3)
+
+
+def test_save_peft_refuses_nonfinite_factors(tmp_path):
+    base, _ = load_fixture("linear")
+    good = lorajax.load_peft(FIXTURES / "linear", base)
+    out = tmp_path / "out"
+    lorajax.save_peft(out, good)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    bad = jax.tree.map(lambda x: x, good, is_leaf=lorajax.is_lora)
+    fc1, fc2 = good["params"]["fc1"]["kernel"], good["params"]["fc2"]["kernel"]
+    bad["params"]["fc1"]["kernel"] = dataclasses.replace(fc1, a=fc1.a.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.nan))
+    bad["params"]["fc2"]["kernel"] = dataclasses.replace(
+        fc2, a=fc2.a.at[0, 0].set(jnp.inf), b=fc2.b.at[1, 2].set(-jnp.inf)
+    )
+    pattern = (
+        r"^save_peft: factors hold NaN/Inf \(2 problems\):\n"
+        r"  - params/fc1/kernel: a has 2 NaN\n"
+        r"  - params/fc2/kernel: a has 1 Inf, b has 1 Inf\n"
+        r".*allow_nonfinite=True"
+    )
+    for folder in (tmp_path / "new", out):  # nothing is written, and an existing adapter stays as it was
+        with pytest.raises(ValueError, match=pattern):
+            lorajax.save_peft(folder, bad)
+    assert not (tmp_path / "new").exists()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # The flag writes them as they are: PEFT's A is our a transposed, so a[1, 1] is A[1, 1] and a[0, 0] is A[0, 0].
+    lorajax.save_peft(tmp_path / "forced", bad, allow_nonfinite=True)
+    written = load_file(str(tmp_path / "forced" / "adapter_model.safetensors"))
+    A1, A2 = written["base_model.model.fc1.lora_A.weight"], written["base_model.model.fc2.lora_A.weight"]
+    assert np.isnan(A1).sum() == 2 and np.isnan(A1[0, 0]) and np.isnan(A1[1, 1])
+    assert np.isposinf(A2[0, 0]) and np.isneginf(written["base_model.model.fc2.lora_B.weight"][2, 1])
 
 
 def test_save_peft_is_atomic(tmp_path, monkeypatch):
