@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import chex
@@ -510,3 +511,91 @@ def test_per_example_stacked_in_scan():
             h = jnp.tanh(h @ (base[layer] + a[i, layer] @ b[i, layer]))
         want.append(h)
     chex.assert_trees_all_close(got, jnp.stack(want), rtol=1e-5, atol=1e-5)
+
+
+# --- trace cache, warnings, frozen leaves --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Config:
+    """A mutable config: eq=True without frozen=True makes it unhashable, and it is a leaf of the arguments."""
+
+    power: int
+
+
+def test_unhashable_static_argument_is_keyed_by_value():
+    """Guards against a stale trace for an unhashable static argument (a silently wrong result).
+
+    The old cache keyed such an argument by ``id(x)``: a config mutated in place (same id) reused
+    the trace made for the old value (the first loop fails on that code), a freed config's id could
+    be recycled by a new one, and equal fresh configs each added a trace. The cache now compares the
+    value with a copy taken when the trace was made.
+    """
+    p = {"w": _node(jax.random.key(30), (6, 4), "io")}
+    fn = lambda p, cfg, x: (x @ p["w"]) ** cfg.power
+    x = jax.random.normal(jax.random.key(31), (3, 6))
+    ffn = lorajax.factored(fn)
+    cfg = _Config(1)
+    for power in (1, 2, 3):
+        cfg.power = power  # in place: the id stays the same
+        chex.assert_trees_all_close(ffn(p, cfg, x), fn(lorajax.merge(p), cfg, x), rtol=RTOL, atol=ATOL)
+    for power in (2, 1, 2, 3, 1):  # fresh objects, freed after each call: ids get recycled
+        got = ffn(p, _Config(power), x)
+        chex.assert_trees_all_close(got, fn(lorajax.merge(p), _Config(power), x), rtol=RTOL, atol=ATOL)
+    assert len(ffn.cache) == 3  # equal configs share a trace
+
+
+def test_trace_cache_is_bounded():
+    p = {"w": _node(jax.random.key(32), (6, 4), "io")}
+    fn = lambda p, n, x: (x @ p["w"]) * n
+    ffn = lorajax.factored(fn)
+    x = jnp.ones((2, 6))
+    for n in range(100):  # make_jaxpr traces without compiling: each n is one cache entry
+        jax.make_jaxpr(lambda x, n=n: ffn(p, n, x))(x)
+    assert 0 < len(ffn.cache) < 100
+    chex.assert_trees_all_close(ffn(p, 99, x), fn(lorajax.merge(p), 99, x), rtol=RTOL, atol=ATOL)
+
+
+def test_fallback_warns_once_per_primitive_and_path():
+    p = {"w": _node(jax.random.key(33), (6, 6), "io"), "v": _node(jax.random.key(34), (6, 6), "io")}
+
+    def fn(p, x):
+        w = p["w"]
+        h = x @ jnp.cos(w) + x @ jnp.cos(w)  # two uses of cos on one kernel
+        h = h + jnp.sum(w * w)  # one use, the kernel on both sides
+        h = jax.lax.cond(h.sum() > 0, lambda h: h @ jnp.cos(w), lambda h: h @ jnp.cos(w), h)  # one per branch
+        return h + x @ jnp.cos(p["v"])  # another path: its own warning
+
+    x = jax.random.normal(jax.random.key(35), (3, 6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = lorajax.factored(fn)(p, x)
+    assert all(issubclass(w.category, FallbackWarning) for w in caught)
+    sites = sorted(re.search(r"kernel '(\w+)' .* reaches `(\w+)`", str(w.message)).groups() for w in caught)
+    assert sites == [("v", "cos"), ("w", "cos"), ("w", "mul")], sites
+    chex.assert_trees_all_close(got, fn(lorajax.merge(p), x), rtol=RTOL, atol=ATOL)
+
+
+def test_frozen_leaves_get_zero_gradient_and_trainable_leaves_train():
+    params = {
+        "w": _node(jax.random.key(36), (6, 4), "io"),
+        "bias": jnp.full((4,), 0.5),
+        "tbias": jnp.full((4,), 0.25),
+    }
+    params = lorajax.trainable(params, r"tbias")
+    assert isinstance(params["tbias"], lorajax.Trainable)
+
+    def fn(p, x):  # the user's function sees a plain tree
+        assert not isinstance(p["tbias"], lorajax.Trainable)
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["bias"] + p["tbias"]) ** 2)
+
+    x = jax.random.normal(jax.random.key(37), (3, 6))
+    g_f, gx_f = jax.grad(lorajax.factored(fn), argnums=(0, 1))(params, x)
+    g_m, gx_m = jax.grad(lambda p, x: fn(lorajax.merge(p), x), argnums=(0, 1))(params, x)
+    assert not np.any(np.asarray(g_f["bias"])), "a frozen leaf must get exactly zero gradient"
+    assert not np.any(np.asarray(g_f["w"].base))
+    assert np.all(np.asarray(g_f["tbias"].value) != 0)
+    chex.assert_trees_all_close(g_f, g_m, rtol=RTOL, atol=ATOL)
+    # Inputs hold no lorajax nodes: they are not frozen.
+    assert np.any(np.asarray(gx_f))
+    chex.assert_trees_all_close(gx_f, gx_m, rtol=RTOL, atol=ATOL)

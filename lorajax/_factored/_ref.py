@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._layout import Layout
+from lorajax._node import LoRASpec, compute_dtype, lora_delta
+
 
 @dataclasses.dataclass(frozen=True)
 class NodeInfo:
@@ -30,9 +33,13 @@ class NodeInfo:
 
     path: str
     index: int
-    scale: float
+    spec: LoRASpec
     per_example: bool
     orig_dtype: Any
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
 
 
 Label = tuple[str, int]
@@ -186,33 +193,37 @@ def factor_in_kernel_layout(ref: KernelRef, which: str) -> jax.Array:
 
 
 def materialize(ref: KernelRef) -> jax.Array:
-    """``base + scale * a @ b`` in the current view, like ``lorajax.merge`` (float32 sum, one rounding)."""
+    """``base + scale * a @ b`` in the current view, like ``lorajax.merge`` (float32 sum, one rounding).
+
+    The factors are first brought to the normal layout ``s..si..io..o`` (stacked, fan-in, fan-out
+    groups, each in the view's axis order), so the delta is :func:`lorajax._node.lora_delta`'s, then
+    laid out like the view.
+    """
     if ref.info.per_example:
         raise ValueError(
             f"lorajax.factored: {ref.info.path} holds per-example factors (from lorajax.select) and reaches an "
             "operation that cannot be factored, so it cannot be materialised as one kernel. Only dot_general "
             "and embedding gathers can run per-example adapters."
         )
-    dt = jnp.promote_types(ref.info.orig_dtype, jnp.float32)
+    ref = normalize(ref)
     ns, ni, no = ref.count("s"), ref.count("i"), ref.count("o")
-    letters = "abcdefghijklmnopqstuvwxyz"
-    s_l, i_l, o_l = letters[:ns], letters[ns : ns + ni], letters[ns + ni : ns + ni + no]
-    d = jnp.einsum(
-        f"{s_l}{i_l}R,{s_l}R{o_l}->{s_l}{i_l}{o_l}",
-        ref.a.astype(dt),
-        ref.b.astype(dt),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=dt,
-    )
-    order = []
-    for g, j in ref.labels:
-        if g == "s":
-            order.append(j)
-        elif g == "i":
-            order.append(ns + j)
-        elif g == "o":
-            order.append(ns + ni + j)
-    d = jnp.reshape(jnp.transpose(d, order), ref.shape) * jnp.asarray(ref.info.scale, dt)
+    a, b = ref.a, ref.b
+    # A view may have squeezed away every fan-in (or fan-out) axis; a unit axis keeps the layout valid.
+    if ni == 0:
+        a = jnp.expand_dims(a, -2)
+    if no == 0:
+        b = jnp.expand_dims(b, -1)
+    layout = Layout("s" * ns + "i" * max(ni, 1) + "o" * max(no, 1))
+    dt = compute_dtype(ref.info.orig_dtype)
+    d = lora_delta(a, b, ref.info.spec.replace(layout=layout), dt)
+    if ni == 0:
+        d = jnp.squeeze(d, ns)
+    if no == 0:
+        d = jnp.squeeze(d, -1)
+    # After normalize, group g's j-th factor axis is the view's j-th axis of that group, in view order.
+    offset = {"s": 0, "i": ns, "o": ns + ni}
+    order = [offset[g] + j for g, j in ref.labels if g != "u"]
+    d = jnp.reshape(jnp.transpose(d, order), ref.shape)
     w = (ref.base.astype(dt) + d).astype(ref.info.orig_dtype)
     return w.astype(ref.dtype)
 

@@ -1,7 +1,14 @@
-"""Factored rules for the consumers of a LoRA kernel: dot_general, conv_general_dilated, gather.
+"""Rules for the consumers of a LoRA kernel: dot_general, conv_general_dilated, gather.
 
-Each rule returns ``None`` when it cannot factor the use; the interpreter then materialises
-the kernel for that one use and warns.
+Each computes the base's use plus the LoRA term through the rank-``r`` factors:
+
+* ``dot_general``:  ``x @ W0 + s * ((x @ A) @ B)`` (or ``(x @ Bᵀ) @ Aᵀ`` when the fan-out axis is
+  contracted, as in ``Embed.attend``);
+* ``conv_general_dilated``: the base conv plus a conv to ``rank`` channels with A and a 1x1 conv with B;
+* ``gather`` (embedding lookup): rows of the base plus ``rows of A @ B``.
+
+A rule returns ``None`` when it cannot factor the use; the interpreter then forms the kernel for
+that one use and warns.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorajax._factored_ref import KernelRef, factor_in_kernel_layout, normalize, prod
+from lorajax._factored._ref import KernelRef, factor_in_kernel_layout, normalize, prod
+from lorajax._factored._registry import register_rule
 
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # no 'r'/'R': reserved for the rank
 
@@ -21,7 +29,8 @@ def _cast(f: jax.Array, dtype: Any) -> jax.Array:
     return f if f.dtype == dtype else f.astype(dtype)
 
 
-def _matmul(x: jax.Array, y: jax.Array, params: dict) -> jax.Array:
+def matmul(x: jax.Array, y: jax.Array, params: dict) -> jax.Array:
+    """``x @ y`` over the last axis of ``x``, with the precision settings of the dot it replaces."""
     return lax.dot_general(
         x,
         y,
@@ -81,9 +90,14 @@ class DotPlan:
         xt = jnp.transpose(x, self.xfree + self.xc)
         return jnp.reshape(xt, (prod(xt.shape[: len(self.xfree)]), prod(xt.shape[len(self.xfree) :])))
 
+    def first_product(self, ref: KernelRef, x: jax.Array, params: dict) -> jax.Array:
+        """``x2 @ F1``, scaled: the rank-``r`` intermediate that :meth:`finish` completes."""
+        t = matmul(self.x_2d(x), self.first_2d(ref, x.dtype), params)
+        return t * jnp.asarray(ref.info.scale, t.dtype)
+
     def finish(self, t: jax.Array, ref: KernelRef, x: jax.Array, out_shape: tuple[int, ...], params: dict):
         """``t`` is ``x2 @ F1`` (already scaled); returns the LoRA term in dot_general's output layout."""
-        y = _matmul(t, self.second_2d(ref, t.dtype), params)
+        y = matmul(t, self.second_2d(ref, t.dtype), params)
         xs = [x.shape[q] for q in self.xfree]
         ks = [ref.shape[p] for p in self.kfree]
         y = jnp.reshape(y, xs + ks)
@@ -175,7 +189,7 @@ def conv_lora(x: jax.Array, ref: KernelRef, params: dict, out_shape) -> jax.Arra
         y = jnp.reshape(y, y.shape[:-2] + (cout,))
     else:
         lead = t.shape[:-1]
-        y = jnp.reshape(_matmul(jnp.reshape(t, (-1, r)), b, params), lead + (cout,))
+        y = jnp.reshape(matmul(jnp.reshape(t, (-1, r)), b, params), lead + (cout,))
     return jnp.reshape(jnp.moveaxis(y, -1, out_spec[1]), out_shape)
 
 
@@ -214,3 +228,59 @@ def gather_lora(indices: jax.Array, ref: KernelRef, params: dict, out_shape) -> 
         lead = t.shape[:-1]
         y = jnp.reshape(jnp.reshape(t, (-1, r)) @ _cast(b, t.dtype), lead + (b.shape[-1],))
     return jnp.reshape(jnp.moveaxis(y, -1, out_axis), out_shape)
+
+
+def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array:
+    p = eqn.params
+    base_vals = [x, x]
+    base_vals[k_side] = ref.base.astype(ref.dtype)
+    y0 = eqn.primitive.bind(*base_vals, **p)
+    xd = interp.dropout(ref, x)
+    lora = None
+    if interp.flatten and x.ndim >= 1:
+        plan = DotPlan(ref, k_side, p["dimension_numbers"], x.ndim)
+        if plan.ok:
+            t = interp.first_products.pop(eqn.outvars[0], None)
+            if t is None:
+                t = plan.first_product(ref, xd, p)
+            lora = plan.finish(t, ref, x, y0.shape, p)
+    if lora is None:
+        lora = dot_lora_einsum(xd, ref, k_side, p["dimension_numbers"], p, y0.shape)
+    if lora is None:
+        base_vals[k_side] = interp.fallback(ref, "dot_general")
+        return eqn.primitive.bind(*base_vals, **p)
+    return y0 + lora.astype(y0.dtype)
+
+
+@register_rule("dot_general")
+def dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
+    lhs, rhs = invals
+    if isinstance(lhs, KernelRef) and isinstance(rhs, KernelRef):
+        rhs = interp.fallback(rhs, "dot_general (kernel times kernel)")
+    k_side = 0 if isinstance(lhs, KernelRef) else 1
+    ref, x = (lhs, rhs) if k_side == 0 else (rhs, lhs)
+    return [_plain_dot(interp, eqn, x, ref, k_side)]
+
+
+@register_rule("conv_general_dilated")
+def conv_general_dilated(interp: Any, eqn: Any, invals: list) -> list | None:
+    x, ref = invals
+    if not isinstance(ref, KernelRef) or isinstance(x, KernelRef):
+        return None
+    y0 = eqn.primitive.bind(x, ref.base.astype(ref.dtype), **eqn.params)
+    lora = conv_lora(interp.dropout(ref, x), ref, eqn.params, y0.shape)
+    if lora is None:
+        return [eqn.primitive.bind(x, interp.fallback(ref, "conv_general_dilated"), **eqn.params)]
+    return [y0 + lora.astype(y0.dtype)]
+
+
+@register_rule("gather")
+def gather(interp: Any, eqn: Any, invals: list) -> list | None:
+    ref, idx = invals
+    if not isinstance(ref, KernelRef) or isinstance(idx, KernelRef):
+        return None
+    y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **eqn.params)
+    lora = gather_lora(idx, ref, eqn.params, y0.shape)
+    if lora is None:
+        return [eqn.primitive.bind(interp.fallback(ref, "gather"), idx, **eqn.params)]
+    return [y0 + lora.astype(y0.dtype)]
