@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class Block(nn.Module):
@@ -44,3 +45,8 @@ class GPT(nn.Module):
 def tree_bytes(tree: Any) -> int:
     """Bytes of every array leaf of ``tree``."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def lm_loss(logits, tokens):
+    """Next-token cross-entropy, mean over batch and positions."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()

@@ -1,11 +1,17 @@
-"""Training-step benchmark: full fine-tuning vs LoRA through merge vs LoRA through lorajax.factored, and peers.
+"""Training-step benchmark: full fine-tuning vs LoRA through merge vs LoRA through lorajax.factored, and peers
+(flax nnx.LoRALinear, qwix, PyTorch full fine-tuning and PEFT).
 
-Run:  python benchmarks/train_step.py            (full run, < 10 min on 2 CPU cores)
+Run:  python benchmarks/train_step.py            (the published run: 9 timed rounds, ~6 min on 2 idle cores)
       python benchmarks/train_step.py --quick    (tiny smoke run for CI)
+      XLA_FLAGS=... python benchmarks/train_step.py   (XLA:CPU options; see benchmarks/RESULTS.md for what paid)
 
-Prints a table and writes JSON (default benchmarks/train_step.json). FLOPs and peak memory come from
-XLA's ``compiled.cost_analysis()`` / ``memory_analysis()``; wall time is the median of steps timed
-round-robin across the modes (so a load spike from other processes hits every mode alike).
+Every mode, JAX and torch alike, is stepped round-robin: ``--warmup`` untimed rounds, then ``--steps`` timed rounds
+of one step of each mode, so a load spike from other processes hits every mode alike; the step time is the median.
+torch's intra-op pool is set to the machine's cores (``torch.set_num_threads``); XLA:CPU's intra-op pool is sized
+to the same cores by default (it has no public setter; ``--xla_cpu_multi_thread_eigen=false`` would make it 1).
+Each mode's time is given absolute, relative to its OWN framework's full fine-tune, and relative to JAX's.
+FLOPs and peak memory come from XLA's ``compiled.cost_analysis()`` / ``memory_analysis()`` (JAX modes only).
+Prints a plain table and a markdown table; writes JSON (default benchmarks/train_step.json).
 """
 
 from __future__ import annotations
@@ -18,20 +24,16 @@ import statistics
 import time
 import warnings
 
+import _jax_peers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _gpt import GPT, tree_bytes
+from _gpt import GPT, lm_loss, tree_bytes
 
 import lorajax
 
 RANK = 8
-
-
-# --- the loss ---------------------------------------------------------------------------------------------------
-def lm_loss(logits, tokens):
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
 
 # --- steps ---------------------------------------------------------------------------------------------------------
@@ -92,93 +94,6 @@ def make_lora(model, params, tokens, where, path, **factored_kw):
     return step, (trainable, tx.init(trainable)), (frozen, tokens), lp
 
 
-def make_nnx(cfg, tokens, where):
-    """Peer: the same GPT in flax.nnx with nnx.LoRALinear at the targets (base frozen by filtering LoRAParam)."""
-    from flax import nnx
-
-    d, h = cfg["d"], cfg["heads"]
-    lin_targets = {"query", "value"} if where == "attn_qv" else {"query", "key", "value", "out", "fc1", "fc2"}
-
-    def linear(name, i, o, rngs):
-        if name in lin_targets:
-            return nnx.LoRALinear(i, o, lora_rank=RANK, rngs=rngs)
-        return nnx.Linear(i, o, rngs=rngs)
-
-    class NBlock(nnx.Module):
-        def __init__(self, rngs):
-            self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
-            self.query, self.key, self.value = (linear(n, d, d, rngs) for n in ("query", "key", "value"))
-            self.out = linear("out", d, d, rngs)
-            self.fc1, self.fc2 = linear("fc1", d, 4 * d, rngs), linear("fc2", 4 * d, d, rngs)
-
-        def __call__(self, x, mask):
-            b, s, _ = x.shape
-            y = self.ln1(x)
-            q, k, v = (f(y).reshape(b, s, h, d // h) for f in (self.query, self.key, self.value))
-            att = nnx.dot_product_attention(q, k, v, mask=mask)
-            x = x + self.out(att.reshape(b, s, d))
-            return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
-
-    class NGPT(nnx.Module):
-        def __init__(self, rngs):
-            self.wte = nnx.Embed(cfg["vocab"], d, rngs=rngs)
-            self.wpe = nnx.Embed(cfg["seq"], d, rngs=rngs)
-            self.blocks = nnx.List([NBlock(rngs) for _ in range(cfg["layers"])])
-            self.ln_f = nnx.LayerNorm(d, rngs=rngs)
-            self.lm_head = nnx.Linear(d, cfg["vocab"], use_bias=False, rngs=rngs)
-
-        def __call__(self, tokens):
-            x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))[None]
-            mask = nnx.make_causal_mask(tokens)
-            for blk in self.blocks:
-                x = blk(x, mask)
-            return self.lm_head(self.ln_f(x))
-
-    model = NGPT(nnx.Rngs(0))
-    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-    tx = optax.adam(1e-4)
-
-    def step(lora, opt, rest, tokens):
-        def loss_fn(lora):
-            return lm_loss(nnx.merge(graphdef, lora, rest)(tokens), tokens)
-
-        loss, g = jax.value_and_grad(loss_fn)(lora)
-        upd, opt = tx.update(g, opt, lora)
-        return optax.apply_updates(lora, upd), opt, loss
-
-    return step, (lora, tx.init(lora)), (rest, tokens)
-
-
-def make_qwix(model, tokens, where):
-    """Peer: qwix's LoRA provider over the same linen GPT (only lora_a/lora_b are trained)."""
-    import qwix
-
-    regex = r".*attn/(query|value)" if where == "attn_qv" else r".*(attn/(query|key|value|out)|fc1|fc2)"
-    qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=regex, rank=RANK, alpha=2.0 * RANK))
-    variables = qmodel.init(jax.random.key(0), tokens)
-    params = variables["params"]
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    is_lora = {
-        lorajax.path_str(p): ("lora_a" in lorajax.path_str(p) or "lora_b" in lorajax.path_str(p)) for p, _ in flat
-    }
-    if not any(is_lora.values()):
-        raise RuntimeError("qwix created no lora_a/lora_b params")
-    train = jax.tree_util.tree_map_with_path(lambda p, x: x if is_lora[lorajax.path_str(p)] else None, params)
-    frozen = jax.tree_util.tree_map_with_path(lambda p, x: None if is_lora[lorajax.path_str(p)] else x, params)
-    tx = optax.adam(1e-4)
-
-    def step(t, opt, frozen, tokens):
-        def loss_fn(t):
-            p = lorajax.combine(t, frozen)
-            return lm_loss(qmodel.apply({**variables, "params": p}, tokens), tokens)
-
-        loss, g = jax.value_and_grad(loss_fn)(t)
-        upd, opt = tx.update(g, opt, t)
-        return optax.apply_updates(t, upd), opt, loss
-
-    return step, (train, tx.init(train)), (frozen, tokens)
-
-
 # --- measuring -----------------------------------------------------------------------------------------------------
 def analyse(compiled) -> dict:
     cost = compiled.cost_analysis()
@@ -191,7 +106,9 @@ def analyse(compiled) -> dict:
 
 
 class Runner:
-    """A compiled step with its state; ``once()`` runs and times one step."""
+    """A compiled JAX step with its state; ``once()`` runs and times one step."""
+
+    framework = "jax"
 
     def __init__(self, name, step, state, extra, opt_bytes, compile_only=False):
         self.name, self.extra, self.times = name, extra, []
@@ -204,9 +121,6 @@ class Runner:
         self.info = analyse(self.compiled)
         self.info["opt_state_bytes"] = opt_bytes
         self.state = state
-        if not compile_only:
-            self.once()  # warm-up (and donation of the initial buffers)
-            self.times = []
 
     def once(self):
         t0 = time.perf_counter()
@@ -216,68 +130,20 @@ class Runner:
         self.state = (p, o)
 
 
-def torch_peft(cfg, where, steps, full=False):
-    """Peer: PEFT on PyTorch CPU, same shapes; returns the median step time (s) and optimizer-state bytes."""
-    import torch
-    from torch import nn as tnn
-
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    d, h, s = cfg["d"], cfg["heads"], cfg["seq"]
-
-    class TBlock(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.ln2 = tnn.LayerNorm(d), tnn.LayerNorm(d)
-            self.query, self.key, self.value, self.out = (tnn.Linear(d, d) for _ in range(4))
-            self.fc1, self.fc2 = tnn.Linear(d, 4 * d), tnn.Linear(4 * d, d)
-
-        def forward(self, x):
-            b = x.shape[0]
-            y = self.ln1(x)
-            q, k, v = (f(y).view(b, s, h, d // h).transpose(1, 2) for f in (self.query, self.key, self.value))
-            att = tnn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.out(att.transpose(1, 2).reshape(b, s, d))
-            return x + self.fc2(tnn.functional.gelu(self.fc1(self.ln2(x))))
-
-    class TGPT(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = tnn.Embedding(cfg["vocab"], d), tnn.Embedding(s, d)
-            self.blocks = tnn.ModuleList([TBlock() for _ in range(cfg["layers"])])
-            self.ln_f = tnn.LayerNorm(d)
-            self.lm_head = tnn.Linear(d, cfg["vocab"], bias=False)
-
-        def forward(self, t):
-            x = self.wte(t) + self.wpe(torch.arange(t.shape[1]))[None]
-            for blk in self.blocks:
-                x = blk(x)
-            return self.lm_head(self.ln_f(x))
-
-    model = TGPT()
-    if not full:
-        from peft import LoraConfig, get_peft_model
-
-        targets = ["query", "value"] if where == "attn_qv" else ["query", "key", "value", "out", "fc1", "fc2"]
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4)
-    tokens = torch.randint(0, cfg["vocab"], (cfg["batch"], s))
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        logits = model(tokens)
-        loss = tnn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg["vocab"]), tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    opt_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if v.dim() > 0)
-    return statistics.median(times), opt_bytes
+def run_rounds(runners, warmup, steps, log):
+    """``warmup`` untimed rounds, then ``steps`` timed rounds; each round runs one step of every runner in turn."""
+    for i in range(warmup + steps):
+        for r in runners:
+            r.once()
+        if i < warmup:
+            for r in runners:
+                r.times.clear()
+            log(f"  warm-up round {i + 1}/{warmup} done")
+        else:
+            log(f"  round {i + 1 - warmup}/{steps}: " + ", ".join(f"{r.name} {r.times[-1] * 1e3:.0f}" for r in runners))
 
 
-def run_config(cfg, targets, steps, time_it, peers, log):
+def run_config(cfg, targets, steps, warmup, time_it, peers, log):
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
     tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
     if time_it:
@@ -285,11 +151,17 @@ def run_config(cfg, targets, steps, time_it, peers, log):
     else:
         params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
         tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)
-    rows = []
-    runners = []
+    torch_on = time_it and "torch" in peers
+    if torch_on:
+        import _torch_peer
+    runners = []  # (targets, runner)
     step, state, tok = make_full(model, params, tokens)
     full = Runner("full FT", step, state, tok, 2 * tree_bytes(params), compile_only=not time_it)
     runners.append(("all", full))
+    tfull = None
+    if torch_on:
+        tfull = _torch_peer.TorchRunner("torch full FT", cfg)
+        runners.append(("all", tfull))
     step, state, extra = make_floor(model, params, tokens)
     runners.append(("-", Runner("floor (no dW)", step, state, extra, 0, compile_only=not time_it)))
     for where in targets:
@@ -301,56 +173,46 @@ def run_config(cfg, targets, steps, time_it, peers, log):
             log(f"  compiled {where} {path} in {runners[-1][1].compile_s:.1f}s")
         if time_it and "nnx" in peers:
             try:
-                step, state, tok = make_nnx(cfg, tokens, where)
+                step, state, tok = _jax_peers.make_nnx(cfg, tokens, where)
                 runners.append((where, Runner("nnx.LoRALinear", step, state, tok, tree_bytes(state[1]))))
             except Exception as e:  # a peer that fails to build is reported, not fatal
                 log(f"  nnx peer failed: {e!r}")
         if time_it and "qwix" in peers:
             try:
-                step, state, tok = make_qwix(model, tokens, where)
+                step, state, tok = _jax_peers.make_qwix(model, tokens, where)
                 runners.append((where, Runner("qwix LoRA", step, state, tok, tree_bytes(state[1]))))
             except Exception as e:
                 log(f"  qwix peer failed: {e!r}")
+        if torch_on:
+            runners.append((where, _torch_peer.TorchRunner("PEFT (torch)", cfg, where)))
     if time_it:
-        for i in range(steps):  # round-robin: every mode sees the same background load
-            for _, r in runners:
-                r.once()
-            log(f"  step {i + 1}/{steps}: " + ", ".join(f"{r.name} {r.times[-1] * 1e3:.0f}ms" for _, r in runners))
+        run_rounds([r for _, r in runners], warmup, steps, log)
     base = full.info
-    t_full = statistics.median(full.times) if full.times else None
+    med = {id(r): (statistics.median(r.times) if r.times else None) for _, r in runners}
+    t_jax = med[id(full)]
+    own = {"jax": t_jax, "torch": med[id(tfull)] if tfull is not None else None}
+    rows = []
     for where, r in runners:
-        t = statistics.median(r.times) if r.times else None
+        t, t_own = med[id(r)], own[r.framework]
+        flops, peak = r.info["flops"], r.info["peak_bytes"]
         rows.append(
             {
                 "config": cfg["name"],
                 "targets": where,
                 "mode": r.name,
+                "framework": r.framework,
                 "step_s": t,
-                "time_ratio": (t / t_full) if t and t_full else None,
-                "flops": r.info["flops"],
-                "flops_ratio": r.info["flops"] / base["flops"],
-                "peak_bytes": r.info["peak_bytes"],
-                "peak_ratio": (r.info["peak_bytes"] / base["peak_bytes"]) if base["peak_bytes"] else None,
+                "step_s_all": list(r.times),
+                "own_full_ratio": (t / t_own) if t and t_own else None,
+                "time_ratio": (t / t_jax) if t and t_jax else None,
+                "flops": flops,
+                "flops_ratio": (flops / base["flops"]) if flops is not None else None,
+                "peak_bytes": peak,
+                "peak_ratio": (peak / base["peak_bytes"]) if peak is not None and base["peak_bytes"] else None,
                 "opt_state_bytes": r.info["opt_state_bytes"],
                 "compile_s": r.compile_s,
             }
         )
-    if time_it and "torch" in peers:
-        try:
-            tsteps = max(2, steps // 2)  # torch steps are slow; a few suffice for a median
-            tf, ob_full = torch_peft(cfg, "all_linear", tsteps, full=True)
-            rows.append(
-                dict(config=cfg["name"], targets="all", mode="torch full FT", step_s=tf, time_ratio=tf / t_full)
-                | dict(opt_state_bytes=ob_full)
-            )
-            for where in targets:
-                tp, ob = torch_peft(cfg, where, tsteps)
-                rows.append(
-                    dict(config=cfg["name"], targets=where, mode="PEFT (torch)", step_s=tp, time_ratio=tp / t_full)
-                    | dict(opt_state_bytes=ob)
-                )
-        except Exception as e:
-            log(f"  torch peer failed: {e!r}")
     return rows, model, params, tokens
 
 
@@ -382,7 +244,7 @@ def inference(model, params, tokens, steps):
     }
 
 
-def tricks(cfg, steps, log):
+def tricks(cfg, steps, warmup, log):
     """Which CPU tricks pay: factored with sibling fusion and 2-D flattening switched on and off (all_linear)."""
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
     tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
@@ -394,9 +256,7 @@ def tricks(cfg, steps, log):
                 model, params, tokens, lorajax.all_linear, "factored", fuse=fuse, flatten=flatten
             )
             runners.append(Runner(f"fuse={fuse} flatten={flatten}", step, state, extra, 0))
-    for _ in range(steps):
-        for r in runners:
-            r.once()
+    run_rounds(runners, warmup, steps, log)
     rows = []
     for r in runners:
         rows.append({"variant": r.name, "step_s": statistics.median(r.times), "flops": r.info["flops"]})
@@ -408,36 +268,91 @@ def fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+def _f(r, k, spec):
+    v = r.get(k)
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
 def table(rows):
     head = (
-        f"{'config':10} {'targets':10} {'mode':16} {'step ms':>9} {'t/full':>7} {'FLOPs/full':>10} "
-        f"{'peak/full':>9} {'opt state':>11}"
+        f"{'config':10} {'targets':10} {'mode':16} {'step ms':>8} {'/own full':>9} {'/JAX full':>9} "
+        f"{'FLOPs/full':>10} {'peak/full':>9} {'opt state':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-
-        def f(k, spec):
-            v = r.get(k)
-            return format(v, spec) if isinstance(v, (int, float)) else "-"
-
         ms = f"{r['step_s'] * 1e3:.0f}" if r.get("step_s") else "-"
         lines.append(
-            f"{r['config']:10} {r['targets']:10} {r['mode']:16} {ms:>9} {f('time_ratio', '.2f'):>7} "
-            f"{f('flops_ratio', '.3f'):>10} {f('peak_ratio', '.3f'):>9} {fmt_bytes(r.get('opt_state_bytes')):>11}"
+            f"{r['config']:10} {r['targets']:10} {r['mode']:16} {ms:>8} {_f(r, 'own_full_ratio', '.2f'):>9} "
+            f"{_f(r, 'time_ratio', '.2f'):>9} {_f(r, 'flops_ratio', '.3f'):>10} {_f(r, 'peak_ratio', '.3f'):>9} "
+            f"{fmt_bytes(r.get('opt_state_bytes')):>11}"
         )
     return "\n".join(lines)
 
 
+MODE_MD = {
+    "full FT": "full FT (JAX)",
+    "torch full FT": "full FT (PyTorch)",
+    "LoRA merge": "LoRA via `merge`",
+    "LoRA factored": "**LoRA via `factored`**",
+    "nnx.LoRALinear": "flax `nnx.LoRALinear`",
+    "PEFT (torch)": "PEFT (PyTorch)",
+}
+
+
+def markdown(rows):
+    """The table for benchmarks/RESULTS.md: ratios to each framework's own full fine-tune."""
+    out = [
+        "| config | targets | mode | step ms | time / own full FT | time / JAX full FT | FLOPs / full | "
+        "peak mem / full | optimizer state |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ms = f"{r['step_s'] * 1e3:.0f}" if r.get("step_s") else "-"
+        peak = _f(r, "peak_ratio", ".3f")
+        if r["mode"] == "full FT" and r.get("peak_bytes"):
+            peak += f" ({fmt_bytes(r['peak_bytes'])})"
+        out.append(
+            f"| {r['config']} | {r['targets']} | {MODE_MD.get(r['mode'], r['mode'])} | {ms} | "
+            f"{_f(r, 'own_full_ratio', '.2f')} | {_f(r, 'time_ratio', '.2f')} | {_f(r, 'flops_ratio', '.3f')} | "
+            f"{peak} | {fmt_bytes(r.get('opt_state_bytes'))} |"
+        )
+    return "\n".join(out)
+
+
+def machine(threads):
+    info = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cores_available": threads,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_intra_op_threads": 1 if "multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "") else threads,
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        import _torch_peer
+        import peft
+        import torch
+
+        info |= {"torch": torch.__version__, "peft": peft.__version__}
+        info["torch_threads"] = _torch_peer.set_threads(threads)
+    except ImportError:
+        pass
+    return info
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 steps: a smoke test")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (median)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke test")
+    ap.add_argument("--steps", type=int, default=None, help="timed rounds (one step of every mode each; median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     ap.add_argument("--no-gpt2", action="store_true", help="skip the compile-only GPT-2-small shapes")
     ap.add_argument("--peers", default="nnx,qwix,torch", help="comma list of peers: nnx,qwix,torch (or 'none')")
     ap.add_argument("--tricks", action="store_true", help="only time factored with fuse/flatten on and off")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_step.json"))
     args = ap.parse_args()
-    steps = args.steps or (2 if args.quick else 5)
+    steps = args.steps or (2 if args.quick else 9)
+    warmup = 1 if args.quick else args.warmup
     peers = set(args.peers.split(",")) - {"none", ""}
 
     def log(msg):
@@ -447,32 +362,37 @@ def main():
     if args.quick:
         small = dict(name="quick", vocab=128, d=64, layers=2, heads=4, seq=32, batch=2)
     t_start = time.perf_counter()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = machine(threads)
+    log(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {threads} cores; XLA intra-op threads "
+        f"{info['xla_intra_op_threads']} (XLA_FLAGS={info['xla_flags']!r}); torch "
+        f"{info.get('torch', 'absent')} threads {info.get('torch_threads', '-')}; load average "
+        f"{info['loadavg_start'][0]:.2f}; {platform.platform()}"
+    )
     if args.tricks:
-        rows = tricks(small, steps, log)
+        rows = tricks(small, steps, warmup, log)
         with open(args.json, "w") as fh:
-            json.dump({"tricks": rows, "steps": steps}, fh, indent=1)
+            json.dump({"machine": info, "tricks": rows, "steps": steps, "warmup": warmup}, fh, indent=1)
         return
-    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {platform.platform()}")
-    rows, model, params, tokens = run_config(small, ["attn_qv", "all_linear"], steps, True, peers, log)
+    rows, model, params, tokens = run_config(small, ["attn_qv", "all_linear"], steps, warmup, True, peers, log)
     inf = inference(model, params, tokens, steps)
     if not args.quick and not args.no_gpt2:
         gpt2 = dict(name="gpt2-124M", vocab=50257, d=768, layers=12, heads=12, seq=1024, batch=8)
-        rows += run_config(gpt2, ["attn_qv", "all_linear"], 0, False, set(), log)[0]
+        rows += run_config(gpt2, ["attn_qv", "all_linear"], 0, 0, False, set(), log)[0]
     log(table(rows))
     log(
         f"\ninference ({small['name']}, all_linear): merged fwd {inf['merged_fwd_s'] * 1e3:.0f} ms, factored fwd "
         f"{inf['factored_fwd_s'] * 1e3:.0f} ms; FLOPs base {inf['base_flops']:.3e}, merged {inf['merged_flops']:.3e} "
         f"(equal: {inf['merged_equals_base_flops']}), factored {inf['factored_flops']:.3e}"
     )
+    info["loadavg_end"] = os.getloadavg()
     total = time.perf_counter() - t_start
-    log(f"total {total:.0f}s")
-    out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
-        "steps": steps,
-        "rows": rows,
-        "inference": inf,
-        "total_s": total,
-    }
+    log(
+        f"\n{steps} timed rounds after {warmup} warm-up; load average {info['loadavg_start'][0]:.2f} at start, "
+        f"{info['loadavg_end'][0]:.2f} at end; total {total:.0f}s\n\n" + markdown(rows)
+    )
+    out = {"machine": info, "steps": steps, "warmup": warmup, "rows": rows, "inference": inf, "total_s": total}
     with open(args.json, "w") as fh:
         json.dump(out, fh, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
 
