@@ -56,16 +56,23 @@ def factored(
 
     Every use of a LoRA kernel inside ``fn`` becomes ``x @ W0 + scale * ((x @ A) @ B)``
     (convolutions and embedding lookups likewise), so neither ``W = W0 + scale*A@B`` nor
-    the ``d x k`` weight gradient is ever formed; ``W0`` is under ``stop_gradient``. The
-    result equals ``fn`` applied to :func:`lorajax.merge` of the arguments (up to float
-    rounding). ``fn`` must be a pure JAX function; non-array leaves of the arguments
-    (Python numbers, strings) are static: a new value retraces. The wrapper traces and
-    compiles once per structure (shapes, dtypes, static values) and works under ``jit``,
-    ``grad``, ``vmap`` and with ``nn.scan``/``nn.remat``/``nnx`` models.
+    the ``d x k`` weight gradient is ever formed. The result equals ``fn`` applied to
+    :func:`lorajax.merge` of the arguments (up to float rounding), gradients included:
+    in an argument that holds LoRA or :class:`lorajax.Trainable` nodes (the params), only
+    the factors and the Trainable values train; every other leaf, LoRA bases included,
+    gets exactly zero gradient. ``fn`` sees Trainable nodes as their plain values.
+    Arguments without nodes (inputs, keys) are passed as they are.
+
+    ``fn`` must be a pure JAX function; non-array leaves of the arguments (Python
+    numbers, strings, config objects) are static: a new value retraces (they are compared
+    by value; an unhashable one by ``==`` with a copy taken when it was traced). The
+    wrapper traces and compiles once per structure (shapes, dtypes, static values),
+    keeps the 64 most recently used traces, and works under ``jit``, ``grad``, ``vmap``
+    and with ``nn.scan``/``nn.remat``/``nnx`` models.
 
     A use the transform cannot factor forms ``W`` for that use only and warns with
-    :class:`FallbackWarning` naming the primitive and the parameter path (``strict=True``
-    raises ``ValueError`` instead). Nodes with ``per_example=True`` (mixed-adapter batches
+    :class:`FallbackWarning` naming the primitive and the parameter path, once per pair and
+    trace (``strict=True`` raises ``ValueError`` instead). Nodes with ``per_example=True`` (mixed-adapter batches
     from ``lorajax.select``) run in ``dot_general`` and embedding gathers, one adapter per
     example along the activations' leading axis.
 
