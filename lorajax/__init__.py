@@ -36,6 +36,7 @@ from lorajax._train import combine, mask, masked, partition
 from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
 from lorajax.peft import load_peft, read_peft, save_peft
+from lorajax.inits import to_plain_lora
 
 __all__ = [
     "Adapter",
@@ -86,6 +87,7 @@ __all__ = [
     "stack_adapters",
     "summary",
     "swap",
+    "to_plain_lora",
     "trainable",
     "unlorafy",
 ]

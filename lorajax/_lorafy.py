@@ -14,6 +14,7 @@ from lorajax._layout import Layout, LayoutArg, factor_names, resolve_layout
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, rebuild
 from lorajax._trainable import is_node, is_trainable, trainable
+from lorajax.inits import check_init, init_factors, is_residual, residual_base
 
 #: The seed of the key ``lorafy`` uses when none is given.
 DEFAULT_SEED = 0
@@ -27,33 +28,6 @@ def path_key(key: jax.Array, path: KeyPath) -> jax.Array:
     Adding or removing other targets never changes this target's init.
     """
     return jax.random.fold_in(key, zlib.crc32(_targets.path_str(path).encode()) & 0x7FFFFFFF)
-
-
-def _init_factors(
-    init: str | InitFn, key: jax.Array, base: Any, layout: Layout, rank: int, dtype: Any
-) -> tuple[Any, Any]:
-    shape = tuple(base.shape)
-    a_shape, b_shape = layout.a_shape(shape, rank), layout.b_shape(shape, rank)
-    if isinstance(base, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
-    if callable(init):
-        a, b = init(key, base, layout, rank, dtype)
-        if a.shape != a_shape or b.shape != b_shape:
-            raise ValueError(f"lorafy: init returned a {a.shape}, b {b.shape}; expected a {a_shape}, b {b_shape}.")
-        return a, b
-    if layout.kind == "embed":
-        # PEFT's embedding init: A zero, B standard normal, so a looked-up row trains from the first step.
-        return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
-    fan_in, _ = layout.sizes(shape)
-    if init == "kaiming":
-        # PEFT's default: kaiming_uniform(a=sqrt(5)) over fan-in, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        bound = 1.0 / (fan_in**0.5)
-        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    elif init == "gaussian":
-        a = jax.random.normal(key, a_shape, dtype) / rank  # PEFT's init_lora_weights="gaussian": std 1/r.
-    else:
-        raise ValueError(f"lorafy: init must be 'kaiming', 'gaussian' or a callable; got {init!r}.")
-    return a, jnp.zeros(b_shape, dtype)
 
 
 def lorafy(
@@ -94,8 +68,12 @@ def lorafy(
             :class:`lorajax.Trainable`, see :func:`lorajax.trainable`. Every other leaf is frozen.
         alpha: LoRA alpha; ``None`` means each target's own rank (scale 1).
         rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
-        init: ``"kaiming"`` (PEFT's default), ``"gaussian"`` (std ``1/rank``), or a
-            callable ``(key, base, layout, rank, dtype) -> (a, b)``.
+        init: ``"kaiming"`` (PEFT's default), ``"gaussian"`` (std ``1/rank``), ``"pissa"``,
+            ``"pissa_niter_<k>"`` (randomized SVD with ``k`` subspace iterations: the choice for
+            large kernels), ``"olora"``, or a callable ``(key, base, layout, rank, dtype) -> (a, b)``.
+            PiSSA and OLoRA read ``a`` and ``b`` off the kernel and replace the node's ``base`` by
+            the residual ``W - scale * a @ b`` (so ``merge`` at init returns ``W`` and ``unlorafy``
+            returns the residual); see the initialisations guide and :func:`lorajax.to_plain_lora`.
         dtype: factor dtype, float32 by default even for a bf16 base.
         rank_pattern: ``{name or regex: rank}`` per-target overrides (PEFT's ``rank_pattern``).
         alpha_pattern: ``{name or regex: alpha}`` per-target overrides.
@@ -116,6 +94,7 @@ def lorafy(
         True
     """
     _check_rank(rank, "rank")
+    check_init(init)
     key = jax.random.key(DEFAULT_SEED) if key is None else key
     match = _targets.compile_where(where)
     leaves = _targets.tree_paths(params, is_leaf=is_node)
@@ -142,15 +121,16 @@ def lorafy(
             )
         a_alpha = _targets.match_pattern(dict(alpha_pattern or {}), path)
         a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
+        spec = LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora)
         # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
-        a, b = _sharding.init_placed(_init_factors, (init, path_key(key, path), array, lay, r, dtype), array, lay)
+        args = (init, path_key(key, path), array, lay, r, dtype, spec.scale)
+        a, b = _sharding.init_placed(init_factors, args, array, lay)
+        base = leaf
+        if is_residual(init):  # PiSSA/OLoRA: the frozen base becomes W - scale * a @ b (lorajax/inits/)
+            spec = spec.replace(init=init)
+            base = _boxes.rebox(leaf, residual_base(array, a, b, spec))
         names_a, names_b = factor_names(leaf, lay)
-        chosen[n] = LoRA(
-            base=leaf,
-            a=_boxes.rebox(leaf, a, names_a),
-            b=_boxes.rebox(leaf, b, names_b),
-            spec=LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora),
-        )
+        chosen[n] = LoRA(base=base, a=_boxes.rebox(leaf, a, names_a), b=_boxes.rebox(leaf, b, names_b), spec=spec)
     if not chosen:
         candidates = [
             _targets.path_str(p)

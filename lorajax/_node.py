@@ -47,6 +47,8 @@ class LoRASpec:
     layout: Layout
     rslora: bool = False
     variant: str = "lora"
+    #: ``"default"``, or the init that made the node's base a residual: ``"pissa"``, ``"pissa_niter_<k>"``, ``"olora"``.
+    init: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

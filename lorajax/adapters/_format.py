@@ -26,6 +26,7 @@ from lorajax._problems import Problems
 from lorajax._version import __version__
 from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, fingerprint
 from lorajax.adapters._attach import attach_as, factor_problems
+from lorajax.inits import residual_problems
 
 FORMAT = "lorajax-adapter"
 FORMAT_VERSION = 1
@@ -135,6 +136,8 @@ def save_adapter(
         }
         if f.spec.variant != "lora":  # format 1 files of plain LoRA carry no variant key
             targets[name]["variant"] = f.spec.variant
+        if f.spec.init != "default":  # a PiSSA/OLoRA adapter fits only its residual base: say so in the file
+            targets[name]["init"] = f.spec.init
     if not allow_nonfinite:
         problems.raise_if_any(
             "the factors hold NaN or Inf",
@@ -236,6 +239,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 layout=Layout(t["layout"]),
                 rslora=bool(t["rslora"]),
                 variant=str(t.get("variant", "lora")),
+                init=str(t.get("init", "default")),
             )
             f = AdapterFactors(
                 a=jnp.asarray(a),
@@ -277,4 +281,11 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any, *, check_dtype:
         (8, 2)
     """
     ad = read_file(path, caller="load_adapter")
+    residual = Problems("load_adapter")
+    residual.extend(residual_problems(ad.factors, base_params))
+    residual.raise_if_any(
+        f"{os.fspath(path)}: the adapter needs its residual base",
+        "Load it onto lorajax.lorafy(base, init=..., rank=..., alpha=...) as it was made (the residual is recomputed), "
+        "or save it as plain LoRA for the original base with lorajax.to_plain_lora(trained, initial).",
+    )
     return attach_as(base_params, ad, check_dtype=check_dtype, caller="load_adapter", what=f"{os.fspath(path)}: ")

@@ -17,6 +17,7 @@ from lorajax._layout import Layout
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
+from lorajax.inits import is_residual, plain_lora
 from lorajax.peft._convert import to_torch, unstack
 from lorajax.peft._names import (
     CONFIG_NAME,
@@ -164,6 +165,7 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     allow_nonfinite: bool = False,
+    initial: Any = None,
 ) -> dict[str, Any]:
     """Write the LoRA nodes of ``params`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
 
@@ -185,6 +187,11 @@ def save_peft(
         fan_in_fan_out: set for GPT-2-style ``Conv1D`` bases (PEFT would otherwise fix it with a warning).
         allow_nonfinite: write factors holding NaN or Inf. By default they are refused: a diverged
             run must not be exported as if it were a model.
+        initial: for PiSSA/OLoRA nodes (which work only on their residual base), the params
+            ``lorafy`` returned before training: each such node is written as plain LoRA of rank
+            ``2r`` for the *original* base (:func:`lorajax.to_plain_lora`; PEFT's
+            ``path_initial_model_for_weight_conversion``), so the config's ``r`` and ``lora_alpha``
+            double (alpha times sqrt(2) with rsLoRA). Without it such nodes are refused.
 
     Returns:
         The config that was written.
@@ -205,6 +212,8 @@ def save_peft(
     from safetensors.numpy import save
 
     namer = module_namer(name_map, CALLER)
+    if initial is not None:
+        params = plain_lora(params, initial, caller=CALLER)
     factors = [
         _Factors(path_str(kpath), x, np.asarray(_boxes.unbox(x.a)), np.asarray(_boxes.unbox(x.b)))
         for kpath, x in tree_paths(params, is_leaf=is_lora)
@@ -212,6 +221,15 @@ def save_peft(
     ]
     if not factors:
         raise ValueError(f"{CALLER}: params hold no LoRA nodes; lorafy or load_peft them first.")
+    residual = Problems(CALLER)
+    for f in factors:
+        if is_residual(f.node.spec.init):
+            residual.add(f"{f.path}: made by init={f.node.spec.init!r}, it works only on its residual base")
+    residual.raise_if_any(
+        "PiSSA/OLoRA nodes need initial= to be written",
+        "Pass initial= (the params lorafy returned, before training): they are written as plain LoRA of rank 2r "
+        "for the original base (lorajax.to_plain_lora).",
+    )
     problems = Problems(CALLER)
     modules = _modules(factors, namer, problems)
     problems.raise_if_any("cannot name every LoRA node as a PEFT module")

@@ -1,0 +1,255 @@
+"""PiSSA, pissa_niter_k and OLoRA inits, and the export of such adapters to plain LoRA.
+
+Parity with PEFT 0.21 runs on committed fixtures (tests/fixtures/make_peft_init_fixtures.py):
+products ``s * B @ A`` and residual bases are compared (singular-vector and QR signs are free).
+Other layouts are checked against NumPy's SVD/QR of the kernel's matrix view.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lorajax
+
+FIXTURES = Path(__file__).parent / "fixtures" / "peft"
+PEFT_CASES = {"pissa": "pissa", "pissa_rslora": "pissa", "olora": "olora"}
+
+
+def _case(case):
+    folder = FIXTURES / case
+    config = json.loads((folder / "initial" / "adapter_config.json").read_text())
+    base = load_file(folder / "base.safetensors")
+    params = {
+        m: {"weight": jnp.asarray(base[f"{m}.weight"]), "bias": jnp.asarray(base[f"{m}.bias"])} for m in ("fc1", "fc2")
+    }
+    return folder, config, params
+
+
+def _lorafy_case(case, params, config):
+    return lorajax.lorafy(
+        params,
+        rank=config["r"],
+        alpha=config["lora_alpha"],
+        rslora=config["use_rslora"],
+        where=["fc1", "fc2"],
+        init=PEFT_CASES[case],
+    )
+
+
+def _mlp(kernels, x):
+    h = jnp.tanh(x @ kernels["fc1"]["weight"].T + kernels["fc1"]["bias"])
+    return h @ kernels["fc2"]["weight"].T + kernels["fc2"]["bias"]
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_init_matches_peft(case):
+    folder, config, params = _case(case)
+    lora = _lorafy_case(case, params, config)
+    init = load_file(folder / "initial" / "adapter_model.safetensors")
+    residual = load_file(folder / "residual.safetensors")
+    r, alpha = config["r"], config["lora_alpha"]
+    s = alpha / (np.sqrt(r) if config["use_rslora"] else r)
+    for m in ("fc1", "fc2"):
+        node = lora[m]["weight"]
+        assert node.spec.init == PEFT_CASES[case]
+        A = init[f"base_model.model.{m}.lora_A.weight"].astype(np.float64)
+        B = init[f"base_model.model.{m}.lora_B.weight"].astype(np.float64)
+        # Layout "oi" is PyTorch's own, so our delta is PEFT's s * B @ A directly.
+        np.testing.assert_allclose(np.asarray(lorajax.delta(node)), s * B @ A, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(node.base), residual[f"{m}.weight"], atol=1e-5, rtol=0)
+    merged = lorajax.merge(lora)
+    for m in ("fc1", "fc2"):
+        np.testing.assert_allclose(np.asarray(merged[m]["weight"]), np.asarray(params[m]["weight"]), atol=1e-6, rtol=0)
+
+
+def _svd_top(m, r):
+    u, sv, vh = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+    return (u[:, :r] * sv[:r]) @ vh[:r]
+
+
+LAYOUTS = {
+    # name: (path, shape, layout string or None, matrix view of the kernel as numpy (fan_in, fan_out))
+    "dense": ("fc/kernel", (12, 10), None, lambda w: w),
+    "torch_linear": ("fc/weight", (10, 12), None, lambda w: w.T),
+    "dense_general": ("attn/query/kernel", (12, 2, 5), "ioo", lambda w: w.reshape(12, 10)),
+    "attn_out": ("attn/out/kernel", (2, 5, 12), "iio", lambda w: w.reshape(10, 12)),
+    "conv": ("Conv_0/kernel", (3, 3, 2, 4), None, lambda w: w.reshape(18, 4)),
+    "embedding": ("Embed_0/embedding", (10, 6), None, lambda w: w),
+}
+
+
+def _tree(path, w):
+    out = w
+    for part in reversed(path.split("/")):
+        out = {part: out}
+    return out
+
+
+def _get(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layouts_against_numpy(name, init):
+    path, shape, layout, view = LAYOUTS[name]
+    w = jax.random.normal(jax.random.key(3), shape)
+    r, alpha = 2, 3.0
+    lay = None if layout is None else {".*": layout}
+    lora = jax.jit(lambda p: lorajax.lorafy(p, rank=r, alpha=alpha, where=".*", init=init, layout=lay))(_tree(path, w))
+    node = _get(lora, path)
+    m = view(np.asarray(w, np.float64))
+    if init == "pissa":
+        want = _svd_top(m, r)
+    else:  # PEFT: Q, R = qr(W) of the (out, in) matrix; s * Q[:, :r] @ R[:r] (no division by the scale)
+        q, rr = np.linalg.qr(m.T)
+        want = (alpha / r) * (q[:, :r] @ rr[:r]).T
+    got = view(np.asarray(lorajax.delta(node), np.float64))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(view(np.asarray(node.base, np.float64)), m - want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(_get(lorajax.merge(lora), path)), np.asarray(w), atol=1e-6, rtol=0)
+    assert lorajax.unlorafy(lora) is not None and _get(lorajax.unlorafy(lora), path) is node.base
+
+
+def test_stacked_one_factorisation_per_layer():
+    w = jax.random.normal(jax.random.key(4), (3, 8, 6))
+    lora = jax.jit(lambda p: lorajax.lorafy(p, rank=2, where=".*", init="pissa", layout={".*": "sio"}))(
+        {"h": {"kernel": w}}
+    )
+    node = lora["h"]["kernel"]
+    assert node.a.shape == (3, 8, 2) and node.b.shape == (3, 2, 6)
+    d = np.asarray(lorajax.delta(node), np.float64)
+    for k in range(3):
+        np.testing.assert_allclose(d[k], _svd_top(w[k], 2), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(lorajax.merge(lora)["h"]["kernel"]), np.asarray(w), atol=1e-6, rtol=0)
+
+
+def test_pissa_niter_starts_at_the_base_and_finds_the_top_subspace():
+    # A kernel with a clear spectral gap: the randomized SVD's top-2 product must be the exact one.
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    u = jnp.linalg.qr(jax.random.normal(k1, (64, 64)))[0]
+    v = jnp.linalg.qr(jax.random.normal(k2, (48, 48)))[0]
+    sv = jnp.concatenate([jnp.array([10.0, 8.0]), 0.1 * jax.random.uniform(k3, (46,))])
+    w = (u[:, :48] * sv) @ v.T
+    lora = lorajax.lorafy({"fc": {"kernel": w}}, rank=2, where=["fc"], init="pissa_niter_4")
+    node = lora["fc"]["kernel"]
+    assert node.spec.init == "pissa_niter_4"
+    np.testing.assert_allclose(np.asarray(lorajax.merge(lora)["fc"]["kernel"]), np.asarray(w), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(lorajax.delta(node)), _svd_top(w, 2), atol=1e-3, rtol=0)
+    # niter matters: different keys, same product; and the key reaches the sketch
+    other = lorajax.lorafy({"fc": {"kernel": w}}, rank=2, where=["fc"], init="pissa_niter_4", key=jax.random.key(9))
+    np.testing.assert_allclose(np.asarray(lorajax.delta(other["fc"]["kernel"])), _svd_top(w, 2), atol=1e-3, rtol=0)
+
+
+def test_bf16_base_residual_and_abstract():
+    w = jax.random.normal(jax.random.key(6), (16, 8)).astype(jnp.bfloat16)
+    lora = lorajax.lorafy({"fc": {"kernel": w}}, rank=2, where=["fc"], init="pissa")
+    node = lora["fc"]["kernel"]
+    assert node.base.dtype == jnp.bfloat16 and node.a.dtype == jnp.float32
+    merged = np.asarray(lorajax.merge(lora)["fc"]["kernel"], np.float32)
+    # The residual is rounded to bfloat16 (as in PEFT), then the merge once more: half an ulp of each.
+    ulp = (np.abs(np.asarray(w, np.float32)) + np.abs(np.asarray(node.base, np.float32))) * 2.0**-8
+    assert (np.abs(merged - np.asarray(w, np.float32)) <= ulp).all()
+    out = jax.eval_shape(lambda p: lorajax.lorafy(p, rank=2, where=["fc"], init="olora"), {"fc": {"kernel": w}})
+    assert out["fc"]["kernel"].base.shape == (16, 8) and out["fc"]["kernel"].a.shape == (16, 2)
+
+
+def test_unknown_init_names_the_choices():
+    with pytest.raises(ValueError, match=r"lorafy: init must be .*pissa_niter_<k>.*got 'pisa'"):
+        lorajax.lorafy({"fc": {"kernel": jnp.ones((4, 4))}}, rank=2, where=["fc"], init="pisa")
+
+
+def _trained(case):
+    folder, config, params = _case(case)
+    initial = _lorafy_case(case, params, config)
+    io = load_file(folder / "io.safetensors")
+
+    def put(node, m):
+        a = jnp.asarray(io[f"base_model.model.{m}.lora_A.default.weight"]).T
+        b = jnp.asarray(io[f"base_model.model.{m}.lora_B.default.weight"]).T
+        return node.__class__(node.base, a, b, node.spec)
+
+    trained = {m: {**initial[m], "weight": put(initial[m]["weight"], m)} for m in ("fc1", "fc2")}
+    return folder, config, params, initial, trained, io
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_to_plain_lora_matches_peft_conversion(case):
+    folder, config, params, initial, trained, io = _trained(case)
+    y = _mlp(lorajax.merge(trained), jnp.asarray(io["x"]))
+    np.testing.assert_allclose(np.asarray(y), io["y"], atol=1e-5, rtol=0)  # our residual runs PEFT's trained model
+    plain = lorajax.to_plain_lora(trained, initial)
+    conv = load_file(folder / "converted" / "adapter_model.safetensors")
+    conv_cfg = json.loads((folder / "converted" / "adapter_config.json").read_text())
+    base = load_file(folder / "base.safetensors")
+    s2 = conv_cfg["lora_alpha"] / (np.sqrt(conv_cfg["r"]) if conv_cfg["use_rslora"] else conv_cfg["r"])
+    for m in ("fc1", "fc2"):
+        node = plain[m]["weight"]
+        assert node.rank == conv_cfg["r"] == 2 * config["r"] and node.spec.init == "default"
+        assert node.alpha == pytest.approx(conv_cfg["lora_alpha"])
+        np.testing.assert_allclose(np.asarray(node.base), base[f"{m}.weight"], atol=1e-6, rtol=0)
+        A, B = conv[f"base_model.model.{m}.lora_A.weight"], conv[f"base_model.model.{m}.lora_B.weight"]
+        np.testing.assert_allclose(np.asarray(lorajax.delta(node)), s2 * B.astype(np.float64) @ A, atol=1e-5, rtol=0)
+    y_plain = _mlp(lorajax.merge(plain), jnp.asarray(io["x"]))
+    np.testing.assert_allclose(np.asarray(y_plain), io["y"], atol=1e-5, rtol=0)
+
+
+def test_save_peft_initial_writes_the_conversion(tmp_path):
+    folder, config, params, initial, trained, io = _trained("pissa_rslora")
+    with pytest.raises(ValueError, match=r"save_peft: PiSSA/OLoRA nodes need initial= (?s:.*)residual base"):
+        lorajax.save_peft(tmp_path / "no", trained)
+    cfg = lorajax.save_peft(tmp_path / "out", trained, initial=initial)
+    want = json.loads((folder / "converted" / "adapter_config.json").read_text())
+    assert cfg["r"] == want["r"] == 6 and cfg["lora_alpha"] == pytest.approx(want["lora_alpha"])
+    assert cfg["init_lora_weights"] is True and cfg["use_rslora"] is True
+    loaded = lorajax.load_peft(tmp_path / "out", params)
+    y = _mlp(lorajax.merge(loaded), jnp.asarray(io["x"]))
+    np.testing.assert_allclose(np.asarray(y), io["y"], atol=1e-5, rtol=0)
+
+
+def test_to_plain_lora_refuses_a_missing_initial():
+    w = jnp.eye(6)
+    lora = lorajax.lorafy({"fc": {"kernel": w}, "g": {"kernel": w}}, rank=2, where=["fc", "g"], init="olora")
+    with pytest.raises(ValueError, match=r"to_plain_lora: .*\n.*g/kernel: initial holds no LoRA node"):
+        lorajax.to_plain_lora(lora, {"fc": lora["fc"], "g": {"kernel": w}})
+
+
+def test_adapter_file_records_the_init(tmp_path):
+    w = jax.random.normal(jax.random.key(7), (8, 6))
+    lora = lorajax.lorafy({"fc": {"kernel": w}}, rank=2, where=["fc"], init="pissa")
+    f = os.fspath(tmp_path / "a.safetensors")
+    lorajax.save_adapter(f, lora)
+    assert lorajax.read_adapter(f)["fc/kernel"].spec.init == "pissa"
+    with pytest.raises(ValueError, match=r"load_adapter: (?s:.*)fc/kernel: .*pissa residual"):
+        lorajax.load_adapter(f, {"fc": {"kernel": w}})
+    again = lorajax.load_adapter(f, lorajax.lorafy({"fc": {"kernel": w}}, rank=2, where=["fc"], init="pissa"))
+    np.testing.assert_allclose(np.asarray(lorajax.merge(again)["fc"]["kernel"]), np.asarray(w), atol=1e-6, rtol=0)
+
+
+@pytest.mark.torch
+def test_peft_loads_the_export(tmp_path):
+    import importlib.util
+
+    import torch
+    from peft import PeftModel
+
+    spec = importlib.util.spec_from_file_location("mpf", Path(__file__).parent / "fixtures" / "make_peft_fixtures.py")
+    mpf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mpf)
+    for case in sorted(PEFT_CASES):
+        folder, config, params, initial, trained, io = _trained(case)
+        lorajax.save_peft(tmp_path / case, trained, initial=initial)
+        pm = PeftModel.from_pretrained(mpf.base_model("linear"), str(tmp_path / case)).eval()
+        with torch.no_grad():
+            y = pm(torch.from_numpy(io["x"])).numpy()
+        np.testing.assert_allclose(y, io["y"], atol=1e-5, rtol=0)
