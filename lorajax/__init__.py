@@ -26,6 +26,7 @@ from lorajax.adapters import (
 from lorajax._factored import FallbackWarning, factored
 from lorajax._layout import Layout, infer_layout
 from lorajax._lorafy import lorafy
+from lorajax._loraplus import loraplus
 from lorajax._merge import delta, merge, unlorafy
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import path_str
@@ -70,6 +71,7 @@ __all__ = [
     "load_adapter",
     "load_peft",
     "lorafy",
+    "loraplus",
     "mask",
     "masked",
     "memory_plan",
