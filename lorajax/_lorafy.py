@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes, _sharding, _targets
+from lorajax._dora import with_magnitude
 from lorajax._layout import Layout, LayoutArg, factor_names, resolve_layout
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, rebuild
@@ -44,6 +45,7 @@ def lorafy(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     layout: LayoutArg = None,
+    dora: bool = False,
 ) -> Any:
     """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
 
@@ -80,6 +82,9 @@ def lorafy(
         layout: ``{name or regex: spec}`` or ``(path, leaf) -> spec | None`` where a spec is a
             :class:`Layout` or its string (``"sio"``; ``"s..."`` = one stacked axis, infer the rest).
             Needed where names and shape cannot settle the layout.
+        dora: DoRA (Liu et al. 2024; PEFT's ``use_dora``): each node also gets a trainable
+            ``magnitude``, one entry per output feature (in ``dtype``), set to the norms of
+            ``W + scale * a @ b`` over the fan-in axes, so the model starts at the base. See the DoRA guide.
 
     Returns:
         A pytree of the same structure with :class:`LoRA` nodes at the targets.
@@ -131,6 +136,8 @@ def lorafy(
             base = _boxes.rebox(leaf, residual_base(array, a, b, spec))
         names_a, names_b = factor_names(leaf, lay)
         chosen[n] = LoRA(base=base, a=_boxes.rebox(leaf, a, names_a), b=_boxes.rebox(leaf, b, names_b), spec=spec)
+        if dora:
+            chosen[n] = with_magnitude(chosen[n], dtype)
     if not chosen:
         candidates = [
             _targets.path_str(p)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes
+from lorajax._dora import node_kernel as dora_kernel
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
@@ -37,7 +38,12 @@ def delta(node: LoRA, dtype: Any = None) -> jax.Array:
 
 
 def merged_kernel(node: LoRA) -> jax.Array:
-    """``base + delta`` for one node, computed in float32 and rounded once to the base dtype."""
+    """``base + delta`` for one node, computed in float32 and rounded once to the base dtype.
+
+    A DoRA node gives ``(m / n) ⊙ (base + delta)`` (``lorajax/_dora.py``).
+    """
+    if node.spec.variant == "dora":
+        return dora_kernel(node)
     base = jax.lax.stop_gradient(_boxes.unbox(node.base))
     dt = compute_dtype(base.dtype)
     return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
@@ -116,8 +122,8 @@ def _check_finite(params: Any) -> None:
     )
 
 
-def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, spec: LoRASpec) -> jax.Array:
-    return merged_kernel(LoRA(base, a, b, spec))
+def _merge_arrays(base: jax.Array, a: jax.Array, b: jax.Array, spec: LoRASpec, magnitude: Any = None) -> jax.Array:
+    return merged_kernel(LoRA(base, a, b, spec, magnitude=magnitude))
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,7 +140,7 @@ def _merge_donated(params: Any) -> Any:
     def one(path: Any, x: Any) -> Any:
         if not is_lora(x):
             return x.value if is_trainable(x) else x
-        base, a, b = (_boxes.unbox(v) for v in (x.base, x.a, x.b))
+        base, a, b, m = (_boxes.unbox(v) for v in (x.base, x.a, x.b, x.magnitude))
         if any(isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array) for v in (base, a, b)):
             raise ValueError(
                 f"merge(donate=True) needs concrete jax.Arrays and runs outside jax.jit; {path_str(path)} holds "
@@ -143,8 +149,8 @@ def _merge_donated(params: Any) -> Any:
         with warnings.catch_warnings():
             # Backends without donation (or a layout change) copy instead; the result is the same.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            merged = merge_program(base.sharding)(base, a, b, x.spec)
-        for factor in (a, b):
+            merged = merge_program(base.sharding)(base, a, b, x.spec, m)
+        for factor in (a, b) if m is None else (a, b, m):
             factor.delete()  # free the factors now, not when the caller drops the tree
         return _boxes.rebox(x.base, merged)
 

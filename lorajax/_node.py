@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._layout import Layout
 
-VARIANTS = ("lora",)
+VARIANTS = ("lora", "dora")
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -130,6 +130,10 @@ class LoRA(HasSpec):
     b: Any
     spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
     per_example: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    #: DoRA's trainable per-output-feature magnitude (``lorafy(..., dora=True)``, see ``lorajax/_dora.py``);
+    #: ``None`` for plain LoRA. Last among the children, so ``LoRA(base, a, b, spec)`` keeps working.
+    #: Read only where ``spec.variant == "dora"`` (tree maps such as sharding trees may put values in its place).
+    magnitude: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lorajax import _boxes, _targets
+from lorajax._dora import magnitude_entries
 from lorajax._layout import Layout
 from lorajax._node import is_lora
 
@@ -75,6 +76,27 @@ def _factor_shardings(sharding: Any, layout: Layout, per_example: bool = False) 
     )
 
 
+def magnitude_sharding(sharding: Any, layout: Layout) -> Any:
+    """The sharding of a DoRA magnitude: the base's entries for its stacked and fan-out axes.
+
+    >>> from jax.sharding import PartitionSpec as P
+    >>> magnitude_sharding(P("layers", "fsdp", "tp"), Layout("sio"))
+    P('layers', 'tp')
+    """
+    if sharding is None:
+        return None
+    if isinstance(sharding, (PartitionSpec, NamedSharding)):
+        spec = sharding if isinstance(sharding, PartitionSpec) else sharding.spec
+        m = PartitionSpec(*magnitude_entries(layout, _padded(spec, layout.ndim, "magnitude_sharding")))
+        return m if isinstance(sharding, PartitionSpec) else NamedSharding(sharding.mesh, m)
+    if isinstance(sharding, Sharding) and sharding.is_fully_replicated:
+        return sharding
+    raise TypeError(
+        f"lorajax: cannot derive a magnitude sharding from {sharding!r}; give the base a PartitionSpec or a "
+        "NamedSharding."
+    )
+
+
 def _is_spec_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (PartitionSpec, Sharding))
 
@@ -126,7 +148,8 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
         if isinstance(spec, PartitionSpec):
             _padded(spec, ndim, f"lorajax.partition_specs: {_targets.path_str(path)} with shape {x.shape}")
         sa, sb = _factor_shardings(spec, x.layout, x.per_example)
-        out.append(dataclasses.replace(x, base=spec, a=sa, b=sb))
+        sm = None if x.magnitude is None else magnitude_sharding(spec, x.layout)
+        out.append(dataclasses.replace(x, base=spec, a=sa, b=sb, magnitude=sm))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -118,7 +118,7 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
     rows = []
     for path, node in _targets.tree_paths(params, is_leaf=is_lora):
         if is_lora(node):
-            n = _size(node.a)[0] + _size(node.b)[0]
+            n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude)))
             rows.append(
                 TargetRow(_targets.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n)
             )

@@ -37,7 +37,7 @@ def _fill(x: Any, value: bool) -> Any:
 def mask(params: Any, also: Any = None) -> Any:
     """A bool pytree shaped like ``params``: True exactly at what trains.
 
-    What trains: the LoRA factors ``a`` and ``b``, and the values of
+    What trains: the LoRA factors ``a`` and ``b`` (and a DoRA node's ``magnitude``), and the values of
     :class:`lorajax.Trainable` nodes (``lorafy(..., also=...)``). LoRA bases and
     every other leaf are False. Use it as ``optax.masked(tx, lorajax.mask)``: since
     ``merge`` and ``factored`` give every frozen leaf an exactly zero gradient, the
@@ -60,7 +60,9 @@ def mask(params: Any, also: Any = None) -> Any:
 
     def label(x: Any) -> Any:
         if is_lora(x):
-            return dataclasses.replace(x, base=_fill(x.base, False), a=_fill(x.a, True), b=_fill(x.b, True))
+            return dataclasses.replace(
+                x, base=_fill(x.base, False), a=_fill(x.a, True), b=_fill(x.b, True), magnitude=_fill(x.magnitude, True)
+            )
         if is_trainable(x):
             return dataclasses.replace(x, value=_fill(x.value, True))
         return _fill(x, False)

@@ -22,6 +22,7 @@ from jax import lax
 
 from lorajax import _boxes
 from lorajax._factored._cache import TraceCache, static_key
+from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
 from lorajax._factored._ref import KernelRef, NodeInfo, is_array
 from lorajax._node import LoRA, is_lora
@@ -123,6 +124,8 @@ def factored(
                 node: LoRA = leaf
                 base = _boxes.unbox(node.base)
                 a, b = _boxes.unbox(node.a), _boxes.unbox(node.b)
+                if node.spec.variant == "dora":  # g = m / n rides in the factors (lorajax/_factored/_dora.py)
+                    a, b = extend_factors(base, a, b, _boxes.unbox(node.magnitude), node.spec, _node_name(path))
                 infos.append((n, _node_name(path), node))
                 dyn.append(base)
                 factors.extend([a, b])

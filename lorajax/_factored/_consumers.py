@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorajax._factored._layout_check import check_contraction
 from lorajax._factored._ref import KernelRef, factor_in_kernel_layout, normalize, prod
 from lorajax._factored._registry import register_rule
 
@@ -252,6 +253,13 @@ def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int)
     return y0 + lora.astype(y0.dtype)
 
 
+def _dora() -> Any:
+    """The DoRA variants of these rules (lorajax/_factored/_dora.py, which builds on this module)."""
+    from lorajax._factored import _dora
+
+    return _dora
+
+
 @register_rule("dot_general")
 def dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
     lhs, rhs = invals
@@ -259,6 +267,9 @@ def dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
         rhs = interp.fallback(rhs, "dot_general (kernel times kernel)")
     k_side = 0 if isinstance(lhs, KernelRef) else 1
     ref, x = (lhs, rhs) if k_side == 0 else (rhs, lhs)
+    check_contraction(ref, k_side, eqn.params["dimension_numbers"])
+    if ref.info.spec.variant == "dora":
+        return [_dora().dot(interp, eqn, x, ref, k_side)]
     return [_plain_dot(interp, eqn, x, ref, k_side)]
 
 
@@ -267,6 +278,8 @@ def conv_general_dilated(interp: Any, eqn: Any, invals: list) -> list | None:
     x, ref = invals
     if not isinstance(ref, KernelRef) or isinstance(x, KernelRef):
         return None
+    if ref.info.spec.variant == "dora":
+        return [_dora().conv(interp, eqn, x, ref)]
     y0 = eqn.primitive.bind(x, ref.base.astype(ref.dtype), **eqn.params)
     lora = conv_lora(interp.dropout(ref, x), ref, eqn.params, y0.shape)
     if lora is None:
@@ -279,6 +292,8 @@ def gather(interp: Any, eqn: Any, invals: list) -> list | None:
     ref, idx = invals
     if not isinstance(ref, KernelRef) or isinstance(idx, KernelRef):
         return None
+    if ref.info.spec.variant == "dora":
+        return [_dora().gather(interp, eqn, ref, idx)]
     y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **eqn.params)
     lora = gather_lora(idx, ref, eqn.params, y0.shape)
     if lora is None:

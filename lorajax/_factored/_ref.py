@@ -206,16 +206,29 @@ def materialize(ref: KernelRef) -> jax.Array:
             "and embedding gathers can run per-example adapters."
         )
     ref = normalize(ref)
+    dt = compute_dtype(ref.info.orig_dtype)
+    d = _view_product(ref, ref.a, ref.b, ref.info.spec, dt)
+    w = ref.base.astype(dt) + d
+    if ref.info.spec.variant == "dora":
+        # a carries a zero rank column and b the row g = m/n (lorajax/_factored/_dora.py): d is the plain
+        # delta, and the last column/row alone lay g out over the view (ones over the fan-in axes).
+        r = ref.a.shape[-1] - 1
+        ones = jnp.ones(ref.a.shape[:-1] + (1,), dt)
+        g_row = jax.lax.slice_in_dim(ref.b, r, r + 1, axis=ref.rank_axis("b"))
+        w = w * _view_product(ref, ones, g_row, ref.info.spec.replace(rank=1, alpha=1.0, rslora=False), dt)
+    return w.astype(ref.info.orig_dtype).astype(ref.dtype)
+
+
+def _view_product(ref: KernelRef, a: Any, b: Any, spec: LoRASpec, dt: Any) -> jax.Array:
+    """``spec.scale * a @ b`` laid out like the (normalized) view ``ref``."""
     ns, ni, no = ref.count("s"), ref.count("i"), ref.count("o")
-    a, b = ref.a, ref.b
     # A view may have squeezed away every fan-in (or fan-out) axis; a unit axis keeps the layout valid.
     if ni == 0:
         a = jnp.expand_dims(a, -2)
     if no == 0:
         b = jnp.expand_dims(b, -1)
     layout = Layout("s" * ns + "i" * max(ni, 1) + "o" * max(no, 1))
-    dt = compute_dtype(ref.info.orig_dtype)
-    d = lora_delta(a, b, ref.info.spec.replace(layout=layout), dt)
+    d = lora_delta(a, b, spec.replace(layout=layout), dt)
     if ni == 0:
         d = jnp.squeeze(d, ns)
     if no == 0:
@@ -223,9 +236,7 @@ def materialize(ref: KernelRef) -> jax.Array:
     # After normalize, group g's j-th factor axis is the view's j-th axis of that group, in view order.
     offset = {"s": 0, "i": ns, "o": ns + ni}
     order = [offset[g] + j for g, j in ref.labels if g != "u"]
-    d = jnp.reshape(jnp.transpose(d, order), ref.shape)
-    w = (ref.base.astype(dt) + d).astype(ref.info.orig_dtype)
-    return w.astype(ref.dtype)
+    return jnp.reshape(jnp.transpose(d, order), ref.shape)
 
 
 def prod(xs: Any) -> int:

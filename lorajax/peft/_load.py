@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes
+from lorajax._dora import magnitude_entries, magnitude_shape
 from lorajax._layout import Layout, LayoutArg, factor_names, layout_spec, parse_layout
 from lorajax._node import LoRA, LoRASpec, fold_scale, is_lora, lora_scale
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
@@ -62,6 +63,7 @@ class _Factors(NamedTuple):
     rank: int
     alpha: float
     rslora: bool
+    magnitude: np.ndarray | None = None  # DoRA: one entry per output feature, magnitude_shape(layout, shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,7 +137,9 @@ def _module_factors(
     if scaling.rank_of(name) != r:
         raise ValueError(f"module {name!r}: config gives rank {scaling.rank_of(name)} but its factors have rank {r}")
     a, b = to_ours(kind, A, B, lay, shape)
-    return _Factors(a, b, r, scaling.alpha_of(name), scaling.rslora)
+    M = modules[name].get("M")
+    m = None if M is None else np.reshape(M, magnitude_shape(lay, shape))  # PEFT flattens fan-out like B
+    return _Factors(a, b, r, scaling.alpha_of(name), scaling.rslora, m)
 
 
 def _stacked_factors(
@@ -157,10 +161,18 @@ def _stacked_factors(
     got = {
         i: _module_factors(name, modules, scaling, inner, inner_shape, f"{where}[{i}]") for i, name in layers.items()
     }
+    dora = {f.magnitude is not None for f in got.values()}
+    if dora == {True} and len(got) != count:
+        missing = sorted(set(range(count)) - set(got))
+        raise ValueError(
+            f"{where}: a DoRA adapter for layers {sorted(got)} of {count}; layers {missing} would need the base's "
+            "column norms as magnitude: load onto per-layer (unstacked) kernels instead"
+        )
+    m = np.stack([np.asarray(got[i].magnitude) for i in range(count)]) if dora == {True} else None
     if len(got) == count and len({(f.rank, f.alpha) for f in got.values()}) == 1:
         first = got[0]  # a and b start with the stacked axis (Layout.a_shape)
         a, b = np.stack([got[i].a for i in range(count)]), np.stack([got[i].b for i in range(count)])
-        return _Factors(a, b, first.rank, first.alpha, first.rslora)
+        return _Factors(a, b, first.rank, first.alpha, first.rslora, m)
     r_max = max(f.rank for f in got.values())
     dtype = np.result_type(*[f.a.dtype for f in got.values()])
     a = np.zeros((count, *inner.a_shape(inner_shape, r_max)), dtype)
@@ -168,7 +180,7 @@ def _stacked_factors(
     for i, f in got.items():
         a[i, ..., : f.rank] = f.a
         b[i, : f.rank] = fold_scale(f.b, lora_scale(f.alpha, f.rank, f.rslora), dtype, xp=np)
-    return _Factors(a, b, r_max, float(r_max), False)
+    return _Factors(a, b, r_max, float(r_max), False, m)  # folding the scale into b leaves DoRA's W + ΔW as it was
 
 
 def _loaded_node(leaf: Any, lay: Layout, f: _Factors) -> LoRA:
@@ -176,9 +188,16 @@ def _loaded_node(leaf: Any, lay: Layout, f: _Factors) -> LoRA:
     box = leaf.base if is_lora(leaf) else leaf
     names_a, names_b = factor_names(box, lay)
     a, b = _boxes.rebox(box, jnp.asarray(f.a), names_a), _boxes.rebox(box, jnp.asarray(f.b), names_b)
+    m, variant = None, "lora"
+    if f.magnitude is not None:
+        names = _boxes.names(box)
+        m = _boxes.rebox(box, jnp.asarray(f.magnitude), None if names is None else magnitude_entries(lay, names))
+        variant = "dora"
     if is_lora(leaf):
-        return dataclasses.replace(leaf, a=a, b=b, spec=leaf.spec.replace(rank=f.rank, alpha=f.alpha, rslora=f.rslora))
-    return LoRA(base=leaf, a=a, b=b, spec=LoRASpec(rank=f.rank, alpha=f.alpha, layout=lay, rslora=f.rslora))
+        spec = leaf.spec.replace(rank=f.rank, alpha=f.alpha, rslora=f.rslora, variant=variant)
+        return dataclasses.replace(leaf, a=a, b=b, spec=spec, magnitude=m)
+    spec = LoRASpec(rank=f.rank, alpha=f.alpha, layout=lay, rslora=f.rslora, variant=variant)
+    return LoRA(base=leaf, a=a, b=b, spec=spec, magnitude=m)
 
 
 def _load_kernel(
@@ -219,7 +238,9 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
     matches a module equal to it or ending with ``"." + key``, as a regex) set
     each node's ``rank``/``alpha``/``rslora``. Kernels the adapter does not name
     are left as they are; existing LoRA nodes it names keep their base and
-    layout and get the new factors. Factors keep the file's dtype.
+    layout and get the new factors. Factors keep the file's dtype. A DoRA adapter
+    (``use_dora: true``) gives DoRA nodes whose ``magnitude`` is the file's
+    ``lora_magnitude_vector`` (Linear, GPT-2 Conv1D, ConvNd, Embedding).
 
     Args:
         path: the adapter directory (as written by ``PeftModel.save_pretrained``).
@@ -241,7 +262,7 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
         ``params`` with a :class:`lorajax.LoRA` node at each adapted kernel.
 
     Raises:
-        ValueError: an unsupported PEFT feature (DoRA, ``modules_to_save``, ``lora_bias``,
+        ValueError: an unsupported PEFT feature (``modules_to_save``, ``lora_bias``,
             ``target_parameters``...), or one message listing every module without a
             kernel, every shape mismatch and every ambiguous name.
 

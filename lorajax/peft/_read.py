@@ -16,21 +16,21 @@ _SUFFIXES = {
     ".lora_B.weight": ("B", "dense"),
     ".lora_embedding_A": ("A", "embed"),
     ".lora_embedding_B": ("B", "embed"),
+    ".lora_magnitude_vector": ("M", ""),  # DoRA; the module's kind comes from its A and B
 }
 # Tensor-name fragments of PEFT features lorajax does not implement, for a precise error.
 _UNSUPPORTED_KEYS = (
-    ("lora_magnitude_vector", "DoRA (use_dora=True) magnitude vectors"),
     ("modules_to_save", "modules_to_save (fully trained copies of modules)"),
     ("trainable_tokens", "trainable_token_indices"),
     ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
 )
-_SUPPORTED = "Only plain LoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding loads."
+_SUPPORTED = (
+    "Only LoRA and DoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding load."
+)
 
 
 def _unsupported_features(config: dict[str, Any]) -> list[str]:
     found = []
-    if config.get("use_dora"):
-        found.append("use_dora=True (DoRA magnitude vectors)")
     if config.get("modules_to_save"):
         found.append(f"modules_to_save={config['modules_to_save']!r} (fully trained module copies)")
     if config.get("lora_bias"):
@@ -80,26 +80,38 @@ def _files(root: Path, caller: str) -> tuple[Path, Path]:
     return cfg_file, w_file
 
 
-def _group(tensors: dict[str, Any], problems: Problems) -> dict[str, dict[str, Any]]:
-    """``{module: {"kind": ..., "A": ..., "B": ...}}`` from PEFT's tensor names."""
+def _group(tensors: dict[str, Any], problems: Problems, dora: bool) -> dict[str, dict[str, Any]]:
+    """``{module: {"kind": ..., "A": ..., "B": ...}}`` (plus ``"M"``, a DoRA magnitude) from PEFT's tensor names."""
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         feature = next((f for fragment, f in _UNSUPPORTED_KEYS if fragment in key), None)
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if feature is not None:
             problems.add(f"{key}: {feature} is not supported")
+        elif suffix == ".lora_magnitude_vector" and not dora:
+            problems.add(
+                f"{key}: a DoRA magnitude, but the config does not set use_dora=True; fix the config or drop the tensor"
+            )
         elif suffix is None:
             problems.add(f"{key}: not a LoRA factor (*.lora_A.weight, *.lora_B.weight, *.lora_embedding_A/B)")
         else:
             which, kind = _SUFFIXES[suffix]
-            modules.setdefault(key[: -len(suffix)].removeprefix(PREFIX), {"kind": kind})[which] = value
+            entry = modules.setdefault(key[: -len(suffix)].removeprefix(PREFIX), {})
+            entry[which] = value
+            if kind:
+                entry["kind"] = kind
     return modules
 
 
-def _check_pair(name: str, entry: dict[str, Any]) -> str | None:
-    """Settle a module's kind (a 'dense' with a window is a conv); a problem if its A, B are no LoRA pair."""
+def _check_pair(name: str, entry: dict[str, Any], dora: bool) -> str | None:
+    """Settle a module's kind (a 'dense' with a window is a conv); a problem if its A, B are no LoRA pair.
+
+    With ``dora`` (the config's ``use_dora``) every module needs a magnitude of PEFT's shape:
+    ``(out,)`` for Linear, Conv1D and Embedding, ``(1, out, 1, ...)`` for ConvNd.
+    """
     if "A" not in entry or "B" not in entry:
-        return f"{name}: has only lora_{'A' if 'A' in entry else 'B'}"
+        has = [f"lora_{k}" for k in ("A", "B") if k in entry] or ["a DoRA magnitude (lora_magnitude_vector)"]
+        return f"{name}: has only {has[0]}"
     A, B = entry["A"], entry["B"]
     if entry["kind"] == "dense" and A.ndim > 2:
         entry["kind"] = "conv"
@@ -109,7 +121,19 @@ def _check_pair(name: str, entry: dict[str, Any]) -> str | None:
         or (kind == "embed" and A.ndim == 2 and B.ndim == 2 and B.shape[1] == r)
         or (kind == "conv" and B.ndim == A.ndim and B.shape[1] == r and all(s == 1 for s in B.shape[2:]))
     )
-    return None if ok else f"{name}: factor shapes A {A.shape}, B {B.shape} do not form a rank-{r} LoRA pair"
+    if not ok:
+        return f"{name}: factor shapes A {A.shape}, B {B.shape} do not form a rank-{r} LoRA pair"
+    if dora and "M" not in entry:
+        return f"{name}: the config sets use_dora=True (DoRA) but the module has no lora_magnitude_vector"
+    if dora:
+        out = B.shape[0]
+        want = (1, out) + (1,) * (A.ndim - 2) if kind == "conv" else (out,)
+        if tuple(entry["M"].shape) != want:
+            return (
+                f"{name}: DoRA magnitude (lora_magnitude_vector) has shape {tuple(entry['M'].shape)}; "
+                f"a {kind} module with {out} output features needs {want}"
+            )
+    return None
 
 
 def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -128,9 +152,10 @@ def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], di
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{caller}: cannot read {w_file} (truncated or not a safetensors file?): {e}") from None
     problems = Problems(caller)
-    modules = _group(tensors, problems)
+    dora = bool(config.get("use_dora", False))
+    modules = _group(tensors, problems, dora)
     for name, entry in modules.items():
-        problem = _check_pair(name, entry)
+        problem = _check_pair(name, entry, dora)
         if problem is not None:
             problems.add(problem)
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
@@ -143,7 +168,8 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     """The config and per-module factors of a PEFT adapter directory, as NumPy arrays.
 
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
-    in PEFT's own shapes. Checks the same things as :func:`lorajax.load_peft` (unsupported features,
+    in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape.
+    Checks the same things as :func:`lorajax.load_peft` (unsupported features,
     factor pairs).
 
     Example:

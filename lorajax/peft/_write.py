@@ -41,6 +41,7 @@ class _Factors(NamedTuple):
     node: LoRA
     a: np.ndarray
     b: np.ndarray
+    magnitude: np.ndarray | None = None  # DoRA
 
 
 class _Module(NamedTuple):
@@ -52,13 +53,15 @@ class _Module(NamedTuple):
     shape: tuple[int, ...]
     a: np.ndarray
     b: np.ndarray
+    magnitude: np.ndarray | None = None  # DoRA
 
 
 def _nonfinite(factors: Iterable[_Factors], problems: Problems) -> None:
     for f in factors:
         found = [
             f"{name} has {count} {what}"
-            for name, x in (("a", f.a), ("b", f.b))
+            for name, x in (("a", f.a), ("b", f.b), ("magnitude", f.magnitude))
+            if x is not None
             for what, count in (("NaN", int(np.isnan(x).sum())), ("Inf", int(np.isinf(x).sum())))
             if count
         ]
@@ -70,14 +73,18 @@ def _split(f: _Factors, name: str) -> list[tuple[str, _Module]]:
     """The PEFT modules of one node: itself, or one per layer of a stacked kernel (``name`` has ``{}``)."""
     node = f.node
     if not node.layout.stack:
-        return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b))]
+        return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b, f.magnitude))]
     if not is_template(name):
         raise ValueError(
             f"{f.path}: stacked layout {node.layout.axes!r} but one module name {name!r}; PEFT has one module "
             "per layer: give name_map a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'"
         )
     inner, inner_shape, count = unstack(node.layout, node.shape, f.path)
-    return [(layer_name(name, k), _Module(f.path, node, inner, inner_shape, f.a[k], f.b[k])) for k in range(count)]
+    m = f.magnitude
+    return [
+        (layer_name(name, k), _Module(f.path, node, inner, inner_shape, f.a[k], f.b[k], None if m is None else m[k]))
+        for k in range(count)
+    ]
 
 
 def _modules(factors: Iterable[_Factors], namer: Namer, problems: Problems) -> dict[str, _Module]:
@@ -104,6 +111,20 @@ def _modules(factors: Iterable[_Factors], namer: Namer, problems: Problems) -> d
     return modules
 
 
+def _dora_all_or_none(factors: list[_Factors], problems: Problems) -> None:
+    """PEFT's ``use_dora`` holds for a whole adapter: DoRA and plain nodes cannot share a file."""
+    dora = [f.path for f in factors if f.node.spec.variant == "dora"]
+    if dora and len(dora) != len(factors):
+        plain = [f.path for f in factors if f.node.spec.variant != "dora"]
+        problems.add(
+            f"DoRA nodes ({', '.join(dora)}) and plain LoRA nodes ({', '.join(plain)}) in one adapter: PEFT's "
+            "use_dora is one setting per adapter; save them as two adapters (filter the params) or lorafy all with dora"
+        )
+    for f in factors:
+        if f.node.spec.variant == "dora" and f.magnitude is None:
+            problems.add(f"{f.path}: a DoRA node without its magnitude (from lorajax.partition?); combine it back")
+
+
 def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -120,6 +141,10 @@ def _tensors(modules: dict[str, _Module]) -> dict[str, np.ndarray]:
             tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = A, B
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = A, B
+        if m.magnitude is not None:  # PEFT's shapes: (out,), or (1, out, 1, ...) for a ConvNd
+            lead = (1,) if m.layout.kind == "conv" else ()
+            shape = lead + (B.shape[0],) + (1,) * (A.ndim - 2 if m.layout.kind == "conv" else 0)
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m.magnitude.reshape(shape))
     return tensors
 
 
@@ -149,7 +174,7 @@ def _config(modules: dict[str, _Module], base_model_name_or_path: str | None, fa
         "fan_in_fan_out": fan_in_fan_out,
         "lora_dropout": 0.0,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": any(m.magnitude is not None for m in modules.values()),
         "lora_bias": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -176,7 +201,9 @@ def save_peft(
     their own dtype). A new folder appears whole or not at all; in an existing
     one each file is replaced atomically. A node whose ``rslora`` differs from the
     majority is saved with the ``alpha`` that gives the same scale under the
-    majority rule, so outputs are unchanged.
+    majority rule, so outputs are unchanged. DoRA nodes (all of the adapter's, as
+    PEFT's ``use_dora`` is one setting) write ``use_dora: true`` and each
+    magnitude as ``<module>.lora_magnitude_vector`` in PEFT's shape.
 
     Args:
         path: output directory (created; files in an existing one are replaced).
@@ -215,7 +242,13 @@ def save_peft(
     if initial is not None:
         params = plain_lora(params, initial, caller=CALLER)
     factors = [
-        _Factors(path_str(kpath), x, np.asarray(_boxes.unbox(x.a)), np.asarray(_boxes.unbox(x.b)))
+        _Factors(
+            path_str(kpath),
+            x,
+            np.asarray(_boxes.unbox(x.a)),
+            np.asarray(_boxes.unbox(x.b)),
+            None if x.magnitude is None else np.asarray(_boxes.unbox(x.magnitude)),
+        )
         for kpath, x in tree_paths(params, is_leaf=is_lora)
         if is_lora(x)
     ]
@@ -231,6 +264,7 @@ def save_peft(
         "for the original base (lorajax.to_plain_lora).",
     )
     problems = Problems(CALLER)
+    _dora_all_or_none(factors, problems)
     modules = _modules(factors, namer, problems)
     problems.raise_if_any("cannot name every LoRA node as a PEFT module")
     if not allow_nonfinite:

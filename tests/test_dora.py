@@ -1,0 +1,318 @@
+"""DoRA (lorafy(dora=True), PEFT's use_dora): the weight-decomposed LoRA variant.
+
+Checked against an independent dense formula written out here (float64 NumPy), and against
+files PEFT wrote (tests/fixtures/peft/dora_*, from tests/fixtures/make_dora_fixtures.py):
+forward, merged kernels and the gradients of A, B and the magnitude.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+import lorajax
+
+FIXTURES = Path(__file__).parent / "fixtures" / "peft"
+RTOL = ATOL = 1e-5
+
+
+def dense_dora(w, a, b, m, scale, fan_in):
+    """The DoRA kernel ``(m / ‖W + s·a@b‖) ⊙ (W + s·a@b)`` in float64, for a kernel laid out (*fan_in, *fan_out)."""
+    w, a, b, m = (np.asarray(v, np.float64) for v in (w, a, b, m))
+    k = len(fan_in)
+    d = scale * (a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)).reshape(w.shape)
+    v = w + d
+    n = np.sqrt((v**2).sum(axis=tuple(range(k))))
+    return (m / n) * v
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lorafy(dora=True) and merge, against the dense formula.
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((6, 5), "io"), ((3, 3, 4, 5), "wwio"), ((10, 6), "eo"), ((6, 2, 3), "ioo")],
+)
+def test_lorafy_dora_starts_at_the_base_and_merges_like_the_dense_formula(shape, layout):
+    w = jax.random.normal(jax.random.key(0), shape)
+    params = {"m": {"kernel": w}}
+    p = lorajax.lorafy(params, rank=2, alpha=3.0, where=["m"], dora=True, layout={"m": layout})
+    node = p["m"]["kernel"]
+    assert node.spec.variant == "dora"
+    fan_in = tuple(k for k, c in enumerate(layout) if c in "iwe")
+    assert node.magnitude.shape == tuple(s for k, s in enumerate(shape) if k not in fan_in)
+    np.testing.assert_allclose(lorajax.merge(p)["m"]["kernel"], w, rtol=0, atol=1e-6)  # starts at the base
+    # Move every trainable leaf, then compare with the dense float64 formula.
+    keys = jax.random.split(jax.random.key(1), 3)
+    node = node.__class__(
+        node.base,
+        jax.random.normal(keys[0], node.a.shape),
+        jax.random.normal(keys[1], node.b.shape),
+        node.spec,
+        magnitude=node.magnitude * (1 + 0.3 * jax.random.normal(keys[2], node.magnitude.shape)),
+    )
+    perm = [k for k in range(len(shape)) if k in fan_in] + [k for k in range(len(shape)) if k not in fan_in]
+    wt = np.transpose(np.asarray(w), perm)  # (*fan_in, *fan_out) for the oracle
+    want = dense_dora(wt, node.a, node.b, node.magnitude, node.scale, fan_in)
+    got = np.transpose(np.asarray(lorajax.merge({"k": node})["k"]), perm)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_magnitude_trains_and_the_norm_is_detached():
+    w = jax.random.normal(jax.random.key(0), (5, 4))
+    p = lorajax.lorafy({"m": {"kernel": w}}, rank=2, where=["m"], dora=True, init="gaussian")
+    mask = lorajax.mask(p)["m"]["kernel"]
+    assert mask.magnitude is True and mask.a is True and mask.base is False
+    assert lorajax.summary(p).trainable == 5 * 2 + 2 * 4 + 4
+    x = jax.random.normal(jax.random.key(2), (3, 5))
+    cot = jax.random.normal(jax.random.key(3), (3, 4))
+    grads = jax.grad(lambda p: ((x @ lorajax.merge(p)["m"]["kernel"]) * cot).sum())(p)["m"]["kernel"]
+    # With n detached, y = (m/n) ⊙ (x (W + ΔW)) is linear in m: dL/dm_j = sum_i cot_ij (x V)_ij / n_j.
+    node = p["m"]["kernel"]
+    v = np.asarray(w, np.float64) + node.scale * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+    n = np.sqrt((v**2).sum(0))
+    np.testing.assert_allclose(grads.magnitude, ((np.asarray(x) @ v) * np.asarray(cot)).sum(0) / n, rtol=1e-5)
+    assert float(jnp.abs(grads.base).max()) == 0.0
+    # One optimizer step moves the magnitude and never the base.
+    tx = lorajax.masked(optax.sgd(0.1))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    assert float(jnp.abs(updates["m"]["kernel"].magnitude).min()) > 0
+    assert float(jnp.abs(updates["m"]["kernel"].base).max()) == 0.0
+
+
+def test_dora_stacked_layers_get_one_magnitude_each_and_shard_like_fan_out():
+    from jax.sharding import PartitionSpec as P
+
+    w = jax.random.normal(jax.random.key(0), (3, 6, 4))
+    p = lorajax.lorafy({"h": {"kernel": w}}, rank=2, where=["h"], dora=True, layout={"h": "sio"})
+    node = p["h"]["kernel"]
+    assert node.magnitude.shape == (3, 4)
+    np.testing.assert_allclose(node.magnitude, np.sqrt((np.asarray(w) ** 2).sum(1)), rtol=1e-6)
+    specs = lorajax.partition_specs(p, {"h": {"kernel": P("layers", "fsdp", "tp")}})
+    assert specs["h"]["kernel"].magnitude == P("layers", "tp")
+    trainable, frozen = lorajax.partition(p)
+    assert frozen["h"]["kernel"].magnitude is None
+    np.testing.assert_allclose(lorajax.merge(lorajax.combine(trainable, frozen))["h"]["kernel"], w, atol=1e-6)
+    with pytest.raises(ValueError, match="no magnitude"):
+        lorajax.merge(frozen)
+
+
+def test_dora_merge_donated_equals_merge():
+    w = jax.random.normal(jax.random.key(0), (6, 4))
+    p = lorajax.lorafy({"m": {"kernel": w}}, rank=2, where=["m"], dora=True, init="gaussian")
+    node = p["m"]["kernel"]
+    moved = node.__class__(node.base, node.a, node.b + 0.3, node.spec, magnitude=node.magnitude * 1.5)
+    p = {"m": {"kernel": moved}}
+    want = np.asarray(lorajax.merge(p)["m"]["kernel"])
+    copy = jax.tree.map(jnp.copy, p)
+    np.testing.assert_allclose(lorajax.merge(copy, donate=True)["m"]["kernel"], want, rtol=1e-6)  # jit: 1 ulp
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with files PEFT wrote (no torch needed). Flax linen twins of make_peft_fixtures.py's PyTorch models.
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
+
+
+class GPT2(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            h = jnp.tanh(nn.Dense(12, name=f"c_attn_{i}")(x))
+            x = x + nn.Dense(6, name=f"c_proj_{i}")(h)
+        return x
+
+
+class Conv1d(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (N, L, C)
+        x = jnp.tanh(nn.Conv(4, (3,), strides=(2,), padding=[(1, 1)], name="conv")(x))
+        return nn.Conv(2, (2,), padding="VALID", name="conv_out")(x)
+
+
+class Conv2d(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, C): strided, asymmetric and 1x1 kernels
+        x = jnp.tanh(nn.Conv(4, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)], name="conv_a")(x))
+        x = jnp.tanh(nn.Conv(3, (2, 3), strides=(1, 2), padding=[(0, 0), (1, 1)], name="conv_b")(x))
+        return nn.Conv(3, (1, 1), name="conv_c")(x)
+
+
+class Embedder(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(3, name="proj")(nn.Embed(10, 6, name="emb")(ids))
+
+
+def _gpt2_name(path: str) -> str:  # "params/c_attn_1/kernel" -> "h.1.c_attn"
+    module = path.removeprefix("params/").rpartition("/")[0]
+    return re.sub(r"^(c_\w+)_(\d)$", r"h.\2.\1", module)
+
+
+_NCL = ((0, 2, 1), (0, 2, 1))
+_NCHW = ((0, 2, 3, 1), (0, 3, 1, 2))
+#: case -> (Flax model, name_map, (input permutation to Flax, output permutation back) or None)
+SPECS = {
+    "dora_linear": (MLP(), None, None),
+    "dora_gpt2_conv1d": (GPT2(), _gpt2_name, None),
+    "dora_conv1d": (Conv1d(), None, _NCL),
+    "dora_conv2d": (Conv2d(), None, _NCHW),
+    "dora_embedding": (Embedder(), None, None),
+}
+CASES = list(SPECS)
+
+
+def flax_params(case: str, state: dict) -> dict:
+    """Flax params from a PyTorch state dict, each layout converted by hand."""
+    params: dict = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        name = re.sub(r"^h\.(\d)\.(\w+)$", r"\2_\1", module)
+        node = params.setdefault(name, {})
+        if leaf == "bias":
+            node["bias"] = value
+        elif module == "emb":
+            node["embedding"] = value  # (num, dim) in both
+        elif case == "dora_gpt2_conv1d":
+            node["kernel"] = value  # Conv1D stores (in, out), like a Flax Dense kernel
+        else:
+            node["kernel"] = np.transpose(value, (*range(2, value.ndim), 1, 0))  # (out, in, *k) -> (*k, in, out)
+    return {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def torch_kernel(case: str, module: str, kernel: np.ndarray) -> np.ndarray:
+    """A Flax kernel in PyTorch's layout (the inverse of flax_params)."""
+    if module == "emb" or case == "dora_gpt2_conv1d":
+        return kernel
+    return np.transpose(kernel, (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2)))
+
+
+def apply(case: str, fn, params, x):
+    model, _, perm = SPECS[case]
+    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
+    y = fn(model.apply)(params, x)
+    return y if perm is None else jnp.transpose(y, perm[1])
+
+
+def load_case(case: str, directory: Path | None = None):
+    directory = FIXTURES / case if directory is None else directory
+    base = flax_params(case, load_file(str(directory / "base.safetensors")))
+    params = lorajax.load_peft(directory, base, name_map=SPECS[case][1])
+    return base, params, load_file(str(FIXTURES / case / "io.safetensors"))
+
+
+def merged_path(f):
+    return lambda p, x: f(lorajax.merge(p), x)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_peft_dora_forward_and_merged_kernels_match_peft(case):
+    base, params, io = load_case(case)
+    nodes = [x for x in jax.tree.leaves(params, is_leaf=lorajax.is_lora) if lorajax.is_lora(x)]
+    assert nodes and all(n.spec.variant == "dora" and n.magnitude is not None for n in nodes)
+    y = apply(case, merged_path, params, io["x"])
+    np.testing.assert_allclose(y, io["y"], rtol=RTOL, atol=ATOL)  # PEFT's unmerged forward
+    np.testing.assert_allclose(y, io["y_merged"], rtol=RTOL, atol=ATOL)  # PEFT's merge_and_unload
+    assert not np.allclose(apply(case, lambda f: f, base, io["x"]), io["y"], atol=1e-3)  # the adapter matters
+    merged = lorajax.merge(params)["params"]
+    namer = SPECS[case][1] or (lambda path: path.removeprefix("params/").rpartition("/")[0])
+    for module, leaves in merged.items():
+        leaf = "embedding" if "embedding" in leaves else "kernel"
+        name = namer(f"params/{module}/{leaf}")
+        got = torch_kernel(case, name, np.asarray(leaves[leaf]))
+        np.testing.assert_allclose(got, io[f"merged.{name}"], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dora_gradients_of_a_b_and_magnitude_match_peft(case, tmp_path):
+    _, params, io = load_case(case)
+    cot = jnp.asarray(io["cotangent"])
+    grads = jax.grad(lambda p: (apply(case, merged_path, p, io["x"]) * cot).sum())(params)
+    # save_peft writes the gradient tree under PEFT's names and layouts (the conversion the forward test pins).
+    lorajax.save_peft(tmp_path / "g", grads, name_map=SPECS[case][1], fan_in_fan_out=case == "dora_gpt2_conv1d")
+    ours = load_file(str(tmp_path / "g" / "adapter_model.safetensors"))
+    want = load_file(str(FIXTURES / case / "grads.safetensors"))
+    assert sorted(ours) == sorted(want)
+    assert any(k.endswith("lora_magnitude_vector") for k in want)
+    for key in want:
+        np.testing.assert_allclose(ours[key], want[key], rtol=RTOL, atol=ATOL, err_msg=key)
+
+
+def factored_path(f):
+    return lorajax.factored(f, strict=True)  # strict: W is formed nowhere
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_factored_dora_forward_and_gradients_match_peft(case, tmp_path):
+    _, params, io = load_case(case)
+    np.testing.assert_allclose(apply(case, factored_path, params, io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+    cot = jnp.asarray(io["cotangent"])
+    grads = jax.grad(lambda p: (apply(case, factored_path, p, io["x"]) * cot).sum())(params)
+    lorajax.save_peft(tmp_path / "g", grads, name_map=SPECS[case][1], fan_in_fan_out=case == "dora_gpt2_conv1d")
+    ours = load_file(str(tmp_path / "g" / "adapter_model.safetensors"))
+    want = load_file(str(FIXTURES / case / "grads.safetensors"))
+    for key in want:
+        np.testing.assert_allclose(ours[key], want[key], rtol=RTOL, atol=ATOL, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The factored path: equal to the merge path, no fan-in x fan-out temporary, sound numerics.
+
+
+def _all_shapes(jaxpr):
+    """The shape of every value any equation of ``jaxpr`` (and its sub-jaxprs) computes.
+
+    ``stop_gradient`` is left out: it returns the frozen base itself (no computation, no new buffer).
+    """
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "stop_gradient":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    shapes += _all_shapes(inner)
+    return shapes
+
+
+def test_factored_dora_training_step_forms_no_fan_in_by_fan_out_value():
+    from _models import tiny_gpt
+
+    model, params, tokens = tiny_gpt(d_model=24, batch=2, seq=5, vocab=40)
+    lp = {"params": lorajax.lorafy(params, rank=2, where=lorajax.all_linear, dora=True, init="gaussian")}
+    t, f = lorajax.partition(lp)
+    kernels = [n.shape for n in jax.tree.leaves(lp, is_leaf=lorajax.is_lora) if lorajax.is_lora(n)]
+    sizes = set()
+    for s in kernels:  # fan-in x fan-out in any orientation or grouping: compare element counts and shapes
+        sizes.add(int(np.prod(s)))
+    activations = {tokens.size * k for k in (24, 40, 96, 1, 3)}  # (batch, seq, features) may share a size
+    forbidden = sizes - activations
+
+    def step(apply):
+        return jax.make_jaxpr(jax.grad(lambda t: apply(lorajax.combine(t, f), tokens).mean()))(t)
+
+    def big(jaxpr, consts):
+        return sorted({s for s in _all_shapes(jaxpr) if int(np.prod(s)) in forbidden})
+
+    mer = step(lambda p, x: model.apply(lorajax.merge(p), x))
+    assert big(mer.jaxpr, mer.consts), "the check must be able to see W + ΔW in the merge path"
+    fac = step(lorajax.factored(model.apply, strict=True))
+    assert big(fac.jaxpr, fac.consts) == []
+    grads = jax.grad(lambda t: lorajax.factored(model.apply)(lorajax.combine(t, f), tokens).mean())(t)
+    want = jax.grad(lambda t: model.apply(lorajax.merge(lorajax.combine(t, f)), tokens).mean())(t)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
