@@ -24,6 +24,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax._factored import FallbackWarning, factored
+from lorajax._infer import TracedLayouts, infer_layouts
 from lorajax._layout import Layout, infer_layout
 from lorajax._lorafy import lorafy
 from lorajax._loraplus import loraplus
@@ -53,6 +54,7 @@ __all__ = [
     "StateBytes",
     "Summary",
     "TargetRow",
+    "TracedLayouts",
     "Trainable",
     "adapter",
     "all_linear",
@@ -66,6 +68,7 @@ __all__ = [
     "factor_specs",
     "factored",
     "infer_layout",
+    "infer_layouts",
     "is_lora",
     "is_trainable",
     "load_adapter",

@@ -148,26 +148,142 @@ _QKV = _names.suffix_regex(_names.QUERY, _names.KEY, _names.VALUE, _names.FUSED_
 _OUT = _names.suffix_regex(_names.ATTN_OUT)
 
 
-def _ambiguous(path: KeyPath, shape: tuple[int, ...], why: str, caller: str) -> ValueError:
+LAYOUT_HINT = (
+    "State each layout with layout={path or regex: spec}, one code per axis: 's' stacked layer axis, 'i' fan-in, "
+    "'o' fan-out, 'w' conv window, 'e' embedding rows (e.g. 'sio' for a Dense kernel stacked by nn.scan, 'ioo' for "
+    "a (d_model, heads, head_dim) query kernel, 's...' for one leading stacked axis and the rest inferred), or let "
+    "the model say it: layout=lorajax.infer_layouts(apply_fn, params, *inputs) reads every layout from the "
+    "computation."
+)
+
+
+class AmbiguousLayout(ValueError):
+    """Names and shape do not settle a kernel's layout; ``item`` is its one-line description."""
+
+    def __init__(self, item: str, caller: str) -> None:
+        super().__init__(f"{caller}: {item}. {LAYOUT_HINT}")
+        self.item = item
+
+
+def _ambiguous(path: KeyPath, shape: tuple[int, ...], why: str, caller: str) -> AmbiguousLayout:
     name = path_str(path)
-    return ValueError(
-        f"{caller}: cannot tell the layout of {name} with shape {shape}: {why}. State it with "
-        f"layout={{{name!r}: ...}}, one code per axis: 's' stacked layer axis, 'i' fan-in, 'o' fan-out, "
-        f"'w' conv window, 'e' embedding rows; e.g. 'sio' for a Dense kernel stacked by nn.scan, 'ioo' for a "
-        f"DenseGeneral query kernel, or 's...' to declare one leading stacked axis and infer the rest."
+    return AmbiguousLayout(
+        f"cannot tell the layout of {name} with shape {shape}: {why}; state it with layout={{{name!r}: ...}}", caller
     )
 
 
-def infer_layout(path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy") -> Layout:
+# A 3-D projection kernel has one fan-in axis (q/k/v: d_model) or one fan-out axis (output: d_model), and
+# heads * head_dim is the size of the other two in the common case. Flax stores a query kernel as
+# (d_model, heads, head_dim), keras-hub's and gemma's Gemma as (heads, d_model, head_dim): only the sizes tell.
+_ONE_IN = ("ioo", "oio", "ooi")
+_ONE_OUT = ("oii", "ioi", "iio")
+
+
+#: ``{attention module path: (heads, head_dim, d_model)}``, read off each module's 3-D output kernel.
+AttentionShapes: TypeAlias = "Mapping[str, tuple[int, int, int]]"
+
+
+def _module_parts(path: KeyPath) -> tuple[str, ...]:
+    return _names.module_parts(path_parts(path))
+
+
+def attention_shapes(leaves: Sequence[tuple[KeyPath, Any]]) -> dict[str, tuple[int, int, int]]:
+    """The geometry of every attention module that has a 3-D output kernel, keyed by the module's path.
+
+    Every library stores the output projection heads first, ``(heads, head_dim, d_model)``; where the
+    query kernels do not say which axis is ``d_model`` by their sizes (``d_model != heads * head_dim``),
+    their sibling output kernel does.
+    """
+    outs: dict[str, tuple[int, int, int]] = {}
+    projections: dict[str, list[tuple[int, ...]]] = {}
+    for path, leaf in leaves:
+        shape = tuple(int(d) for d in getattr(_boxes.unbox(getattr(leaf, "base", leaf)), "shape", ()))
+        module = _module_parts(path)
+        if len(shape) != 3 or not module:
+            continue
+        parent = "/".join(module[:-1])
+        if _OUT.fullmatch("/".join(module)):
+            outs[parent] = (shape[0], shape[1], shape[2])
+        elif _QKV.fullmatch("/".join(module)):
+            projections.setdefault(parent, []).append(shape)
+    # Trust an output kernel's reading only where a query/key/value kernel beside it fits it exactly one way.
+    return {
+        m: g
+        for m, g in outs.items()
+        if any(sum(_fits(q, axes, g) for axes in _ONE_IN) == 1 for q in projections.get(m, ()))
+    }
+
+
+def _fits(shape: tuple[int, ...], axes: str, geometry: tuple[int, int, int] | None) -> bool:
+    single = "i" if axes.count("i") == 1 else "o"
+    k = axes.index(single)
+    if geometry is None:
+        return shape[k] == math.prod(d for j, d in enumerate(shape) if j != k)
+    _, head_dim, d_model = geometry
+    if axes in _ONE_OUT:
+        return axes == "iio" and shape[2] == d_model and shape[1] == head_dim
+    last = shape[-1] if k != 2 else shape[1]  # head_dim: the last axis that is not d_model
+    return shape[k] == d_model and last == head_dim
+
+
+def _by_sizes(
+    path: KeyPath,
+    shape: tuple[int, ...],
+    readings: tuple[str, ...],
+    what: str,
+    caller: str,
+    geometry: tuple[int, int, int] | None = None,
+) -> Layout:
+    fits = [axes for axes in readings if _fits(shape, axes, None)]
+    if len(fits) != 1 and geometry is not None:
+        fits = [axes for axes in readings if _fits(shape, axes, geometry)]
+    if len(fits) == 1:
+        return Layout(fits[0])
+    single = "i" if readings is _ONE_IN else "o"
+    role = "d_model (fan-in)" if single == "i" else "d_model (fan-out)"
+    found = "no axis" if not fits else "more than one axis"
+    options = " or ".join(f"{a!r}" for a in readings)
+    example = (
+        "Flax's (d_model, heads, head_dim) 'ioo' vs gemma's (heads, d_model, head_dim) 'oio'"
+        if single == "i"
+        else "(heads, head_dim, d_model) 'iio' vs (d_model, heads, head_dim) 'oii'"
+    )
+    sibling = f" (nor does the output kernel beside it, (heads, head_dim, d_model) = {geometry})" if geometry else ""
+    raise _ambiguous(
+        path,
+        shape,
+        f"a 3-D {what} kernel has one {role} axis whose size is the product of the other two (heads x head_dim), "
+        f"and {found} of {shape} is{sibling}; the readings {options} (e.g. {example}) cannot be told apart by name",
+        caller,
+    )
+
+
+def infer_layout(
+    path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy", attention: AttentionShapes | None = None
+) -> Layout:
     """The layout that names and shape settle, or a ValueError asking the user to state it.
+
+    Where names and shape admit two layouts (a 3-D query kernel could be Flax's
+    ``(d_model, heads, head_dim)`` or gemma's ``(heads, d_model, head_dim)``) the
+    sizes decide: ``d_model = heads * head_dim``, or, failing that, the sizes of the
+    output kernel of the same attention module (``attention``, from
+    :func:`attention_shapes`). Where nothing settles it, it raises rather than
+    guess; :func:`lorajax.infer_layouts` reads the layouts from the model's
+    computation instead.
 
     >>> from jax.tree_util import DictKey
     >>> infer_layout((DictKey("Dense_0"), DictKey("kernel")), (8, 4))
     Layout('io')
+    >>> infer_layout((DictKey("query"), DictKey("kernel")), (64, 4, 16))  # Flax: d_model = heads * head_dim
+    Layout('ioo')
+    >>> infer_layout((DictKey("query"), DictKey("kernel")), (4, 64, 16))  # keras-hub Gemma
+    Layout('oio')
     """
     parts = path_parts(path)
-    leaf, module = parts[-1], ("/".join(parts[:-1]))
-    owner = parts[-2] if len(parts) > 1 else ""
+    leaf = parts[-1] if parts else ""
+    owner_parts = _names.module_parts(parts)
+    module = "/".join(owner_parts)
+    owner = owner_parts[-1] if owner_parts else ""
     n = len(shape)
     if n < 2:
         raise ValueError(f"{caller}: {path_str(path)} with shape {shape} is not a matrix; LoRA needs 2+ axes.")
@@ -189,10 +305,11 @@ def infer_layout(path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy") 
         return Layout("io")
     if conv and n in (3, 4):
         return Layout("w" * (n - 2) + "io")
+    geometry = (attention or {}).get("/".join(owner_parts[:-1]))
     if n == 3 and _QKV.fullmatch(module):
-        return Layout("ioo")  # DenseGeneral (d_model, heads, head_dim)
+        return _by_sizes(path, shape, _ONE_IN, "query/key/value", caller, geometry)
     if n == 3 and _OUT.fullmatch(module):
-        return Layout("iio")  # DenseGeneral (heads, head_dim, d_model)
+        return _by_sizes(path, shape, _ONE_OUT, "attention output", caller, geometry)
     raise _ambiguous(path, shape, f"a {n}-D kernel could be stacked layers, multi-head or a convolution", caller)
 
 
@@ -222,7 +339,9 @@ def layout_spec(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -
     if callable(layout):
         return layout(path, leaf)
     if isinstance(layout, Mapping):
-        return _targets.match_pattern(dict(layout), path)
+        # An exact path (as lorajax.infer_layouts returns) is looked up, never read as a regex.
+        exact = layout.get(path_str(path))
+        return exact if exact is not None else _targets.match_pattern(dict(layout), path)
     if layout is not None:
         raise TypeError(
             f"{caller}: layout must be a dict {{regex: spec}} or a callable (path, leaf) -> spec; got {layout!r}."
@@ -230,11 +349,23 @@ def layout_spec(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -
     return None
 
 
-def resolve_layout(layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy") -> Layout:
+def resolve_layout(
+    layout: Any, path: KeyPath, leaf: Any, caller: str = "lorafy", attention: AttentionShapes | None = None
+) -> Layout:
     """The layout of one kernel: the user's ``layout=`` spec for it, else inferred from names and shape."""
     shape = tuple(leaf.shape)
     spec = layout_spec(layout, path, leaf, caller)
-    return infer_layout(path, shape, caller) if spec is None else parse_layout(spec, path, shape, caller)
+    return infer_layout(path, shape, caller, attention) if spec is None else parse_layout(spec, path, shape, caller)
+
+
+def known_kernels(layout: Any, leaves: Sequence[tuple[KeyPath, Any]]) -> _targets.Known | None:
+    """The kernels ``layout=`` names by exact path (all of them for :func:`lorajax.infer_layouts`), or None."""
+    if not isinstance(layout, Mapping):
+        return None
+    names = {path_str(p) for p, _ in leaves}
+    exact = {k: v for k, v in layout.items() if k in names}
+    heads = frozenset(getattr(layout, "heads", ()))
+    return _targets.Known(exact, heads) if exact or heads else None
 
 
 def factor_names(base_box: Any, layout: Layout) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:

@@ -11,9 +11,19 @@ import jax.numpy as jnp
 
 from lorajax import _boxes, _sharding, _targets
 from lorajax._dora import with_magnitude
-from lorajax._layout import Layout, LayoutArg, factor_names, resolve_layout
+from lorajax._layout import (
+    LAYOUT_HINT,
+    AmbiguousLayout,
+    Layout,
+    LayoutArg,
+    attention_shapes,
+    factor_names,
+    known_kernels,
+    resolve_layout,
+)
 from lorajax._node import LoRA, LoRASpec, is_lora
-from lorajax._paths import KeyPath, rebuild
+from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
+from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, trainable
 from lorajax.inits import check_init, init_factors, is_residual, residual_base
 
@@ -81,7 +91,10 @@ def lorafy(
         alpha_pattern: ``{name or regex: alpha}`` per-target overrides.
         layout: ``{name or regex: spec}`` or ``(path, leaf) -> spec | None`` where a spec is a
             :class:`Layout` or its string (``"sio"``; ``"s..."`` = one stacked axis, infer the rest).
-            Needed where names and shape cannot settle the layout.
+            Needed where names and shape cannot settle the layout; every such target is listed in
+            one error. ``lorajax.infer_layouts(apply, params, *inputs)`` gives every kernel's layout
+            from the model's computation: its exact paths are looked up (never read as regexes) and
+            count as kernels for the presets whatever their names (bare arrays included).
         dora: DoRA (Liu et al. 2024; PEFT's ``use_dora``): each node also gets a trainable
             ``magnitude``, one entry per output feature (in ``dtype``), set to the norms of
             ``W + scale * a @ b`` over the fan-in axes, so the model starts at the base. See the DoRA guide.
@@ -101,9 +114,13 @@ def lorafy(
     _check_rank(rank, "rank")
     check_init(init)
     key = jax.random.key(DEFAULT_SEED) if key is None else key
-    match = _targets.compile_where(where)
     leaves = _targets.tree_paths(params, is_leaf=is_node)
+    # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
+    known = known_kernels(layout, leaves)
+    attention = attention_shapes(leaves)  # where q/k/v sizes alone do not say which axis is d_model
+    match = _targets.compile_where(where, known)
     chosen: dict[int, Any] = {}
+    unresolved = Problems("lorafy")
     for n, (path, leaf) in enumerate(leaves):
         array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf.value if is_trainable(leaf) else leaf)
         if not hasattr(array, "shape") or not match(path, array):
@@ -115,7 +132,11 @@ def lorafy(
         shape = tuple(array.shape)
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"lorafy: {name} with shape {shape} has dtype {array.dtype}; LoRA needs a float kernel.")
-        lay = resolve_layout(layout, path, array)
+        try:
+            lay = resolve_layout(layout, path, array, attention=attention)
+        except AmbiguousLayout as e:  # every unresolved kernel in one error, not one per run
+            unresolved.add(e.item)
+            continue
         r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
         _check_rank(r, f"rank for {name}")
         fan_in, fan_out = lay.sizes(shape)
@@ -138,16 +159,26 @@ def lorafy(
         chosen[n] = LoRA(base=base, a=_boxes.rebox(leaf, a, names_a), b=_boxes.rebox(leaf, b, names_b), spec=spec)
         if dora:
             chosen[n] = with_magnitude(chosen[n], dtype)
+    unresolved.raise_if_any("names and shapes do not settle the layout of every target", LAYOUT_HINT)
     if not chosen:
         candidates = [
             _targets.path_str(p)
             for p, x in leaves
-            if not is_trainable(x) and _targets.is_kernel(p, x.base if is_lora(x) else x)
+            if not is_trainable(x) and _targets.is_kernel(p, x.base if is_lora(x) else x, known)
         ]
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise ValueError(f"lorafy: where={where!r} matched no parameter. Kernel paths available: {shown or 'none'}.")
+        raise ValueError(
+            f"lorafy: where={where!r} matched no parameter. Kernel paths available: {shown or 'none'}."
+            + (mutable_variable_hint(leaves) or ("" if known else _BARE_HINT))
+        )
     out = rebuild(params, leaves, chosen, is_node)
     return out if also is None else trainable(out, also)
+
+
+_BARE_HINT = (
+    " Weights stored as bare arrays under other names are found by tracing the model: "
+    "layout=lorajax.infer_layouts(apply_fn, params, *inputs)."
+)
 
 
 def _check_rank(rank: Any, what: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from lorajax import _boxes, _names
@@ -11,10 +12,13 @@ from lorajax._paths import KeyPath, module_path, path_parts, path_str, tree_path
 
 __all__ = [
     "KeyPath",
+    "Known",
     "Preset",
     "compile_where",
     "is_embedding",
     "is_kernel",
+    "kernel_kind",
+    "kernel_module",
     "match_pattern",
     "module_matches",
     "module_path",
@@ -27,18 +31,83 @@ __all__ = [
 Where: TypeAlias = "Preset | str | Sequence[str] | Callable[[KeyPath, Any], bool]"
 
 
-def is_kernel(path: KeyPath, leaf: Any) -> bool:
-    """A weight matrix by name and rank: ``kernel``/``weight``/``embedding`` with two or more axes."""
-    parts = path_parts(path)
-    return bool(parts) and parts[-1] in _names.KERNEL_NAMES and len(getattr(_boxes.unbox(leaf), "shape", ())) >= 2
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """Kernels known from outside their names: ``{exact path: layout spec}`` (from ``layout=``) and the output heads.
+
+    A leaf consumed as a matmul weight is a kernel whatever its name (gemma's bare
+    ``mlp/gating_einsum``); :func:`lorajax.infer_layouts` finds them, and its heads are
+    the weights whose product is the traced function's output.
+    """
+
+    layouts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    heads: frozenset[str] = frozenset()
 
 
-def is_embedding(path: KeyPath, leaf: Any) -> bool:
-    """An embedding table by its leaf name (``embedding``) or its module's name."""
+_BARE = _names.suffix_regex(_names.QUERY, _names.KEY, _names.VALUE, _names.FUSED_QKV, _names.ATTN_OUT, _names.MLP)
+
+
+def _ndim(leaf: Any) -> int:
+    return len(getattr(_boxes.unbox(leaf), "shape", ()))
+
+
+def kernel_module(path: KeyPath, leaf: Any, known: Known | None = None) -> str | None:
+    """The module path of a weight leaf, or ``None`` where the leaf is no kernel.
+
+    A kernel is a leaf named ``kernel``/``weight``/``embedding``/``w`` with two or more
+    axes (its module is the path before the name), a bare leaf of 2+ axes named like a
+    projection (gemma's ``mlp/gating_einsum``, tunix's expert banks ``mlp/gate_proj``:
+    the leaf is its own module), or a leaf ``known`` names.
+    """
     parts = path_parts(path)
-    return is_kernel(path, leaf) and (
-        parts[-1] == "embedding" or (len(parts) > 1 and _names.EMBED_MODULES.fullmatch(parts[-2]) is not None)
-    )
+    if not parts:
+        return None
+    full = "/".join(parts)
+    named = parts[-1] in _names.KERNEL_NAMES
+    wrapped = len(_names.module_parts(parts)) < len(parts) - 1
+    if known is not None and full in known.layouts:
+        return "/".join(_names.module_parts(parts) if named or wrapped else parts)
+    if _ndim(leaf) < 2:
+        return None
+    if named:
+        return "/".join(parts[:-1])
+    return full if _BARE.fullmatch(full) and parts[-1] not in ("bias", "scale") else None
+
+
+def is_kernel(path: KeyPath, leaf: Any, known: Known | None = None) -> bool:
+    """A weight matrix: see :func:`kernel_module`."""
+    return kernel_module(path, leaf, known) is not None
+
+
+def _spec_codes(spec: Any) -> str:
+    return str(getattr(spec, "axes", spec))
+
+
+def kernel_kind(path: KeyPath, leaf: Any, known: Known | None = None) -> str | None:
+    """``"embed"``, ``"conv"``, ``"head"`` or ``"linear"`` for a kernel, ``None`` for other leaves.
+
+    By name (an ``embedding`` leaf, an embedding/conv/head module) or by a known
+    layout (``e``/``w`` axes) or head.
+    """
+    module = kernel_module(path, leaf, known)
+    if module is None:
+        return None
+    parts = path_parts(path)
+    owner = module.rsplit("/", 1)[-1]
+    full = "/".join(parts)
+    codes = _spec_codes(known.layouts.get(full, "")) if known is not None else ""
+    if parts[-1] == "embedding" or _names.EMBED_MODULES.fullmatch(owner) or "e" in codes:
+        return "embed"
+    if _names.CONV_MODULES.fullmatch(owner) or "w" in codes:
+        return "conv"
+    if _names.HEAD_MODULES.fullmatch(owner) or (known is not None and full in known.heads):
+        return "head"
+    return "linear"
+
+
+def is_embedding(path: KeyPath, leaf: Any, known: Known | None = None) -> bool:
+    """An embedding table by its leaf name (``embedding``), its module's name or a known ``e`` layout."""
+    return kernel_kind(path, leaf, known) == "embed"
 
 
 def module_matches(module: str, names: Sequence[str]) -> bool:
@@ -66,10 +135,15 @@ class Preset:
         self._regex = _names.suffix_regex(*self.patterns)
 
     def __call__(self, path: KeyPath, leaf: Any) -> bool:
+        return self.select(path, leaf, None)
+
+    def select(self, path: KeyPath, leaf: Any, known: Known | None) -> bool:
+        """Whether the preset takes this leaf, with ``known`` kernels counted as kernels."""
+        module = kernel_module(path, leaf, known)
         return (
-            is_kernel(path, leaf)
-            and not is_embedding(path, leaf)
-            and self._regex.fullmatch(module_path(path)) is not None
+            module is not None
+            and kernel_kind(path, leaf, known) != "embed"
+            and self._regex.fullmatch(module) is not None
         )
 
     def __or__(self, other: Any) -> Preset:
@@ -87,22 +161,22 @@ class _Union(Preset):
 
     def __init__(self, *wheres: Any) -> None:
         super().__init__(" | ".join(map(repr, wheres)), [])
-        self._preds = [compile_where(w) for w in wheres]
+        self._wheres = wheres
+        for w in wheres:
+            compile_where(w)  # reject a bad spec when the union is built
 
-    def __call__(self, path: KeyPath, leaf: Any) -> bool:
-        return any(p(path, leaf) for p in self._preds)
+    def select(self, path: KeyPath, leaf: Any, known: Known | None) -> bool:
+        return any(compile_where(w, known)(path, leaf) for w in self._wheres)
 
     def __repr__(self) -> str:
         return self.name
 
 
 class _AllLinear(Preset):
-    def __call__(self, path: KeyPath, leaf: Any) -> bool:
-        parts = path_parts(path)
-        if not is_kernel(path, leaf) or is_embedding(path, leaf) or len(parts) < 2:
-            return False
+    def select(self, path: KeyPath, leaf: Any, known: Known | None) -> bool:
         # The output head and convolutions are not adapted (PEFT's 'all-linear' skips the head too).
-        return not (_names.HEAD_MODULES.fullmatch(parts[-2]) or _names.CONV_MODULES.fullmatch(parts[-2]))
+        module = kernel_module(path, leaf, known)
+        return bool(module) and kernel_kind(path, leaf, known) == "linear"
 
 
 attn_qv = Preset(
@@ -128,13 +202,14 @@ all_linear = _AllLinear(
 PRESETS = {p.name: p for p in (attn_qv, attn_qkv, attn_all, mlp, all_linear)}
 
 
-def compile_where(where: Any) -> Callable[[KeyPath, Any], bool]:
+def compile_where(where: Any, known: Known | None = None) -> Callable[[KeyPath, Any], bool]:
     """Turn any accepted ``where`` into a predicate ``(path, leaf) -> bool``.
 
     Accepted: a :class:`Preset`, a callable ``(path, leaf) -> bool``, a regex
     string (full match on the '/'-joined path, leaf name included), or a list
     of module names (a module matches a name it equals or ends with, after a
     '/', as in PEFT's ``target_modules``; only kernel leaves are taken).
+    Presets and module lists count the ``known`` kernels as kernels.
     """
     if isinstance(where, str):
         try:
@@ -142,11 +217,18 @@ def compile_where(where: Any) -> Callable[[KeyPath, Any], bool]:
         except re.error as e:
             raise ValueError(f"where={where!r} is not a valid regular expression: {e}") from None
         return lambda path, leaf: regex.fullmatch(path_str(path)) is not None
+    if isinstance(where, Preset):
+        return lambda path, leaf: where.select(path, leaf, known)
     if callable(where):
         return where
     if isinstance(where, Sequence) and where and all(isinstance(n, str) for n in where):
         names = [n.replace(".", "/") for n in where]
-        return lambda path, leaf: is_kernel(path, leaf) and module_matches(module_path(path), names)
+
+        def listed(path: KeyPath, leaf: Any) -> bool:
+            module = kernel_module(path, leaf, known)
+            return module is not None and module_matches(module, names)
+
+        return listed
     raise TypeError(
         f"where must be a preset (e.g. lorajax.attn_qv), a regex string, a non-empty list of module names "
         f"or a callable (path, leaf) -> bool; got {where!r}."
