@@ -37,8 +37,8 @@ from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, ml
 from lorajax._train import combine, mask, masked, partition
 from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
+from lorajax.inits import eva_init, to_plain_lora
 from lorajax.peft import load_peft, read_peft, save_peft
-from lorajax.inits import to_plain_lora
 
 __all__ = [
     "Adapter",
@@ -65,6 +65,7 @@ __all__ = [
     "combine",
     "combine_adapters",
     "delta",
+    "eva_init",
     "factor_specs",
     "factored",
     "infer_layout",

@@ -253,3 +253,67 @@ def test_peft_loads_the_export(tmp_path):
         with torch.no_grad():
             y = pm(torch.from_numpy(io["x"])).numpy()
         np.testing.assert_allclose(y, io["y"], atol=1e-5, rtol=0)
+
+
+# EVA ---------------------------------------------------------------------------------------------------------------
+
+EVA = FIXTURES / "eva"
+
+
+def _eva_case():
+    base = load_file(EVA / "base.safetensors")
+    params = {
+        m: {"weight": jnp.asarray(base[f"{m}.weight"]), "bias": jnp.asarray(base[f"{m}.bias"])}
+        for m in ("fc1", "fc2", "fc3")
+    }
+    xs = load_file(EVA / "batches.safetensors")
+    batches = [jnp.asarray(xs[f"x{k}"]) for k in range(len(xs))]
+    return params, batches, json.loads((EVA / "eva.json").read_text())
+
+
+def _eva_fn(p, x):
+    h = jnp.tanh(x @ p["fc1"]["weight"].T + p["fc1"]["bias"])
+    h = jnp.tanh(h @ p["fc2"]["weight"].T + p["fc2"]["bias"])
+    return h @ p["fc3"]["weight"].T + p["fc3"]["bias"]
+
+
+def test_eva_rank_redistribution_matches_peft():
+    params, batches, cfg = _eva_case()
+    lora = lorajax.eva_init(
+        _eva_fn, params, batches, rank=cfg["r"], rho=cfg["rho"], tau=cfg["tau"], where=["fc1", "fc2", "fc3"]
+    )
+    ranks = {m: lora[m]["weight"].rank for m in ("fc1", "fc2", "fc3")}
+    assert ranks == cfg["ranks"] == {"fc1": 2, "fc2": 3, "fc3": 4}
+    peft_rows = load_file(EVA / "eva.safetensors")
+    for m, k in ranks.items():
+        node = lora[m]["weight"]
+        assert node.alpha == pytest.approx(k) and node.scale == pytest.approx(1.0)  # adjust_scaling_factors
+        assert float(jnp.abs(node.b).max()) == 0.0
+        a = np.asarray(node.a).T  # (k, fan_in): our rows, PEFT's lora_A rows
+        cos = np.abs(np.sum(a * peft_rows[m], axis=1))
+        assert (cos >= 0.99).all(), (m, cos)
+    merged = lorajax.merge(lora)
+    for m in ("fc1", "fc2", "fc3"):
+        assert (np.asarray(merged[m]["weight"]) == np.asarray(params[m]["weight"])).all()
+
+
+def test_eva_directions_against_numpy_svd():
+    params, batches, _ = _eva_case()
+    with pytest.warns(UserWarning, match="did not converge"):
+        lora = lorajax.eva_init(_eva_fn, params, batches[:6], rank=3, rho=1.0, tau=2.0, where=["fc2"])
+    x = np.concatenate([np.asarray(b, np.float64) for b in batches[:6]])
+    p = {m: {k: np.asarray(v, np.float64) for k, v in params[m].items()} for m in params}
+    h = np.tanh(x @ p["fc1"]["weight"].T + p["fc1"]["bias"])  # fc2's inputs, recorded independently
+    _, _, vh = np.linalg.svd(h - h.mean(0), full_matrices=False)
+    a = np.asarray(lora["fc2"]["weight"].a, np.float64)
+    cos = np.abs(np.sum(a.T * vh[:3], axis=1)) / np.linalg.norm(a, axis=0)
+    assert (cos >= 0.999).all(), cos
+    assert not lorajax.is_lora(lora["fc1"]["weight"])
+
+
+def test_eva_reports_unsupported_uses():
+    w = jnp.ones((10, 4))
+    with pytest.raises(ValueError, match=r"eva_init: cannot record (?s:.*)emb/embedding: consumed by"):
+        lorajax.eva_init(
+            lambda p, i: p["emb"]["embedding"][i], {"emb": {"embedding": w}}, [jnp.arange(3)], rank=2, where=["emb"]
+        )
