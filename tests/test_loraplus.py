@@ -69,3 +69,11 @@ def test_schedules_scale_too():
     assert (
         float(updates["q"]["kernel"].b[0, 0]) == pytest.approx(-1.0) and float(updates["q"]["kernel"].a[0, 0]) == -0.125
     )
+
+
+def test_dora_magnitude_is_group_b():
+    p = lorajax.lorafy({"q": {"kernel": jnp.ones((4, 4))}}, rank=2, where=["q"], dora=True)
+    tx = lorajax.loraplus(optax.sgd, learning_rate=0.25, ratio=4.0)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    node = updates["q"]["kernel"]
+    assert (np.asarray(node.magnitude) == -1.0).all() and (np.asarray(node.a) == -0.25).all()

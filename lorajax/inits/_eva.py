@@ -141,7 +141,7 @@ def _recorder(fn: Callable[..., Any], params: Any, targets: dict[str, Layout], p
 
 def pca(stat: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(components, explained_variance_ratio, singular_values)`` of the centred inputs, largest first."""
-    n, s, gram = (np.asarray(x, np.float64) for x in stat)
+    n, s, gram = float(stat[0]), np.asarray(stat[1], np.float64), np.asarray(stat[2], np.float64)
     cov = (gram - np.outer(s, s) / n) / max(n - 1.0, 1.0)
     vals, vecs = np.linalg.eigh(cov)
     vals, vecs = np.clip(vals[::-1], 0.0, None), vecs[:, ::-1]
@@ -237,7 +237,8 @@ def eva_init(
     problems = Problems(CALLER)
     flat, record = _recorder(fn, params, layouts, problems)
     stats: dict[str, Any] = {}
-    dist, previous, converged, seen = dict(caps), {}, False, 0
+    previous: dict[str, Any] = {}
+    dist, converged, seen = dict(caps), False, 0
     for batch in batches:
         got = record(flat, batch)
         problems.raise_if_any("cannot record the inputs of every target", "Leave those targets out of where.")

@@ -117,7 +117,7 @@ def residual_problems(factors: Mapping[str, Any], base_params: Any) -> list[str]
         if not is_residual(f.spec.init):
             continue
         x = nodes.get(name)
-        if not (is_lora(x) and x.spec.init == f.spec.init):
+        if not (isinstance(x, LoRA) and x.spec.init == f.spec.init):
             out.append(
                 f"residual: {name}: the adapter was trained on the {f.spec.init} residual base W - s*a0@b0, and the "
                 "base holds the original kernel there"
