@@ -316,3 +316,146 @@ def test_factored_dora_training_step_forms_no_fan_in_by_fan_out_value():
     want = jax.grad(lambda t: model.apply(lorajax.merge(lorajax.combine(t, f)), tokens).mean())(t)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_factored_norm_keeps_its_accuracy_when_the_update_is_tiny(dtype):
+    # n² = ‖W‖² + 2s(Wᵀa)·b + s²·bᵀ(aᵀa)b adds two tiny terms to a large one: the cross term must still count.
+    w = jax.random.normal(jax.random.key(0), (64, 16)).astype(dtype)
+    p = lorajax.lorafy({"m": {"kernel": w}}, rank=4, where=["m"], dora=True)
+    node = p["m"]["kernel"]
+    b = 1e-4 * jax.random.normal(jax.random.key(1), node.b.shape)
+    m = node.magnitude * (1 + 0.1 * jax.random.normal(jax.random.key(2), node.magnitude.shape))
+    node = node.__class__(node.base, node.a, b, node.spec, magnitude=m)
+    x = jax.random.normal(jax.random.key(3), (8, 64)).astype(dtype)
+    # float64 oracle on the very same (rounded) inputs: y = x (m/n)(W + s a b).
+    k = dense_dora(np.asarray(w, np.float64), node.a, b, m, node.scale, (0,))
+    want = np.asarray(x, np.float64) @ k
+    fac = np.asarray(lorajax.factored(lambda p, x: x @ p["m"]["kernel"])({"m": {"kernel": node}}, x), np.float64)
+    mer = np.asarray(x @ lorajax.merge({"m": {"kernel": node}})["m"]["kernel"], np.float64)
+    # The factored gain g = m/n must be as accurate as the dense norm: compare g through the output of the
+    # LoRA-free part (x W is computed in the input dtype by both paths).
+    tol = 2e-6 if dtype == jnp.float32 else 2e-2  # bf16 activations and products: ~3 significant digits
+    scale = np.abs(want).max()
+    assert np.abs(fac - want).max() / scale < tol
+    assert np.abs(mer - want).max() / scale < tol
+    # The gains themselves, through the public factored path on an identity input (float32 x, no rounding of g).
+    eye = jnp.eye(64, dtype=jnp.float32)
+    wf = np.asarray(w, np.float64)
+    if dtype == jnp.float32:
+        kf = np.asarray(lorajax.factored(lambda p, x: x @ p["m"]["kernel"])({"m": {"kernel": node}}, eye))
+        np.testing.assert_allclose(kf, k, rtol=1e-6, atol=1e-7 * np.abs(wf).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: save_peft, native adapter files; errors.
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_peft_dora_round_trip_is_bit_exact(case, tmp_path):
+    _, params, _ = load_case(case)
+    config = lorajax.save_peft(
+        tmp_path / "a", params, name_map=SPECS[case][1], fan_in_fan_out=case == "dora_gpt2_conv1d"
+    )
+    assert config["use_dora"] is True
+    ours = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    want = load_file(str(FIXTURES / case / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(want)
+    for key in want:
+        assert ours[key].shape == want[key].shape, key
+        np.testing.assert_array_equal(ours[key], want[key], err_msg=key)
+
+
+def test_native_adapter_file_keeps_the_magnitude(tmp_path):
+    base, params, io = load_case("dora_linear")
+    lorajax.save_adapter(tmp_path / "a.safetensors", params)
+    back = lorajax.load_adapter(tmp_path / "a.safetensors", base)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(apply("dora_linear", merged_path, back, io["x"]), io["y"], rtol=RTOL, atol=ATOL)
+    ad = lorajax.adapter(params)
+    assert ad["params/fc1/kernel"].magnitude.shape == (8,)
+    np.testing.assert_array_equal(
+        lorajax.merge(lorajax.attach(base, ad))["params"]["fc1"]["kernel"],
+        lorajax.merge(params)["params"]["fc1"]["kernel"],
+    )
+
+
+def test_dora_adapters_refuse_linear_operations():
+    base, params, _ = load_case("dora_linear")
+    with pytest.raises(ValueError, match=r"combine_adapters: .*fc1/kernel.*DoRA.*not linear"):
+        lorajax.combine_adapters([params, params], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"swap: .*DoRA.*cannot be subtracted"):
+        lorajax.swap(lorajax.merge(params), params, None)
+    with pytest.raises(ValueError, match=r"stack_adapters: .*DoRA"):
+        lorajax.stack_adapters([params], base=base)
+
+
+def _copy(tmp_path: Path, case: str = "dora_linear") -> Path:
+    import shutil
+
+    out = tmp_path / case
+    shutil.copytree(FIXTURES / case, out)
+    return out
+
+
+def test_load_peft_dora_errors_name_the_module(tmp_path):
+    d = _copy(tmp_path)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    from safetensors.numpy import save_file
+
+    tensors["base_model.model.fc1.lora_magnitude_vector"] = np.ones((1, 8), np.float32)  # wrong shape
+    del tensors["base_model.model.fc2.lora_magnitude_vector"]  # missing
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    base = flax_params("dora_linear", load_file(str(d / "base.safetensors")))
+    with pytest.raises(ValueError, match=r"(?s)fc1: DoRA magnitude .* shape \(1, 8\).*\(8,\).*fc2: .*use_dora"):
+        lorajax.load_peft(d, base)
+    # A DoRA adapter onto a base it was not made for: the shapes say so, per module.
+    wrong = jax.tree.map(lambda x: x, base)
+    wrong["params"]["fc1"]["kernel"] = jnp.zeros((6, 9))
+    with pytest.raises(ValueError, match=r"params/fc1/kernel.*\(6, 9\)"):
+        lorajax.load_peft(FIXTURES / "dora_linear", wrong)
+
+
+def test_native_adapter_file_with_a_wrong_magnitude_is_refused(tmp_path):
+    base, params, _ = load_case("dora_linear")
+    node = params["params"]["fc1"]["kernel"]
+    bad = jax.tree.map(lambda x: x, params)
+    bad["params"]["fc1"]["kernel"] = node.__class__(node.base, node.a, node.b, node.spec, magnitude=node.magnitude[:5])
+    with pytest.raises(ValueError, match=r"params/fc1/kernel.*magnitude of shape \(8,\).*\(5,\)"):
+        lorajax.attach(base, lorajax.adapter(bad))
+
+
+@pytest.mark.torch
+def test_peft_loads_our_dora_save_and_reproduces_its_forward(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    script = _fixture_script()
+    targets = {"dora_linear": ["fc1", "fc2"], "dora_conv2d": ["conv_a", "conv_b", "conv_c"], "dora_embedding": ["emb"]}
+    for case, where in targets.items():
+        base, _, io = load_case(case)
+        p = lorajax.lorafy(base, rank=2, where=where, dora=True, init="gaussian")
+        moved = jax.tree.map(  # fresh nodes, moved away from their init
+            lambda n: (
+                n.__class__(n.base, n.a, n.b + 0.3, n.spec, magnitude=n.magnitude * 1.2) if lorajax.is_lora(n) else n
+            ),
+            p,
+            is_leaf=lorajax.is_lora,
+        )
+        out = tmp_path / case
+        lorajax.save_peft(out, moved, name_map=SPECS[case][1])
+        torch_base = script.plain_fixtures().base_model(script.CASES[case][0])
+        pm = PeftModel.from_pretrained(torch_base, str(out)).eval()
+        with torch.no_grad():
+            y = pm(torch.from_numpy(np.asarray(io["x"]))).numpy()
+        np.testing.assert_allclose(apply(case, merged_path, moved, io["x"]), y, rtol=RTOL, atol=ATOL, err_msg=case)
+
+
+def _fixture_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dora_fixtures", FIXTURES.parent / "make_dora_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -39,6 +39,8 @@ class AdapterFactors(HasSpec):
     spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     dtype: str = dataclasses.field(default="", metadata=dict(static=True))
+    #: A DoRA adapter's magnitude (``spec.variant == "dora"``), one entry per output feature; ``None`` for LoRA.
+    magnitude: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -96,6 +98,16 @@ def fingerprint(factors: Mapping[str, AdapterFactors]) -> str:
     return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
 
 
+def reject_dora(ads: Any, caller: str, why: str, todo: str) -> None:
+    """Raise a ValueError naming every DoRA entry of the adapters ``ads`` (``None`` entries are skipped)."""
+    found = sorted({name for ad in ads if ad is not None for name, f in ad.factors.items() if f.spec.variant == "dora"})
+    if found:
+        raise ValueError(
+            f"{caller}: {', '.join(found)} {'is a DoRA target' if len(found) == 1 else 'are DoRA targets'}: "
+            f"{why}. {todo}"
+        )
+
+
 def dump_metadata(metadata: Mapping[str, Any] | None) -> str:
     """User metadata as canonical JSON text; a TypeError says what is not serialisable."""
     if metadata is None:
@@ -151,6 +163,7 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
             spec=leaf.spec,
             shape=tuple(int(d) for d in base.shape),
             dtype=jnp.dtype(base.dtype).name,
+            magnitude=_boxes.unbox(leaf.magnitude) if leaf.spec.variant == "dora" else None,
         )
     if not factors:
         raise ValueError(f"{caller}: params hold no LoRA node; call lorajax.lorafy (or lorajax.load_adapter) first.")

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lorajax import _boxes
+from lorajax._dora import magnitude_entries, magnitude_shape
 from lorajax._layout import factor_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
@@ -36,6 +37,14 @@ def factor_problems(name: str, f: AdapterFactors) -> list[str]:
             out.append(
                 f"shape: {name}: factor {which} has shape {tuple(got)}, expected {want} "
                 f"(rank {f.rank}, layout {f.layout.axes!r})"
+            )
+    if f.spec.variant == "dora":
+        got_m = None if f.magnitude is None else tuple(f.magnitude.shape)
+        want_m = magnitude_shape(f.layout, f.shape)
+        if got_m != want_m:
+            out.append(
+                f"shape: {name}: a DoRA entry needs a magnitude of shape {want_m} (one per output feature, "
+                f"layout {f.layout.axes!r}), got {'none' if got_m is None else got_m}"
             )
     return out
 
@@ -154,7 +163,15 @@ def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str,
         leaf = leaves[n][1]
         base = leaf.base if is_lora(leaf) else leaf
         names_a, names_b = factor_names(base, f.layout)
+        m = None
+        if f.spec.variant == "dora":
+            names = _boxes.names(base)
+            m = _boxes.rebox(base, f.magnitude, None if names is None else magnitude_entries(f.layout, names))
         replaced[n] = LoRA(
-            base=base, a=_boxes.rebox(base, f.a, names_a), b=_boxes.rebox(base, f.b, names_b), spec=f.spec
+            base=base,
+            a=_boxes.rebox(base, f.a, names_a),
+            b=_boxes.rebox(base, f.b, names_b),
+            spec=f.spec,
+            magnitude=m,
         )
     return rebuild_params(base_params, leaves, replaced)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax._node import LoRASpec, fold_scale, lora_delta
-from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata
+from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, reject_dora
 from lorajax.adapters._attach import group_targets
 
 
@@ -76,6 +76,14 @@ def combine_adapters(
         True
     """
     ads = [as_adapter(x, caller="combine_adapters") for x in adapters]
+    reject_dora(
+        ads,
+        "combine_adapters",
+        "DoRA rescales each output feature by m/||W + dW||, which is not linear in the adapters, so no weighted sum "
+        "of their factors gives the weighted sum of their effects",
+        "Merge each DoRA adapter into its own copy of the base (lorajax.merge) and combine the merged weights, or "
+        "combine plain LoRA adapters.",
+    )
     weights = [float(w) for w in weights]
     if not ads:
         raise ValueError("combine_adapters: give at least one adapter.")

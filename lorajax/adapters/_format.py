@@ -1,6 +1,6 @@
 """The adapter file: one safetensors file with a JSON header under ``"lorajax"``.
 
-Format 1: tensor keys are ``"<path>.a"`` / ``"<path>.b"`` in their own dtype; the
+Format 1: tensor keys are ``"<path>.a"`` / ``"<path>.b"`` (DoRA adds ``"<path>.magnitude"``) in their own dtype; the
 header holds per target its rank, alpha, rsLoRA flag, scale, layout, base shape
 and base dtype, plus a fingerprint of the base shapes, a sha256 of the tensor
 bytes, the lorajax version and user metadata.
@@ -76,7 +76,7 @@ def save_adapter(
 ) -> None:
     """Write an adapter to one safetensors file, atomically.
 
-    Tensor keys are the '/'-joined parameter path plus ``".a"`` / ``".b"``,
+    Tensor keys are the '/'-joined parameter path plus ``".a"`` / ``".b"`` (and ``".magnitude"`` for DoRA),
     stored in their own dtype (bfloat16 included, bit-exact). The safetensors
     header carries JSON under ``"lorajax"``: per target its rank, alpha, rsLoRA
     flag, scale, layout and the base kernel's shape and dtype; a fingerprint of
@@ -123,6 +123,11 @@ def save_adapter(
         if bad:
             problems.add(f"non-finite: {name}: factor {', factor '.join(bad)}")
         tensors[name + ".a"], tensors[name + ".b"] = a, b
+        if f.magnitude is not None:  # DoRA
+            m = np.ascontiguousarray(jax.device_get(f.magnitude))
+            if n_bad := _nonfinite(m):
+                problems.add(f"non-finite: {name}: magnitude holds {n_bad} NaN/Inf of {m.size} entries")
+            tensors[name + ".magnitude"] = m
         targets[name] = {
             "rank": f.rank,
             "alpha": f.alpha,
@@ -241,18 +246,24 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 variant=str(t.get("variant", "lora")),
                 init=str(t.get("init", "default")),
             )
+            m = tensors.get(name + ".magnitude")
+            if spec.variant == "dora" and m is None:
+                problems.add(f"missing: {name}: a DoRA entry but tensor {name + '.magnitude'} is not in the file")
+                continue
             f = AdapterFactors(
                 a=jnp.asarray(a),
                 b=jnp.asarray(b),
                 spec=spec,
                 shape=tuple(int(d) for d in t["base_shape"]),
                 dtype=str(t["base_dtype"]),
+                magnitude=None if spec.variant != "dora" else jnp.asarray(m),
             )
             problems.extend(factor_problems(name, f))
             factors[name] = f
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None
     known = {name + s for name in targets for s in (".a", ".b")}
+    known |= {name + ".magnitude" for name, t in targets.items() if t.get("variant") == "dora"}
     problems.extend([f"extra: tensor {k!r} belongs to no target in the header" for k in sorted(set(tensors) - known)])
     if not problems and header.get("fingerprint") != fingerprint(factors):
         problems.add("fingerprint: the base-shape fingerprint does not match the targets in the header")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._node import LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import Adapter, as_adapter
+from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora
 from lorajax.adapters._attach import base_problems, factor_problems, index_paths, rebuild_params
 
 # One term of a swap: (a, b, scale) with the scale traced, or None when that adapter does not target the kernel.
@@ -95,6 +95,13 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
             if ad is not None and name in ad.factors:
                 f = ad.factors[name]
                 problems.extend(factor_problems(name, f) + base_problems(name, f, leaf, False))
+    reject_dora(
+        (old, new),
+        "swap",
+        "a merged DoRA kernel is (m/n)(W + s*a@b) with n depending on W, so the adapter cannot be subtracted or added "
+        "linearly",
+        "Keep the params lorafied and swap with lorajax.attach on the base params (lorajax.unlorafy), then merge.",
+    )
     problems.raise_if_any("the adapters do not fit these merged params", "Swap only adapters of this base model.")
 
     def term(ad: Adapter | None, name: str) -> tuple[Term, LoRASpec | None]:
