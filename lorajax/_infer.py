@@ -46,6 +46,13 @@ class TracedLayouts(dict):
       (the output head; ``all_linear`` leaves them out),
     * ``unresolved``: ``{path: reason}`` for weights consumed in ways that give no single
       layout (e.g. one axis contracted in one use and free in another).
+
+    >>> import jax.numpy as jnp, lorajax
+    >>> p = {"body": {"kernel": jnp.ones((8, 8))}, "lm_head": {"kernel": jnp.ones((8, 5))}}
+    >>> apply = lambda p, x: jnp.tanh(x @ p["body"]["kernel"]) @ p["lm_head"]["kernel"]
+    >>> t = lorajax.infer_layouts(apply, p, jnp.ones(8))
+    >>> dict(t), sorted(t.heads), t.unresolved
+    ({'body/kernel': Layout('io'), 'lm_head/kernel': Layout('io')}, ['lm_head/kernel'], {})
     """
 
     heads: frozenset[str]
