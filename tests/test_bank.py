@@ -98,8 +98,10 @@ def test_select_validates_ids_and_bank_ids_maps_names():
     with pytest.raises(ValueError, match=r"ids \[-2, 2\] are out of range; use 0..1"):
         lorajax.select(bank, np.array([0, 2, -2]))
     with pytest.raises(ValueError, match="1-D integer array"):
-        lorajax.select(bank, np.zeros((2, 2), np.int32))
-    with pytest.raises(ValueError, match="1-D integer array"):
+        lorajax.select(bank, np.zeros((2, 2), np.int32), form="gather")  # per-token ids need another form
+    with pytest.raises(ValueError, match="1-D or 2-D integer array"):
+        lorajax.select(bank, np.zeros((2, 2, 2), np.int32))
+    with pytest.raises(ValueError, match="1-D or 2-D integer array"):
         lorajax.select(bank, np.array([0.0, 1.0]))
     assert bank.ids(["b", None, "a"]).tolist() == [1, -1, 0]
     with pytest.raises(ValueError, match=r"unknown adapter names \['c'\]"):
@@ -136,28 +138,32 @@ def gpt_bank():
     return model, base, tokens, ps, lorajax.stack_adapters(ps)
 
 
-def test_mixed_batch_equals_each_example_with_its_own_merged_model(gpt_bank):
+@pytest.mark.parametrize("form", ["gather", "onehot", "ragged"])
+def test_mixed_batch_equals_each_example_with_its_own_merged_model(gpt_bank, form):
     model, base, tokens, ps, bank = gpt_bank
     ids = np.array([2, -1, 0, 1, 1, 2])
-    mixed = lorajax.factored(model.apply)({"params": lorajax.select(bank, ids)}, tokens)
+    # strict: every form runs factored end to end (the embedding lookup included), never forming a kernel.
+    mixed = lorajax.factored(model.apply, strict=True)({"params": lorajax.select(bank, ids, form=form)}, tokens)
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
     for n, k in enumerate(ids):
         params = base if k < 0 else lorajax.merge(ps[k])
         alone = apply(params, tokens[n : n + 1])
         np.testing.assert_allclose(mixed[n : n + 1], alone, rtol=1e-5, atol=1e-5, err_msg=f"example {n}")
     # -1 everywhere is the base model (zero factors; equal up to float32 rounding of the reordered sums).
-    only_base = lorajax.factored(model.apply)({"params": lorajax.select(bank, np.full(6, -1))}, tokens)
+    only_base = lorajax.factored(model.apply)({"params": lorajax.select(bank, np.full(6, -1), form=form)}, tokens)
     np.testing.assert_allclose(only_base, apply(base, tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_new_ids_do_not_retrace(gpt_bank):
+@pytest.mark.parametrize("form", ["gather", "onehot", "ragged"])
+def test_new_ids_do_not_retrace(gpt_bank, form):
     model, _, tokens, _, bank = gpt_bank
     run = lorajax.factored(model.apply)
+    chex.clear_trace_counter()  # one counter per function name: the parametrized runs would add up
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def serve(bank, ids, tokens):
-        return run({"params": lorajax.select(bank, ids)}, tokens)
+        return run({"params": lorajax.select(bank, ids, form=form)}, tokens)
 
     a = serve(bank, jnp.array([0, 1, 2, -1, 0, 1]), tokens)
     b = serve(bank, jnp.array([2, 2, 2, 2, 2, 2]), tokens)
@@ -233,3 +239,119 @@ def test_equinox_mlp_mixed_batch_with_torch_layout_weights():
     for n, k in enumerate(ids):
         own = mlp if k < 0 else lorajax.merge(ps[k])
         np.testing.assert_allclose(got[n], own(x[n]), rtol=1e-5, atol=1e-6, err_msg=f"example {n}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# execution forms: per-token ids, the auto rule, errors
+
+
+def mlp_fn(p, x):
+    """A per-token model (no mixing across positions): each token's output depends on its own adapter only."""
+    h = jnp.tanh(x @ p["fc"]["kernel"])
+    return h @ p["lm_head"]["kernel"]
+
+
+@pytest.mark.parametrize("form", ["onehot", "ragged"])
+def test_per_token_ids_equal_each_tokens_merged_model(form):
+    base = small_params()
+    base = {"fc": base["fc"], "lm_head": base["lm_head"]}
+    ps = [
+        trained(base, 0, rank=2, where=r"(fc|lm_head)/kernel", alpha=4.0),
+        trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True),
+    ]
+    bank = lorajax.stack_adapters(ps)
+    x = jax.random.normal(jax.random.key(5), (3, 4, 6))
+    ids = np.array([[0, 1, -1, 0], [1, 1, 0, -1], [-1, -1, 1, 0]])  # one adapter per token
+    got = lorajax.factored(mlp_fn, strict=True)(lorajax.select(bank, ids, form=form), x)
+    for n in range(3):
+        for s_ in range(4):
+            k = ids[n, s_]
+            want = mlp_fn(base if k < 0 else lorajax.merge(ps[k]), x[n, s_])
+            np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
+
+
+def test_auto_picks_onehot_for_small_total_rank_and_per_token_ids():
+    rng = np.random.default_rng(0)
+    base = {"wide": {"kernel": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)}}
+    base["narrow"] = {"kernel": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)}
+    bank = lorajax.stack_adapters([trained(base, k, rank=2) for k in range(3)])
+    sel = lorajax.select(bank, np.array([0, 1]))
+    # 4 * (3 + 1) * 2 * (256 + 256) <= 256 * 256: one-hot keeps the bank (4 rows); the narrow layer gathers 2 rows.
+    assert sel["wide"]["kernel"].a.shape == (4, 256, 2)
+    assert sel["narrow"]["kernel"].a.shape == (2, 16, 2)
+    assert lorajax.select(bank, np.zeros((2, 5), np.int32))["narrow"]["kernel"].a.shape == (4, 16, 2)
+    with pytest.raises(ValueError, match="form='fast'"):
+        lorajax.select(bank, np.array([0]), form="fast")
+    with pytest.raises(ValueError, match="1-D integer array"):
+        lorajax.select(bank, np.zeros((2, 2), np.int32), form="gather")
+
+
+def test_per_token_ids_that_do_not_match_the_activations_are_refused():
+    base = small_params()
+    bank = lorajax.stack_adapters([trained(base, 0, where=r"fc/kernel")])
+    x = jnp.ones((3, 4, 6))
+    with pytest.raises(ValueError, match=r"ids have shape \(3, 5\) but the activations"):
+        lorajax.factored(mlp_fn)(lorajax.select(bank, np.zeros((3, 5), np.int32), form="onehot"), x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hot-swappable slots
+
+
+def test_slots_put_and_evict_never_retrace_and_stay_exact():
+    base = small_params()
+    base = {"fc": base["fc"], "lm_head": base["lm_head"]}
+    ps = {
+        "a": trained(base, 0, rank=2, where=r"(fc|lm_head)/kernel", alpha=4.0),
+        "b": trained(base, 1, rank=4, where=r"fc/kernel", alpha=2.0, rslora=True),
+        "c": trained(base, 2, rank=1, where=r"lm_head/kernel"),
+    }
+    slots = lorajax.adapter_slots({"a": ps["a"]}, 2, rank=4)
+    run = lorajax.factored(mlp_fn)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def serve(bank, ids, x):
+        return run(lorajax.select(bank, ids, form="onehot"), x)
+
+    x = jax.random.normal(jax.random.key(7), (3, 6))
+
+    def check(slots, names):
+        got = serve(slots.bank, slots.ids(names), x)
+        for n, name in enumerate(names):
+            want = mlp_fn(base if name is None else lorajax.merge(ps[name]), x[n])
+            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{names}: row {n}")
+
+    check(slots, ["a", None, "a"])
+    slots = slots.put("b", ps["b"])  # rank 4 = slot rank; "b" does not adapt lm_head: zeros there
+    check(slots, ["b", "a", None])
+    with pytest.raises(ValueError, match=r"all 2 slots are taken"):
+        slots.put("c", ps["c"])
+    slots = slots.evict("a").put("c", ps["c"])  # rank 1, padded to 4; "c" lands in a's old slot
+    assert slots.names == ("c", "b")
+    check(slots, ["c", "b", "c"])
+    slots = slots.put("b", ps["a"])  # replaced in place under the same name
+    np.testing.assert_allclose(
+        serve(slots.bank, slots.ids(["b"] * 3), x),
+        jax.vmap(lambda v: mlp_fn(lorajax.merge(ps["a"]), v))(x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match=r"unknown adapter names \['a'\]"):
+        slots.ids(["a"])
+    with pytest.raises(ValueError, match="no adapter 'zz'"):
+        slots.evict("zz")
+
+
+def test_slots_refuse_larger_rank_and_unknown_targets():
+    base = small_params()
+    slots = lorajax.adapter_slots({"a": trained(base, 0, rank=2, where=r"fc/kernel")}, 3)
+    big = trained(base, 1, rank=3, where=r"(fc|q)/kernel", layout={"q": "ioo"})
+    with pytest.raises(
+        ValueError, match=r"(?s)AdapterSlots.put: .*rank: fc/kernel: rank 3 is larger than the slot rank 2"
+    ):
+        slots.put("big", big)
+    with pytest.raises(ValueError, match=r"missing: q/kernel: no slot holds this kernel"):
+        slots.put("big", big)
+    with pytest.raises(ValueError, match="capacity=0 is below"):
+        lorajax.adapter_slots({"a": trained(base, 0)}, 0)

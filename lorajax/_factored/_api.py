@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorajax import _boxes
+from lorajax._factored._banked import node_rows, rows_key
 from lorajax._factored._cache import TraceCache, static_key
 from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
@@ -128,8 +129,8 @@ def factored(
                     a, b = extend_factors(base, a, b, _boxes.unbox(node.magnitude), node.spec, _node_name(path))
                 infos.append((n, _node_name(path), node))
                 dyn.append(base)
-                factors.extend([a, b])
-                spec.append(("lora", node.spec, node.per_example))
+                factors.extend([a, b, node_rows(node)])
+                spec.append(("lora", node.spec, node.per_example, rows_key(node_rows(node))))
                 spec.append(_aval_key(base))
                 spec.extend([_aval_key(a), _aval_key(b), jax.tree_util.tree_structure(node.base)])
             elif is_array(leaf):
@@ -200,12 +201,13 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
                 args.append(
                     KernelRef(
                         base=lax.stop_gradient(v),
-                        a=factor_vals[2 * k],
-                        b=factor_vals[2 * k + 1],
+                        a=factor_vals[3 * k],
+                        b=factor_vals[3 * k + 1],
                         key=key,
                         labels=tuple(numbered),
                         dtype=jnp.dtype(v.dtype),
                         info=info,
+                        rows=factor_vals[3 * k + 2],  # a bank's per-row adapter ids, or None
                     )
                 )
             else:

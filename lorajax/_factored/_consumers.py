@@ -98,7 +98,10 @@ class DotPlan:
 
     def finish(self, t: jax.Array, ref: KernelRef, x: jax.Array, out_shape: tuple[int, ...], params: dict):
         """``t`` is ``x2 @ F1`` (already scaled); returns the LoRA term in dot_general's output layout."""
-        y = matmul(t, self.second_2d(ref, t.dtype), params)
+        return self.lay_out(matmul(t, self.second_2d(ref, t.dtype), params), ref, x, out_shape)
+
+    def lay_out(self, y: jax.Array, ref: KernelRef, x: jax.Array, out_shape: tuple[int, ...]) -> jax.Array:
+        """The 2-D LoRA term ``y`` (rows of ``x``, kernel free axes) in dot_general's output layout."""
         xs = [x.shape[q] for q in self.xfree]
         ks = [ref.shape[p] for p in self.kfree]
         y = jnp.reshape(y, xs + ks)
@@ -194,8 +197,8 @@ def conv_lora(x: jax.Array, ref: KernelRef, params: dict, out_shape) -> jax.Arra
     return jnp.reshape(jnp.moveaxis(y, -1, out_spec[1]), out_shape)
 
 
-def gather_lora(indices: jax.Array, ref: KernelRef, params: dict, out_shape) -> jax.Array | None:
-    """Embedding lookup: gather rows of A, then multiply by B."""
+def gather_lora(indices: jax.Array, ref: KernelRef, params: dict, out_shape, mask: Any = None) -> jax.Array | None:
+    """Embedding lookup: gather rows of A, then multiply by B (``mask``: applied to the gathered rows of A)."""
     dn = params["dimension_numbers"]
     if ref.count("s") or ref.count("i") != 1 or ref.count("o") != 1 or dn.operand_batching_dims:
         return None
@@ -226,6 +229,8 @@ def gather_lora(indices: jax.Array, ref: KernelRef, params: dict, out_shape) -> 
         a_k = _cast(factor_in_kernel_layout(ref, "a"), ref.dtype)
         t = lax.gather_p.bind(a_k, indices, **gp)
         t = jnp.moveaxis(t, out_axis, -1) * jnp.asarray(ref.info.scale, t.dtype)
+        if mask is not None:
+            t = mask(t)
         lead = t.shape[:-1]
         y = jnp.reshape(jnp.reshape(t, (-1, r)) @ _cast(b, t.dtype), lead + (b.shape[-1],))
     return jnp.reshape(jnp.moveaxis(y, -1, out_axis), out_shape)
@@ -238,6 +243,11 @@ def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int)
     y0 = eqn.primitive.bind(*base_vals, **p)
     xd = interp.dropout(ref, x)
     lora = None
+    if ref.rows is not None:  # a whole bank with per-row adapter ids (lorajax.select's onehot/ragged forms)
+        lora = _banked().dot_term(ref, xd, k_side, p["dimension_numbers"], p, y0.shape)
+        if lora is not None:
+            return y0 + lora.astype(y0.dtype)
+        ref = _banked().as_gathered(ref, "dot_general")
     if interp.flatten and x.ndim >= 1:
         plan = DotPlan(ref, k_side, p["dimension_numbers"], x.ndim)
         if plan.ok:
@@ -251,6 +261,13 @@ def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int)
         base_vals[k_side] = interp.fallback(ref, "dot_general")
         return eqn.primitive.bind(*base_vals, **p)
     return y0 + lora.astype(y0.dtype)
+
+
+def _banked() -> Any:
+    """Bank execution (lorajax/_factored/_banked.py, which builds on this module)."""
+    from lorajax._factored import _banked
+
+    return _banked
 
 
 def _dora() -> Any:
@@ -295,6 +312,12 @@ def gather(interp: Any, eqn: Any, invals: list) -> list | None:
     if ref.info.spec.variant == "dora":
         return [_dora().gather(interp, eqn, ref, idx)]
     y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **eqn.params)
+    if ref.rows is not None:  # a whole bank with per-row adapter ids: gather rows of A_all, mask, @ B_all
+        flat, mask = _banked().gather_mask(ref)
+        lora = gather_lora(idx, flat, eqn.params, y0.shape, mask=mask)
+        if lora is not None:
+            return [y0 + lora.astype(y0.dtype)]
+        ref = _banked().as_gathered(ref, "gather")
     lora = gather_lora(idx, ref, eqn.params, y0.shape)
     if lora is None:
         return [eqn.primitive.bind(interp.fallback(ref, "gather"), idx, **eqn.params)]

@@ -55,6 +55,7 @@ class KernelRef:
     labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: Any = dataclasses.field(metadata=dict(static=True))  # dtype of the current view
     info: NodeInfo = dataclasses.field(metadata=dict(static=True))
+    rows: Any = None  # a bank's per-row adapter ids (lorajax/_factored/_banked.py); None for other nodes
 
     # --- factor geometry -------------------------------------------------
     @property

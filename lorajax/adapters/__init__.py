@@ -3,7 +3,7 @@
 One concept per module: the types and :func:`adapter` (``_adapter``), fitting an
 adapter to a base and :func:`attach` (``_attach``), the safetensors file format
 (``_format``), :func:`swap` on merged models (``_swap``), :func:`combine_adapters`
-(``_combine``) and adapter banks for mixed batches (``_bank``).
+(``_combine``), adapter banks for mixed batches (``_bank``) and hot-swappable slots (``_slots``).
 """
 
 from lorajax.adapters._adapter import Adapter, AdapterFactors, adapter
@@ -11,14 +11,17 @@ from lorajax.adapters._attach import attach
 from lorajax.adapters._bank import AdapterBank, BankNode, select, stack_adapters
 from lorajax.adapters._combine import combine_adapters
 from lorajax.adapters._format import load_adapter, read_adapter, save_adapter
+from lorajax.adapters._slots import AdapterSlots, adapter_slots
 from lorajax.adapters._swap import swap
 
 __all__ = [
     "Adapter",
     "AdapterBank",
     "AdapterFactors",
+    "AdapterSlots",
     "BankNode",
     "adapter",
+    "adapter_slots",
     "attach",
     "combine_adapters",
     "load_adapter",

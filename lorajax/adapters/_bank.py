@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes
+from lorajax._factored._banked import FORMS, BankedLoRA, Rows, cost_form
 from lorajax._node import HasSpec, LoRA, LoRASpec, fold_scale, is_lora
 from lorajax._problems import Problems
 from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora
@@ -74,7 +76,18 @@ class AdapterBank:
         return np.asarray([-1 if n is None else pos[n] for n in names], np.int32)
 
 
-def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = None, dtype: Any = None) -> AdapterBank:
+def bank_row(f: Any, rank: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """One adapter's ``(a, b)`` rows of a bank node: rank zero-padded to ``rank``, scale folded into ``b``."""
+    pad = rank - f.rank
+    a_pad = [(0, 0)] * (f.a.ndim - 1) + [(0, pad)]
+    b_pad = [(0, 0)] * f.b.ndim
+    b_pad[len(f.layout.stack)] = (0, pad)
+    return jnp.pad(jnp.asarray(f.a, dtype), a_pad), jnp.pad(fold_scale(jnp.asarray(f.b), f.scale, dtype), b_pad)
+
+
+def stack_adapters(
+    adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = None, dtype: Any = None, rank: int = 0
+) -> AdapterBank:
     """Stack adapters of one base model into an :class:`AdapterBank`.
 
     Every target of any adapter gets a :class:`BankNode` holding all adapters'
@@ -90,6 +103,7 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
             with its LoRA nodes replaced by their base. All adapters must belong to
             this base; non-targeted leaves come from it.
         dtype: factor dtype of the bank (default: the common dtype of all factors).
+        rank: pad every target to at least this rank (default: the largest rank of the adapters there).
 
     Returns:
         An :class:`AdapterBank`.
@@ -107,6 +121,7 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
         >>> bank.params["q"]["kernel"].a.shape  # 2 adapters + the zero row, rank padded to 4
         (3, 8, 4)
     """
+    min_rank = int(rank)
     if isinstance(adapters, Mapping):
         names, items = tuple(str(k) for k in adapters), list(adapters.values())
     else:
@@ -138,18 +153,12 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
     replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
     for name, members in groups.items():
         ref = members[0][1]
-        rank = max(f.rank for _, f in members)
+        rank = max([f.rank for _, f in members] + [min_rank])
         dt = dtype or jnp.result_type(*[f.a.dtype for _, f in members], *[f.b.dtype for _, f in members])
-        ns = len(ref.layout.stack)
         a_rows = [jnp.zeros(ref.layout.a_shape(ref.shape, rank), dt) for _ in range(len(ads) + 1)]
         b_rows = [jnp.zeros(ref.layout.b_shape(ref.shape, rank), dt) for _ in range(len(ads) + 1)]
         for k, f in members:
-            pad = rank - f.rank
-            a_pad = [(0, 0)] * (f.a.ndim - 1) + [(0, pad)]
-            b_pad = [(0, 0)] * f.b.ndim
-            b_pad[ns] = (0, pad)
-            a_rows[k] = jnp.pad(jnp.asarray(f.a, dt), a_pad)
-            b_rows[k] = jnp.pad(fold_scale(jnp.asarray(f.b), f.scale, dt), b_pad)
+            a_rows[k], b_rows[k] = bank_row(f, rank, dt)
         n = index[name]
         leaf = leaves[n][1]
         replaced[n] = BankNode(
@@ -161,22 +170,37 @@ def stack_adapters(adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = N
     return AdapterBank(rebuild_params(base, leaves, replaced), names)
 
 
-def select(bank: AdapterBank, ids: Any) -> Any:
-    """Params in which example ``n`` of a batch uses adapter ``ids[n]``.
+def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
+    """Params in which row ``n`` of a batch uses adapter ``ids[n]``.
 
-    Each :class:`BankNode` becomes a ``LoRA(per_example=True)`` node whose
-    factors are gathered rows of the bank: ``a[ids]`` of shape
-    ``(batch, *a_shape)`` and ``b[ids]`` (scale 1, alpha = rank). One gather per
-    target, no Python loop over adapters; jit-able with traced ``ids`` (a new
-    batch of ids does not retrace). Run the result with :func:`lorajax.factored`;
-    ``merge`` refuses per-example nodes.
+    Run the result with :func:`lorajax.factored` (``merge`` refuses it). Jit-able with traced
+    ``ids``: a new batch of ids never retraces. Every form is exact (it equals each adapter's
+    merged model up to float rounding); they differ in cost:
+
+    * ``"gather"``: each :class:`BankNode` becomes a ``LoRA(per_example=True)`` node whose factors
+      are the rows ``a[ids]``, ``b[ids]`` (``(batch, *a_shape)``); batched einsums per example. Needs
+      one id per example. Runs every use factored does (stacked/scanned layers, any dot).
+    * ``"onehot"``: no gather. The bank runs as one LoRA of rank ``(N + 1) * r`` in 2-D matmuls,
+      ``(x @ A_all)`` with other adapters' columns zeroed per row, then ``@ B_all``. Its cost per row
+      is ``(N + 1) * r * (d_in + d_out)``: it pays when the bank's total rank is small next to the layer.
+    * ``"ragged"``: rows sorted by adapter and two ``jax.lax.ragged_dot`` calls (static group count
+      ``N + 1``), then put back; ``r * (d_in + d_out)`` per row where ragged_dot is a grouped kernel
+      (GPU/TPU); on XLA:CPU it is slower than both others.
+    * ``"auto"`` (default): per target, ``"onehot"`` when
+      ``4 * (N + 1) * r * (d_in + d_out) <= d_in * d_out`` (its extra products cost at most a quarter of
+      the base matmul), else ``"gather"``; per-token ids always take ``"onehot"``.
+
+    ``onehot``/``ragged`` accept ids shaped like the activations' leading axes: ``(batch,)`` or
+    ``(batch, seq)`` (one adapter per token, e.g. a continuous batch of requests packed into rows).
+    A use they cannot flatten to rows (a stacked kernel, a conv) runs in the gather form, which needs
+    per-example ids.
 
     Args:
-        bank: from :func:`stack_adapters`.
-        ids: integer array of shape ``(batch,)``: an adapter index in
-            ``[0, bank.num_adapters)``, or ``-1`` for the base model alone. Concrete
-            ids are range-checked; under ``jit`` an out-of-range id yields NaN
-            factors (JAX's fill mode) rather than another adapter's.
+        bank: from :func:`stack_adapters` (or :attr:`AdapterSlots.bank`).
+        ids: integer array of shape ``(batch,)`` or, except for ``"gather"``, ``(batch, seq)``: an adapter
+            index in ``[0, bank.num_adapters)``, or ``-1`` for the base model alone. Concrete ids are
+            range-checked; under ``jit`` an out-of-range id yields NaN factors (gather) or no adapter.
+        form: ``"auto"``, ``"gather"``, ``"onehot"`` or ``"ragged"``.
 
     Returns:
         The bank's params with per-example LoRA nodes.
@@ -186,16 +210,25 @@ def select(bank: AdapterBank, ids: Any) -> Any:
         >>> base = {"q": {"kernel": jnp.ones((8, 8))}}
         >>> adapters = [lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(k)) for k in range(3)]
         >>> bank = lorajax.stack_adapters(adapters)
-        >>> node = lorajax.select(bank, jnp.array([2, -1, 0, 0]))["q"]["kernel"]
+        >>> node = lorajax.select(bank, jnp.array([2, -1, 0, 0]), form="gather")["q"]["kernel"]
         >>> node.per_example, node.a.shape, node.b.shape
         (True, (4, 8, 2), (4, 2, 8))
+        >>> x = jnp.ones((4, 8))
+        >>> fn = lambda p, x: x @ p["q"]["kernel"]
+        >>> ys = [lorajax.factored(fn)(lorajax.select(bank, jnp.array([2, -1, 0, 0]), form=f), x) for f in FORMS]
+        >>> bool(jnp.allclose(ys[0], ys[1], atol=1e-5) and jnp.allclose(ys[0], ys[2], atol=1e-5))
+        True
     """
     if not isinstance(bank, AdapterBank):
         raise TypeError(f"select: bank must be an AdapterBank from lorajax.stack_adapters, got {type(bank).__name__}.")
+    if form not in ("auto", *FORMS):
+        raise ValueError(f"select: form={form!r}; use 'auto', 'gather', 'onehot' or 'ragged'.")
     ids = jnp.asarray(ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    if ids.ndim not in (1, 2) or not jnp.issubdtype(ids.dtype, jnp.integer) or (form == "gather" and ids.ndim != 1):
+        want = "a 1-D" if form == "gather" else "a 1-D or 2-D"
         raise ValueError(
-            f"select: ids must be a 1-D integer array (one adapter id per example), got {ids.dtype}{ids.shape}."
+            f"select: ids must be {want} integer array (one adapter id per example"
+            f"{'' if form == 'gather' else ', or per token'}), got {ids.dtype}{ids.shape}."
         )
     count = bank.num_adapters
     if not isinstance(ids, jax.core.Tracer):
@@ -206,17 +239,19 @@ def select(bank: AdapterBank, ids: Any) -> Any:
                 f"select: ids {sorted(set(bad.tolist()))} are out of range; use 0..{count - 1} for the bank's adapters "
                 f"{list(bank.names)} or -1 for the base model."
             )
-    rows = jnp.where(ids < 0, count, ids)  # the last row of every bank node is the zero adapter
+    rows = jnp.where(ids < 0, count, ids).astype(jnp.int32)  # the last row of every bank node is the zero adapter
 
     def pick(node: Any) -> Any:
         if not is_bank_node(node):
             return node
-        return LoRA(
-            base=node.base,
-            a=jnp.take(node.a, rows, axis=0),
-            b=jnp.take(node.b, rows, axis=0),
-            spec=node.spec,
-            per_example=True,
-        )
+        f = form
+        if f == "auto":
+            fan_in = math.prod(node.a.shape[1 + len(node.layout.stack) : -1])
+            fan_out = math.prod(node.b.shape[2 + len(node.layout.stack) :])
+            f = "onehot" if ids.ndim == 2 else cost_form(count + 1, node.rank, fan_in, fan_out)
+        if f == "gather":
+            a, b = jnp.take(node.a, rows, axis=0), jnp.take(node.b, rows, axis=0)
+            return LoRA(base=node.base, a=a, b=b, spec=node.spec, per_example=True)
+        return BankedLoRA(base=node.base, a=node.a, b=node.b, spec=node.spec, per_example=True, rows=Rows(rows, f))
 
     return jax.tree.map(pick, bank.params, is_leaf=lambda x: is_bank_node(x) or _boxes.is_box(x))

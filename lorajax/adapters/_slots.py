@@ -1,0 +1,186 @@
+"""Hot-swappable adapter slots: a bank of fixed capacity whose adapters change without retracing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorajax._paths import path_str, rebuild, tree_paths
+from lorajax._problems import Problems
+from lorajax.adapters._adapter import as_adapter, reject_dora
+from lorajax.adapters._bank import AdapterBank, BankNode, bank_row, is_bank_node, stack_adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSlots:
+    """A bank of ``capacity`` slots plus the host-side map from adapter names to slots.
+
+    :attr:`bank` is an :class:`AdapterBank` whose shapes, dtypes and static metadata never change:
+    its names are the fixed slot labels ``"slot0"``, ``"slot1"``, ... and the adapters' own names live
+    here, outside the pytree, in :attr:`names`. So :meth:`put` and :meth:`evict` (functional: they return
+    new slots) never retrace nor recompile a jitted function that takes ``slots.bank``; give it ids from
+    :meth:`ids`. Build with :func:`adapter_slots`.
+
+    Attributes:
+        bank: the slots' bank (pass it to ``jax.jit``-ed functions and :func:`lorajax.select`).
+        names: the adapter in each slot, ``None`` for a free slot.
+    """
+
+    bank: AdapterBank
+    names: tuple[str | None, ...]
+
+    @property
+    def capacity(self) -> int:
+        return len(self.names)
+
+    def ids(self, names: Sequence[str | None]) -> np.ndarray:
+        """Slot ids for a batch given by adapter names (``None`` = base model, id -1).
+
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
+        >>> slots = lorajax.adapter_slots({"x": lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0))}, 3)
+        >>> slots.ids(["x", None]).tolist()
+        [0, -1]
+        """
+        pos = {n: k for k, n in enumerate(self.names) if n is not None}
+        unknown = sorted({str(n) for n in names if n is not None and n not in pos})
+        if unknown:
+            raise ValueError(
+                f"AdapterSlots.ids: unknown adapter names {unknown}; the slots hold {sorted(pos)}. "
+                "Load it first with AdapterSlots.put."
+            )
+        return np.asarray([-1 if n is None else pos[n] for n in names], np.int32)
+
+    def put(self, name: str, adapter: Any) -> AdapterSlots:
+        """New slots with ``adapter`` in the slot of ``name`` (replaced) or else in the first free slot.
+
+        The adapter's factors are padded to the slots' rank and scale-folded like
+        :func:`lorajax.stack_adapters`; targets of the slots that it does not adapt get zeros.
+
+        Raises:
+            ValueError: no free slot; the adapter targets a kernel that has no slot, has a rank above the
+                slot rank, another layout or base shape there; or it is a DoRA adapter.
+
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
+        >>> lora = lambda k, r: lorajax.lorafy(base, rank=r, where=".*", key=jax.random.key(k))
+        >>> slots = lorajax.adapter_slots({"x": lora(0, 2)}, 2, rank=4).put("y", lora(1, 3))
+        >>> slots.names, slots.bank.params["q"]["kernel"].a.shape
+        (('x', 'y'), (3, 4, 4))
+        """
+        caller = "AdapterSlots.put"
+        ad = as_adapter(adapter, caller=caller)
+        reject_dora([ad], caller, "slots hold plain LoRA factors", "Serve DoRA adapters one at a time.")
+        slot = (
+            self.names.index(name)
+            if name in self.names
+            else next((k for k, n in enumerate(self.names) if n is None), None)
+        )
+        if slot is None:
+            raise ValueError(
+                f"{caller}: all {self.capacity} slots are taken ({list(self.names)}); evict one first "
+                "(AdapterSlots.evict) or build larger slots (adapter_slots(capacity=...))."
+            )
+        leaves = tree_paths(self.bank.params, is_leaf=is_bank_node)
+        index = {path_str(p): n for n, (p, leaf) in enumerate(leaves) if is_bank_node(leaf)}
+        problems = Problems(caller)
+        for target, f in sorted(ad.factors.items()):
+            if target not in index:
+                problems.add(f"missing: {target}: no slot holds this kernel (slot targets: {sorted(index)})")
+                continue
+            node: BankNode = leaves[index[target]][1]
+            shape = tuple(int(d) for d in node.base.shape)
+            if f.layout != node.layout or f.shape != shape:
+                problems.add(
+                    f"shape: {target}: the adapter has layout {f.layout.axes!r} for a base of shape {f.shape}, "
+                    f"the slot {node.layout.axes!r} for {shape}"
+                )
+            if f.rank > node.rank:
+                problems.add(f"rank: {target}: rank {f.rank} is larger than the slot rank {node.rank}")
+        problems.raise_if_any(f"cannot load {name!r}", "Build the slots with a larger rank= or these targets.")
+        replaced = {}
+        for target, n in index.items():
+            node = leaves[n][1]
+            if target in ad.factors:
+                a_row, b_row = bank_row(ad.factors[target], node.rank, node.a.dtype)
+            else:
+                a_row, b_row = jnp.zeros_like(node.a[slot]), jnp.zeros_like(node.b[slot])
+            replaced[n] = dataclasses.replace(node, a=node.a.at[slot].set(a_row), b=node.b.at[slot].set(b_row))
+        params = rebuild(self.bank.params, leaves, replaced, is_bank_node)
+        names = self.names[:slot] + (name,) + self.names[slot + 1 :]
+        return AdapterSlots(AdapterBank(params, self.bank.names), names)
+
+    def evict(self, name: str) -> AdapterSlots:
+        """New slots with ``name``'s slot zeroed and free.
+
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
+        >>> slots = lorajax.adapter_slots({"x": lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0))}, 2)
+        >>> slots.evict("x").names
+        (None, None)
+        """
+        if name not in self.names:
+            raise ValueError(f"AdapterSlots.evict: no adapter {name!r} in the slots; they hold {list(self.names)}.")
+        slot = self.names.index(name)
+
+        def clear(node: Any) -> Any:
+            if not is_bank_node(node):
+                return node
+            return dataclasses.replace(node, a=node.a.at[slot].set(0), b=node.b.at[slot].set(0))
+
+        leaves = tree_paths(self.bank.params, is_leaf=is_bank_node)
+        params = rebuild(self.bank.params, leaves, {n: clear(x) for n, (_, x) in enumerate(leaves)}, is_bank_node)
+        names = self.names[:slot] + (None,) + self.names[slot + 1 :]
+        return AdapterSlots(AdapterBank(params, self.bank.names), names)
+
+
+def adapter_slots(
+    adapters: Mapping[str, Any], capacity: int, *, rank: int = 0, base: Any = None, dtype: Any = None
+) -> AdapterSlots:
+    """Hot-swappable slots for up to ``capacity`` adapters of one base (vLLM's ``max_loras``).
+
+    The slots' targets are those of the given adapters (load a template adapter and evict it to
+    start empty); every target's rank is ``rank`` or the largest given rank there. Later
+    :meth:`AdapterSlots.put` / :meth:`AdapterSlots.evict` keep every shape and dtype, so a jitted
+    serving function over ``slots.bank`` compiles once.
+
+    Args:
+        adapters: ``{name: lorafied params or Adapter}`` for the first slots.
+        capacity: number of slots (at least ``len(adapters)``).
+        rank: the slot rank (default: the largest given rank at each target).
+        base: the base params (default: from the first lorafied params), as in :func:`lorajax.stack_adapters`.
+        dtype: factor dtype of the slots.
+
+    Returns:
+        An :class:`AdapterSlots`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
+        >>> slots = lorajax.adapter_slots({"x": lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(0))}, 4)
+        >>> slots.names, slots.bank.params["q"]["kernel"].a.shape  # 4 slots + the zero row
+        (('x', None, None, None), (5, 4, 2))
+    """
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ValueError("adapter_slots: give the first adapters as a non-empty dict {name: adapter}.")
+    if capacity < len(adapters):
+        raise ValueError(f"adapter_slots: capacity={capacity} is below the {len(adapters)} adapters given.")
+    bank = stack_adapters(adapters, base=base, dtype=dtype, rank=rank)
+    extra = capacity - len(adapters)
+
+    def widen(node: Any) -> Any:  # free slots (zeros) go before the bank's final zero row
+        if not is_bank_node(node):
+            return node
+        za = jnp.zeros((extra, *node.a.shape[1:]), node.a.dtype)
+        zb = jnp.zeros((extra, *node.b.shape[1:]), node.b.dtype)
+        a = jnp.concatenate([node.a[:-1], za, node.a[-1:]])
+        return dataclasses.replace(node, a=a, b=jnp.concatenate([node.b[:-1], zb, node.b[-1:]]))
+
+    leaves = tree_paths(bank.params, is_leaf=is_bank_node)
+    params = rebuild(bank.params, leaves, {n: widen(x) for n, (_, x) in enumerate(leaves)}, is_bank_node)
+    labels = tuple(f"slot{k}" for k in range(capacity))
+    return AdapterSlots(AdapterBank(params, labels), tuple(bank.names) + (None,) * extra)
