@@ -459,3 +459,48 @@ def _fixture_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_factored_dora_dropout_follows_peft_formula():
+    # PEFT: y = x W + (g - 1) ⊙ (drop(x) W) + g ⊙ s (drop(x) A) B.
+    d, rate = 6, 0.5
+    x = jax.random.normal(jax.random.key(0), (4, d)) + 3.0  # no zeros in x: dropped entries are exactly zero
+    key = jax.random.key(7)
+    fn = lorajax.factored(lambda p, x: x @ p["m"]["kernel"], dropout=rate)
+    # With W = I, b = 0 and m = c * ‖W‖ (so g = c): y = x + (c - 1) drop(x), and drop(x) must be x masked / keep.
+    p = lorajax.lorafy({"m": {"kernel": jnp.eye(d)}}, rank=2, where=["m"], dora=True)
+    node = p["m"]["kernel"]
+    c = 3.0
+    p = {"m": {"kernel": node.__class__(node.base, node.a, node.b, node.spec, magnitude=c * node.magnitude)}}
+    dropped = (np.asarray(fn(p, x, lora_rng=key)) - np.asarray(x)) / (c - 1)
+    kept = np.isclose(dropped, np.asarray(x) / (1 - rate), rtol=1e-5)
+    assert (kept | np.isclose(dropped, 0.0, atol=1e-5)).all() and 0 < kept.sum() < kept.size
+    np.testing.assert_allclose(fn(p, x, lora_deterministic=True), c * np.asarray(x), rtol=1e-6)
+    # With g = 1 (m = n) DoRA is plain LoRA, dropout mask included (same key, same draw).
+    w = jax.random.normal(jax.random.key(1), (d, 5))
+    plain = lorajax.lorafy({"m": {"kernel": w}}, rank=2, where=["m"], init="gaussian")
+    n0 = plain["m"]["kernel"]
+    plain = {"m": {"kernel": n0.__class__(n0.base, n0.a, n0.b + 0.5, n0.spec)}}
+    v = np.asarray(w, np.float64) + n0.scale * np.asarray(n0.a, np.float64) @ (np.asarray(n0.b, np.float64) + 0.5)
+    spec = n0.spec.replace(variant="dora")
+    m = jnp.asarray(np.sqrt((v**2).sum(0)), jnp.float32)
+    dora = {"m": {"kernel": n0.__class__(n0.base, n0.a, n0.b + 0.5, spec, magnitude=m)}}
+    np.testing.assert_allclose(fn(dora, x, lora_rng=key), fn(plain, x, lora_rng=key), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_dora_through_scan_equals_merge():
+    w = jax.random.normal(jax.random.key(0), (3, 8, 8)) * 0.3
+    p = lorajax.lorafy({"h": {"kernel": w}}, rank=2, where=["h"], dora=True, layout={"h": "sio"}, init="gaussian")
+    n = p["h"]["kernel"]
+    p = {"h": {"kernel": n.__class__(n.base, n.a, n.b + 0.2, n.spec, magnitude=n.magnitude * 1.3)}}
+
+    def f(p, x):  # the stacked layers run by lax.scan, as nn.scan does: g rides through the per-layer slices
+        return jax.lax.scan(lambda x, k: (jnp.tanh(x @ k), None), x, p["h"]["kernel"])[0]
+
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    fac = lorajax.factored(f, strict=True)
+    np.testing.assert_allclose(fac(p, x), f(lorajax.merge(p), x), rtol=1e-5, atol=1e-6)
+    g1 = jax.grad(lambda p: fac(p, x).sum())(p)
+    g2 = jax.grad(lambda p: f(lorajax.merge(p), x).sum())(p)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

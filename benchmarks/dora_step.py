@@ -1,0 +1,173 @@
+"""DoRA against LoRA, one training step each, all_linear on the benchmark GPT, in JAX and in PEFT.
+
+    python benchmarks/dora_step.py [--steps 9] [--warmup 2] [--d 256] [--layers 4] [--no-torch]
+
+JAX modes (adam, rank 8, alpha 16): LoRA factored, DoRA factored, and DoRA through ``merge`` (which
+forms ``W + ΔW`` per target, as PEFT does). FLOPs and peak memory are XLA's own
+(``compiled.cost_analysis()`` / ``memory_analysis()``): exact and free of timing noise. Wall time is
+measured round-robin (every round runs each mode once, in turn), so machine load hits every mode
+alike; each mode reports its median, and only the ratio DoRA / LoRA within one framework is read.
+The load average at start and end is recorded with the results. PEFT's LoRA and DoRA on torch CPU
+join the same rounds where torch and peft are installed.
+
+Writes ``benchmarks/dora_step.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpt import GPT, lm_loss  # noqa: E402
+
+import lorajax  # noqa: E402
+
+RANK = 8
+
+
+def make_jax(model, params, tokens, dora: bool, path: str):
+    lp = lorajax.lorafy(params, rank=RANK, alpha=2.0 * RANK, where=lorajax.all_linear, dora=dora)
+    trainable, frozen = lorajax.partition(lp)
+    tx = optax.adam(1e-4)
+    apply = lorajax.factored(model.apply, strict=True)
+
+    def forward(t, tokens):
+        p = lorajax.combine(t, frozen)
+        if path == "factored":
+            return apply({"params": p}, tokens)
+        return model.apply({"params": lorajax.merge(p)}, tokens)
+
+    @jax.jit
+    def step(t, opt, tokens):
+        loss, g = jax.value_and_grad(lambda t: lm_loss(forward(t, tokens), tokens))(t)
+        upd, opt = tx.update(g, opt, t)
+        return optax.apply_updates(t, upd), opt, loss
+
+    state = (trainable, tx.init(trainable))
+    compiled = step.lower(*state, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    box = {"state": state}
+
+    def once():
+        t0 = time.perf_counter()
+        t, opt, loss = compiled(*box["state"], tokens)
+        loss.block_until_ready()
+        box["state"] = (t, opt)
+        return time.perf_counter() - t0
+
+    return once, {"flops": float(cost["flops"]), "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def make_torch(cfg, dora: bool):
+    import torch
+    from _torch_peer import build_gpt
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["query", "key", "value", "out", "fc1", "fc2"]
+    model = get_peft_model(
+        build_gpt(cfg), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, use_dora=dora)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    tokens = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]))
+
+    def once():
+        t0 = time.perf_counter()
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg["vocab"]), tokens[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    return once, {"flops": None, "peak_bytes": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "dora_step.json"))
+    args = ap.parse_args()
+    cfg = dict(vocab=512, d=args.d, layers=args.layers, heads=4, seq=args.seq, batch=args.batch)
+    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
+    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
+    params = model.init(jax.random.key(1), tokens)["params"]
+    modes = {
+        "jax LoRA factored": make_jax(model, params, tokens, False, "factored"),
+        "jax DoRA factored": make_jax(model, params, tokens, True, "factored"),
+        "jax DoRA merge (forms W+dW)": make_jax(model, params, tokens, True, "merge"),
+    }
+    if not args.no_torch:
+        try:
+            modes["torch PEFT LoRA"] = make_torch(cfg, False)
+            modes["torch PEFT DoRA"] = make_torch(cfg, True)
+        except ImportError as e:
+            print(f"torch peer skipped: {e}")
+    load_start = os.getloadavg()
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for k in range(args.warmup + args.steps):
+        for name, (once, _) in modes.items():
+            dt = once()
+            if k >= args.warmup:
+                times[name].append(dt)
+    load_end = os.getloadavg()
+    rows = {}
+    for name, (_, info) in modes.items():
+        rows[name] = {**info, "median_s": statistics.median(times[name]), "times_s": times[name]}
+
+    def ratio(num, den, key):
+        a, b = rows.get(num, {}).get(key), rows.get(den, {}).get(key)
+        return None if a is None or b is None else a / b
+
+    ratios = {
+        "jax DoRA/LoRA factored, wall": ratio("jax DoRA factored", "jax LoRA factored", "median_s"),
+        "jax DoRA/LoRA factored, flops": ratio("jax DoRA factored", "jax LoRA factored", "flops"),
+        "jax DoRA/LoRA factored, peak": ratio("jax DoRA factored", "jax LoRA factored", "peak_bytes"),
+        "jax DoRA merge/LoRA factored, wall": ratio("jax DoRA merge (forms W+dW)", "jax LoRA factored", "median_s"),
+        "jax DoRA merge/LoRA factored, peak": ratio("jax DoRA merge (forms W+dW)", "jax LoRA factored", "peak_bytes"),
+        "torch PEFT DoRA/LoRA, wall": ratio("torch PEFT DoRA", "torch PEFT LoRA", "median_s"),
+    }
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+    }
+    result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load_start} -> {load_end}")
+    print("| mode | median step (ms) | GFLOP | peak (MiB) |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows.items():
+        gf = "" if r["flops"] is None else f"{r['flops'] / 1e9:.2f}"
+        pk = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        print(f"| {name} | {r['median_s'] * 1e3:.1f} | {gf} | {pk} |")
+    for k, v in ratios.items():
+        print(f"{k}: {'n/a' if v is None else f'{v:.3f}'}")
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()
