@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, lm_loss  # noqa: E402
+from _gpt import GPT, lm_loss
 
-import lorajax  # noqa: E402
+import lorajax
 
 RANK = 8
 
