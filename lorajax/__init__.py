@@ -41,6 +41,7 @@ from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
 from lorajax.inits import eva_init, to_plain_lora
 from lorajax.peft import load_peft, read_peft, save_peft
+from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize
 
 __all__ = [
     "Adapter",
@@ -54,6 +55,7 @@ __all__ = [
     "LoRASpec",
     "MemoryPlan",
     "Preset",
+    "QuantizedKernel",
     "StateBytes",
     "Summary",
     "TargetRow",
@@ -69,14 +71,17 @@ __all__ = [
     "combine",
     "combine_adapters",
     "delta",
+    "dequantize",
     "eva_init",
     "factor_specs",
     "factored",
     "infer_layout",
     "infer_layouts",
     "is_lora",
+    "is_quantized",
     "is_trainable",
     "load_adapter",
+    "load_bnb_4bit",
     "load_peft",
     "lorafy",
     "loraplus",
@@ -88,6 +93,7 @@ __all__ = [
     "partition",
     "partition_specs",
     "path_str",
+    "quantize",
     "read_adapter",
     "read_peft",
     "save_adapter",

@@ -26,6 +26,7 @@ from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, trainable
 from lorajax.inits import check_init, init_factors, is_residual, residual_base
+from lorajax.quant import is_quantized, kernel_view, walk_stop
 
 #: The seed of the key ``lorafy`` uses when none is given.
 DEFAULT_SEED = 0
@@ -114,7 +115,7 @@ def lorafy(
     _check_rank(rank, "rank")
     check_init(init)
     key = jax.random.key(DEFAULT_SEED) if key is None else key
-    leaves = _targets.tree_paths(params, is_leaf=is_node)
+    leaves = _targets.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
     # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
     known = known_kernels(layout, leaves)
     attention = attention_shapes(leaves)  # where q/k/v sizes alone do not say which axis is d_model
@@ -133,7 +134,7 @@ def lorafy(
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"lorafy: {name} with shape {shape} has dtype {array.dtype}; LoRA needs a float kernel.")
         try:
-            lay = resolve_layout(layout, path, array, attention=attention)
+            lay = array.layout if is_quantized(array) else resolve_layout(layout, path, array, attention=attention)
         except AmbiguousLayout as e:  # every unresolved kernel in one error, not one per run
             unresolved.add(e.item)
             continue
@@ -149,7 +150,7 @@ def lorafy(
         a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
         spec = LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora)
         # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
-        args = (init, path_key(key, path), array, lay, r, dtype, spec.scale)
+        args = (init, path_key(key, path), kernel_view(array), lay, r, dtype, spec.scale)
         a, b = _sharding.init_placed(init_factors, args, array, lay)
         base = leaf
         if is_residual(init):  # PiSSA/OLoRA: the frozen base becomes W - scale * a @ b (lorajax/inits/)
@@ -171,7 +172,7 @@ def lorafy(
             f"lorafy: where={where!r} matched no parameter. Kernel paths available: {shown or 'none'}."
             + (mutable_variable_hint(leaves) or ("" if known else _BARE_HINT))
         )
-    out = rebuild(params, leaves, chosen, is_node)
+    out = rebuild(params, leaves, chosen, walk_stop)
     return out if also is None else trainable(out, also)
 
 

@@ -15,6 +15,7 @@ from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, stop_frozen
+from lorajax.quant import dense_base
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
@@ -44,9 +45,9 @@ def merged_kernel(node: LoRA) -> jax.Array:
     """
     if node.spec.variant == "dora":
         return dora_kernel(node)
-    base = jax.lax.stop_gradient(_boxes.unbox(node.base))
+    base = jax.lax.stop_gradient(dense_base(_boxes.unbox(node.base)))  # a quantized base: dense in float32
     dt = compute_dtype(base.dtype)
-    return (base.astype(dt) + delta(node, dt)).astype(base.dtype)
+    return (base.astype(dt) + delta(node, dt)).astype(node.dtype)
 
 
 def merge(params: Any, *, donate: bool = False, check_finite: bool = False) -> Any:

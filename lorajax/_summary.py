@@ -13,6 +13,7 @@ from lorajax import _boxes, _targets
 from lorajax._merge import unlorafy
 from lorajax._node import is_lora
 from lorajax._train import mask, partition, reject_also
+from lorajax.quant import dense_shapes, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Summary:
 
 def _size(x: Any) -> tuple[int, int]:
     x = _boxes.unbox(x)
+    if is_quantized(x):  # its weights, at the bytes its codes and scales take
+        return x.size, x.nbytes
     if not hasattr(x, "shape"):
         return 0, 0
     n = math.prod(x.shape)
@@ -113,8 +116,8 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
         (512, 4608)
     """
     reject_also(also, "summary")
-    flags = jax.tree.leaves(mask(params))
-    sizes = [_size(x) for x in jax.tree.leaves(params)]
+    flags = [not is_quantized(f) and f for f in jax.tree.leaves(mask(params), is_leaf=is_quantized)]
+    sizes = [_size(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)]
     rows = []
     for path, node in _targets.tree_paths(params, is_leaf=is_lora):
         if is_lora(node):
@@ -252,7 +255,7 @@ def memory_plan(params: Any, optimizer: Any, *, also: Any = None, devices: int =
         )
     reject_also(also, "memory_plan")
     trainable, frozen = partition(params)
-    full = unlorafy(params)
+    full = dense_shapes(unlorafy(params))  # full fine-tuning trains dense kernels
     lora_opt = jax.eval_shape(optimizer.init, trainable)
     full_opt = jax.eval_shape(optimizer.init, full)
     trainable_bytes, full_bytes = _bytes(trainable), _bytes(full)

@@ -29,6 +29,7 @@ from lorajax._factored._ref import KernelRef, NodeInfo, is_array
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
+from lorajax.quant import dense_in_step
 
 __all__ = ["FallbackWarning", "factored"]
 
@@ -189,6 +190,7 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
         args = []
         for i, v in enumerate(dyn_vals):
             if i in node_at:
+                v = dense_in_step(v)  # a quantized base is dense only here, inside the step
                 k, name, spec, per_example = node_at[i]
                 info = NodeInfo(name, k, spec, per_example, jnp.dtype(v.dtype))
                 key = None if rng is None else jax.random.fold_in(rng, k)
@@ -220,7 +222,7 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
     def entry(dyn_vals: list, factor_vals: list, rng: Any) -> Any:
         # Under an outer trace (jit/grad/vmap) run inline: a nested jit boundary would make autodiff save the
         # frozen bases as fresh residual outputs (a copy of every target kernel). Called eagerly, compile once.
-        if any(isinstance(v, jax.core.Tracer) for v in [*dyn_vals, *factor_vals, rng]):
+        if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves([*dyn_vals, *factor_vals, rng])):
             return run(dyn_vals, factor_vals, rng)
         return jitted(dyn_vals, factor_vals, rng)
 

@@ -1,0 +1,31 @@
+"""Quantized frozen bases for QLoRA: NF4 (with double quantization), int8 and fp8, bit-compatible with bitsandbytes.
+
+Public names are re-exported by ``lorajax``; the modules here are private.
+"""
+
+from lorajax.quant._api import (
+    dense_base,
+    dense_in_step,
+    dense_shapes,
+    dequantize,
+    kernel_view,
+    quantize,
+    quantized_bytes,
+    walk_stop,
+)
+from lorajax.quant._bnb import load_bnb_4bit
+from lorajax.quant._kernel import QuantizedKernel, is_quantized
+
+__all__ = [
+    "QuantizedKernel",
+    "dense_base",
+    "dense_in_step",
+    "dense_shapes",
+    "dequantize",
+    "is_quantized",
+    "kernel_view",
+    "load_bnb_4bit",
+    "quantize",
+    "quantized_bytes",
+    "walk_stop",
+]
