@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorajax import _boxes
 from lorajax._layout import Layout
@@ -103,6 +104,12 @@ def with_magnitude(node: LoRA, dtype: Any) -> LoRA:
     The magnitude is boxed like the base, its axis names those of the axes it keeps.
     """
     base, a, b = (_boxes.unbox(v) for v in (node.base, node.a, node.b))
+    if not isinstance(base, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+        raise ValueError(
+            f"lorafy: DoRA needs a dense float kernel for its column norms; this target's base is a "
+            f"{type(base).__name__} (shape {tuple(getattr(base, 'shape', ()))}). Dequantize it first, or use "
+            "dora=False."
+        )
     spec = node.spec.replace(variant="dora")
     if any(isinstance(v, jax.ShapeDtypeStruct) for v in (base, a, b)):
         m: Any = jax.ShapeDtypeStruct(magnitude_shape(spec.layout, tuple(base.shape)), dtype)
