@@ -41,7 +41,7 @@ from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
 from lorajax.inits import eva_init, to_plain_lora
 from lorajax.peft import load_peft, read_peft, save_peft
-from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize
+from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
     "Adapter",
@@ -96,6 +96,7 @@ __all__ = [
     "quantize",
     "read_adapter",
     "read_peft",
+    "requantize",
     "save_adapter",
     "save_peft",
     "select",

@@ -359,3 +359,30 @@ def test_llama2_7b_qlora_plan_holds_about_3_6_gib_of_frozen_weights():
     assert round(bf16.lora.frozen / gib, 2) == 12.55
     assert 3.5 * gib <= nf4.lora.frozen <= 3.7 * gib
     assert nf4.lora.trainable == bf16.lora.trainable and nf4.full.total == bf16.full.total
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_requantize_merges_and_quantizes_in_the_base_format(kind):
+    _, lora, _ = _qlora(kind)
+    served = lorajax.requantize(lora)
+    q = served["l1"]["kernel"]
+    base = lora["l1"]["kernel"].base
+    assert lorajax.is_quantized(q) and (q.kind, q.block_size, q.double_quant) == (
+        kind,
+        base.block_size,
+        base.double_quant,
+    )
+    # The same as quantizing merge's dense kernel with the base's settings.
+    expected = lorajax.quantize(
+        {"l1": {"kernel": lorajax.merge(lora)["l1"]["kernel"]}}, where=["l1"], dtype=kind, double_quant=q.double_quant
+    )["l1"]["kernel"]
+    for field in ("codes", "scales"):
+        assert _equal(getattr(q, field), getattr(expected, field)) == 1.0
+
+
+def test_requantize_refuses_nan_naming_the_path():
+    _, lora, _ = _qlora("int8")
+    node = lora["l2"]["kernel"]
+    lora["l2"]["kernel"] = dataclasses.replace(node, a=node.a.at[0, 0].set(jnp.nan), b=node.b + 1)
+    with pytest.raises(ValueError, match=r"(?s)requantize: .*l2/kernel \(int8\): 32 of 4096 merged weights are NaN"):
+        lorajax.requantize(lora)

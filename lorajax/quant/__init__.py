@@ -11,6 +11,7 @@ from lorajax.quant._api import (
     kernel_view,
     quantize,
     quantized_bytes,
+    requantize,
     walk_stop,
 )
 from lorajax.quant._bnb import load_bnb_4bit
@@ -27,5 +28,6 @@ __all__ = [
     "load_bnb_4bit",
     "quantize",
     "quantized_bytes",
+    "requantize",
     "walk_stop",
 ]

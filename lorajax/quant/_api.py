@@ -14,7 +14,7 @@ from lorajax._node import LoRA, compute_dtype, is_lora
 from lorajax._paths import path_str, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable
-from lorajax.quant._kernel import BLOCK_SIZES, KINDS, dense, is_quantized, quantize_kernel
+from lorajax.quant._kernel import BLOCK_SIZES, KINDS, QuantizedKernel, dense, is_quantized, quantize_kernel
 
 
 def walk_stop(x: Any) -> bool:
@@ -186,3 +186,43 @@ def dense_shapes(tree: Any) -> Any:
 def quantized_bytes(x: Any) -> int | None:
     """Bytes a quantized kernel occupies (codes and scales), or None for anything else."""
     return x.nbytes if is_quantized(x) else None
+
+
+def requantize(params: Any) -> Any:
+    """Merge for serving: each LoRA node on a quantized base becomes a quantized kernel again.
+
+    ``dequantize(base) + s·A·B`` is computed in float32 (as :func:`lorajax.merge` does) and quantized with the
+    base's own format: kind, block size, double quantization and layout. Other LoRA nodes merge to dense
+    kernels as in ``merge``. Runs eagerly (it checks values): a merged kernel holding NaN or Inf raises,
+    naming every such path.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> q = lorajax.quantize({"fc": {"kernel": jnp.ones((64, 8))}}, where=["fc"], dtype="int8")
+        >>> served = lorajax.requantize(lorajax.lorafy(q, rank=2, where=["fc"]))
+        >>> served["fc"]["kernel"].kind, served["fc"]["kernel"].shape
+        ('int8', (64, 8))
+    """
+    from lorajax._merge import merge, merged_kernel  # merge imports this package: import at call time
+
+    leaves = _targets.tree_paths(params, is_leaf=walk_stop)
+    problems = Problems("requantize")
+    chosen: dict[int, Any] = {}
+    for n, (path, leaf) in enumerate(leaves):
+        base = _boxes.unbox(leaf.base) if is_lora(leaf) else None
+        if not isinstance(base, QuantizedKernel):
+            continue
+        kernel = merged_kernel(leaf)
+        if isinstance(kernel, jax.core.Tracer):
+            raise ValueError("requantize reads the merged values; call it outside jax.jit.")
+        bad = int(kernel.size - jnp.isfinite(kernel).sum())
+        if bad:
+            problems.add(f"{path_str(path)} ({base.kind}): {bad} of {kernel.size} merged weights are NaN or Inf")
+            continue
+        q = quantize_kernel(kernel, base.layout, base.kind, base.block_size or 64, base.double_quant)
+        chosen[n] = _boxes.rebox(leaf.base, q)
+    problems.raise_if_any(
+        "cannot quantize merged kernels that hold NaN or Inf",
+        "Check the adapter's factors (lorajax.adapter(params)) and the training run that produced them.",
+    )
+    return merge(rebuild(params, leaves, chosen, walk_stop))
