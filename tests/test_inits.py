@@ -317,3 +317,34 @@ def test_eva_reports_unsupported_uses():
         lorajax.eva_init(
             lambda p, i: p["emb"]["embedding"][i], {"emb": {"embedding": w}}, [jnp.arange(3)], rank=2, where=["emb"]
         )
+
+
+_SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, json, lorajax
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2, 2), ("fsdp", "tp"))
+w = jax.device_put(jax.random.normal(jax.random.key(0), (2, 16, 8)), NamedSharding(mesh, P(None, "fsdp", "tp")))
+out = {}
+for init in ("pissa", "pissa_niter_2", "olora"):
+    run = lambda p, init=init: lorajax.lorafy(p, rank=2, where="fc/kernel", init=init, layout={"fc": "sio"})
+    for how, f in (("eager", run), ("jit", jax.jit(run))):
+        n = f({"fc": {"kernel": w}})["fc"]["kernel"]
+        err = float(jnp.abs(lorajax.merge({"k": n})["k"] - w).max())
+        out[init + "/" + how] = [str(n.a.sharding.spec), str(n.b.sharding.spec), str(n.base.sharding.spec), err]
+print(json.dumps(out))
+"""
+
+
+def test_sharded_bases_keep_their_sharding():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for case, (a, b, base, err) in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        if case.endswith("eager"):  # under jit the placement is the caller's out_shardings (lorajax.partition_specs)
+            assert (a, b, base) == ("P(None, 'fsdp', None)", "P(None, None, 'tp')", "P(None, 'fsdp', 'tp')"), case
+        assert err <= 1e-6, case

@@ -106,10 +106,19 @@ def _olora(rank: int) -> Any:
     return one
 
 
+def _replicated(m: jax.Array) -> jax.Array:
+    """``m`` gathered where its sharding is explicit: JAX's SVD and QR take no sharded matrix axes."""
+    sharding = getattr(jax.typeof(m), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return m
+    return jax.sharding.reshard(m, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
 def kernel_factors(init: str, key: jax.Array, base: jax.Array, layout: Layout, rank: int, scale: float) -> Any:
     """``(a, b)`` in float32 read off ``base`` by PiSSA, ``pissa_niter_<k>`` or OLoRA (one SVD/QR per layer)."""
     shape = tuple(base.shape)
-    m = as_matrix(base.astype(jnp.float32), layout)
+    m = _replicated(as_matrix(base.astype(jnp.float32), layout))
     found = RESIDUAL.fullmatch(init)
     assert found is not None
     if init == "olora":
