@@ -108,9 +108,9 @@ def _olora(rank: int) -> Any:
 
 def _replicated(m: jax.Array) -> jax.Array:
     """``m`` gathered where its sharding is explicit: JAX's SVD and QR take no sharded matrix axes."""
-    sharding = getattr(jax.typeof(m), "sharding", None)
+    sharding: Any = getattr(jax.typeof(m), "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if spec is None or all(entry is None for entry in spec):
+    if sharding is None or spec is None or all(entry is None for entry in spec):
         return m
     return jax.sharding.reshard(m, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
