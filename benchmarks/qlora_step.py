@@ -1,0 +1,142 @@
+"""QLoRA (NF4 + double quantization) against LoRA on a bf16 and an fp32 base: one factored training step each.
+
+    python benchmarks/qlora_step.py [--steps 7] [--warmup 2] [--d 256] [--layers 4]
+
+The benchmark GPT (benchmarks/_gpt.py), all_linear targets, rank 8, adam. The bases differ only in how the frozen
+linear kernels are stored: fp32, bf16, or NF4 + double quantization (quantized from the bf16 kernels, so it
+dequantizes to bf16). FLOPs and peak memory are XLA's (``cost_analysis`` / ``memory_analysis``), frozen-weight bytes
+are the bytes of the frozen tree, and wall time is measured round-robin (each round runs every mode once), the median
+per mode reported with the load average, since only ratios within one run are meaningful on a shared machine.
+
+Writes ``benchmarks/qlora_step.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpt import GPT, lm_loss
+
+import lorajax
+
+RANK = 8
+
+
+def base_params(params, kind: str):
+    """The benchmark params with the all_linear kernels stored as ``kind``: fp32, bf16 or nf4."""
+    if kind == "fp32":
+        return params
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    if kind == "bf16":
+        return bf16
+    return lorajax.quantize(bf16, where=lorajax.all_linear, dtype="nf4", block_size=64, double_quant=True)
+
+
+def make_mode(model, params, tokens):
+    lp = lorajax.lorafy(params, rank=RANK, alpha=2.0 * RANK, where=lorajax.all_linear)
+    trainable, frozen = lorajax.partition(lp)
+    tx = optax.adam(1e-4)
+    apply = lorajax.factored(model.apply)
+
+    @jax.jit
+    def step(t, opt, tokens):
+        loss, g = jax.value_and_grad(lambda t: lm_loss(apply({"params": lorajax.combine(t, frozen)}, tokens), tokens))(
+            t
+        )
+        upd, opt = tx.update(g, opt, t)
+        return optax.apply_updates(t, upd), opt, loss
+
+    state = (trainable, tx.init(trainable))
+    compiled = step.lower(*state, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    box = {"state": state}
+
+    def once():
+        t0 = time.perf_counter()
+        t, opt, loss = compiled(*box["state"], tokens)
+        loss.block_until_ready()
+        box["state"] = (t, opt)
+        return time.perf_counter() - t0
+
+    frozen_bytes = lorajax.summary(frozen).total_bytes
+    info = {
+        "flops": float(cost["flops"]),
+        "peak_bytes": int(peak),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "frozen_bytes": int(frozen_bytes),
+    }
+    return once, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "qlora_step.json"))
+    args = ap.parse_args()
+    cfg = dict(vocab=512, d=args.d, layers=args.layers, heads=4, seq=args.seq, batch=args.batch)
+    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
+    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
+    params = model.init(jax.random.key(1), tokens)["params"]
+    modes = {f"LoRA, {k} base" if k != "nf4" else "QLoRA, nf4+DQ base": base_params(params, k) for k in KINDS}
+    modes = {name: make_mode(model, p, tokens) for name, p in modes.items()}
+    load_start = os.getloadavg()
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for k in range(args.warmup + args.steps):
+        for name, (once, _) in modes.items():
+            dt = once()
+            if k >= args.warmup:
+                times[name].append(dt)
+    load_end = os.getloadavg()
+    rows = {
+        name: {**info, "median_s": statistics.median(times[name]), "times_s": times[name]}
+        for name, (_, info) in modes.items()
+    }
+    q, b = rows["QLoRA, nf4+DQ base"], rows["LoRA, bf16 base"]
+    ratios = {f"QLoRA/bf16 LoRA, {k}": q[k] / b[k] for k in ("median_s", "flops", "peak_bytes", "frozen_bytes")}
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+    }
+    result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load_start} -> {load_end}")
+    print("| mode | median step (ms) | GFLOP | peak (MiB) | frozen weights (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['median_s'] * 1e3:.1f} | {r['flops'] / 1e9:.2f} | {r['peak_bytes'] / 2**20:.1f} "
+            f"| {r['frozen_bytes'] / 2**20:.2f} |"
+        )
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+
+
+KINDS = ("fp32", "bf16", "nf4")
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()
