@@ -348,3 +348,25 @@ def test_sharded_bases_keep_their_sharding():
         if case.endswith("eager"):  # under jit the placement is the caller's out_shardings (lorajax.partition_specs)
             assert (a, b, base) == ("P(None, 'fsdp', None)", "P(None, None, 'tp')", "P(None, 'fsdp', 'tp')"), case
         assert err <= 1e-6, case
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_fixtures_regenerate(case, tmp_path):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    try:
+        path = Path(__file__).parent / "fixtures" / "make_peft_init_fixtures.py"
+        spec = importlib.util.spec_from_file_location("make_peft_init_fixtures", path)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        script.write_case(case, tmp_path)
+    finally:
+        sys.path.pop(0)
+    for name in ("base", "residual", "io", "initial/adapter_model", "converted/adapter_model"):
+        got, want = load_file(tmp_path / f"{name}.safetensors"), load_file(FIXTURES / case / f"{name}.safetensors")
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=0, err_msg=f"{case}/{name}: {key}")
