@@ -30,6 +30,7 @@ import numpy as np
 from lorajax import _boxes
 from lorajax._layout import Layout
 from lorajax._node import LoRA, LoRASpec, compute_dtype, lora_delta
+from lorajax.quant import dense_base, is_quantized
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -104,6 +105,9 @@ def with_magnitude(node: LoRA, dtype: Any) -> LoRA:
     The magnitude is boxed like the base, its axis names those of the axes it keeps.
     """
     base, a, b = (_boxes.unbox(v) for v in (node.base, node.a, node.b))
+    if is_quantized(base):  # QLoRA + DoRA: the norms of the dequantized kernel, as PEFT's Linear4bit DoRA
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base))
+        base = jax.ShapeDtypeStruct(base.shape, base.dtype) if abstract else dense_base(base)
     if not isinstance(base, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
         raise ValueError(
             f"lorafy: DoRA needs a dense float kernel for its column norms; this target's base is a "
@@ -148,8 +152,9 @@ def node_kernel(node: LoRA) -> jax.Array:
             "A DoRA node (spec.variant='dora') has no magnitude: put it back before merging (lorajax.combine "
             "of the trainable and frozen halves from lorajax.partition), or make the node with lorafy(..., dora=True)."
         )
-    base = jax.lax.stop_gradient(_boxes.unbox(node.base))
-    return merged_kernel(base, _boxes.unbox(node.a), _boxes.unbox(node.b), _boxes.unbox(node.magnitude), node.spec)
+    base = jax.lax.stop_gradient(dense_base(_boxes.unbox(node.base)))  # a quantized base: dense in float32
+    merged = merged_kernel(base, _boxes.unbox(node.a), _boxes.unbox(node.b), _boxes.unbox(node.magnitude), node.spec)
+    return merged.astype(node.dtype)
 
 
 def factored_norm(base: Any, a: Any, b: Any, spec: LoRASpec, dtype: Any = None) -> jax.Array:

@@ -504,3 +504,19 @@ def test_factored_dora_through_scan_equals_merge():
     g2 = jax.grad(lambda p: f(lorajax.merge(p), x).sum())(p)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_a_quantized_base_uses_the_dequantized_kernel():
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    q = lorajax.quantize({"fc": {"kernel": w}}, where=["fc"], dtype="nf4")
+    wd = np.asarray(lorajax.dequantize(q)["fc"]["kernel"])
+    p = lorajax.lorafy(q, rank=2, where=["fc"], dora=True, init="gaussian")
+    np.testing.assert_allclose(lorajax.merge(p)["fc"]["kernel"], wd, atol=1e-6)  # starts at the dequantized base
+    n = p["fc"]["kernel"]
+    p = {"fc": {"kernel": n.__class__(n.base, n.a, n.b + 0.3, n.spec, magnitude=n.magnitude * 1.2)}}
+    n = p["fc"]["kernel"]
+    want = dense_dora(wd, n.a, n.b, n.magnitude, n.scale, (0,))
+    np.testing.assert_allclose(lorajax.merge(p)["fc"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    x = jax.random.normal(jax.random.key(1), (4, 64))
+    y = lorajax.factored(lambda p, x: x @ p["fc"]["kernel"], strict=True)(p, x)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ want, rtol=1e-4, atol=1e-4)

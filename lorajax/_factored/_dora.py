@@ -25,6 +25,7 @@ from lorajax._dora import factored_norm, magnitude_axes
 from lorajax._factored._consumers import DotPlan, conv_lora, gather_lora
 from lorajax._factored._ref import KernelRef
 from lorajax._node import LoRASpec, compute_dtype
+from lorajax.quant import dense_base
 
 
 def is_dora(ref: KernelRef) -> bool:
@@ -40,6 +41,7 @@ def extend_factors(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, pa
             "lorajax.partition back before calling the model."
         )
     lay = spec.layout
+    base = dense_base(base)  # a quantized base: its norms are those of the dequantized kernel
     dt = compute_dtype(base.dtype)
     g = jnp.asarray(magnitude).astype(dt) / factored_norm(base, a, b, spec, dt)
     # g's axes are the kernel's stacked and fan-out axes in kernel order; b holds them as (*stack, r, *fan_out).
