@@ -12,12 +12,13 @@ live in ``lorajax.adapter_slots`` of fixed capacity: ``POST /adapters`` puts a f
 the jitted decode step never recompiles.
 
 A micro-batcher thread runs greedy decoding for up to ``--max-batch`` requests at once: requests join and
-leave between steps (continuous batching) and each step is ONE jitted call, with each row's adapter given
-by its slot id (``lorajax.select(bank, ids)`` + ``lorajax.factored``). There is no KV cache: every step
-recomputes the last ``seq_len`` (128) bytes of each sequence, a fixed window, as ``textlm.make_generate``
-does. Bad requests (malformed JSON, unknown adapter, oversized prompt, bad max_tokens) get a 4xx with a
-message and never reach the batcher. ``--mode loop`` serves one adapter at a time instead (each step runs
-only the requests of one adapter, with that adapter's merged weights): the baseline for ``serve_load.py``.
+leave between steps (continuous batching; batches padded to a power of two) and each step is ONE jitted
+call, with each row's adapter given by its slot id (``lorajax.select(bank, ids)`` + ``lorajax.factored``).
+There is no KV cache: every step recomputes the last ``seq_len`` (128) bytes of each sequence, a fixed
+window, as ``textlm.make_generate`` does. Bad requests (malformed JSON, unknown adapter, oversized prompt,
+bad max_tokens) get a 4xx with a message and never reach the batcher. ``--mode loop`` serves one
+adapter at a time instead (each step runs only the requests of one adapter, with that adapter's merged
+weights): the baseline for ``serve_load.py``.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ class Server:
     def _advance(self, active: list[Request]) -> None:
         """One decode step: every active request (bank mode), or those of the oldest request's adapter (loop)."""
         rows = active if self.mode == "bank" else [r for r in active if r.adapter == active[0].adapter]
-        b = self.max_batch  # fixed batch: free rows run the base model on zeros and are ignored
+        # Batch padded to a power of two (a few compiled shapes): padding rows run the base on zeros, ignored.
+        b = min(self.max_batch, 1 << (len(rows) - 1).bit_length())
         windows = np.zeros((b, self.seq_len), np.int32)
         last, ids = np.zeros(b, np.int32), np.full(b, -1, np.int32)
         for k, r in enumerate(rows):
