@@ -370,3 +370,9 @@ def test_fixtures_regenerate(case, tmp_path):
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=0, err_msg=f"{case}/{name}: {key}")
+
+
+def test_quantized_base_is_refused_with_the_way_out():
+    q = lorajax.quantize({"fc": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}, where=["fc"])
+    with pytest.raises(ValueError, match=r"lorafy: init='olora' .* QuantizedKernel, not a dense array.*quantize"):
+        lorajax.lorafy(q, rank=2, where=["fc"], init="olora")

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorajax._layout import Layout
 from lorajax._node import LoRASpec, lora_delta
@@ -151,6 +152,12 @@ def init_factors(
             raise ValueError(f"lorafy: init returned a {a.shape}, b {b.shape}; expected a {a_shape}, b {b_shape}.")
         return a, b
     if is_residual(init):
+        if not isinstance(base, jax.Array | np.ndarray):
+            raise ValueError(
+                f"lorafy: init={init!r} reads and rewrites the kernel, and this base of shape {shape} is a "
+                f"{type(base).__name__}, not a dense array. Lorafy the float model with init={init!r} and quantize "
+                "the residual bases afterwards (PEFT's advice for PiSSA on quantized models)."
+            )
         a, b = kernel_factors(init, key, base, layout, rank, scale)
         return a.astype(dtype), b.astype(dtype)
     if layout.kind == "embed":
