@@ -116,7 +116,7 @@ def _replicated(m: jax.Array) -> jax.Array:
     return jax.sharding.reshard(m, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
-def kernel_factors(init: str, key: jax.Array, base: jax.Array, layout: Layout, rank: int, scale: float) -> Any:
+def kernel_factors(init: str, key: jax.Array, base: Any, layout: Layout, rank: int, scale: float) -> Any:
     """``(a, b)`` in float32 read off ``base`` by PiSSA, ``pissa_niter_<k>`` or OLoRA (one SVD/QR per layer)."""
     shape = tuple(base.shape)
     m = _replicated(as_matrix(base.astype(jnp.float32), layout))
