@@ -20,14 +20,20 @@ def check_contraction(ref: KernelRef, k_side: int, dimension_numbers: Any) -> No
 
     Accepted: the contracted axes all fan-in and the kept axes fan-out or stacked (``x @ W``), or the
     contracted axes all fan-out and the kept ones fan-in or stacked (``x @ W.T``, as ``Embed.attend``
-    does). Batch axes (experts, heads summed later) may be of any group.
+    does), or no axis kept at all. Batch axes (experts, heads summed later) may be of any group.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     kc, kb = (rc, rb) if k_side == 1 else (lc, lb)
     groups = lambda dims: {ref.labels[p][0] for p in dims} - {"u"}
     kept = [p for p in range(len(ref.labels)) if p not in kc and p not in kb]
     contracted, free = groups(kc), groups(kept)
-    if not contracted or (contracted <= {"i"} and free <= {"o", "s"}) or (contracted <= {"o"} and free <= {"i", "s"}):
+    # A use that keeps no axis (the kernel contracted whole, as in a bilinear form) fits any layout.
+    if (
+        not contracted
+        or not free
+        or (contracted <= {"i"} and free <= {"o", "s"})
+        or (contracted <= {"o"} and free <= {"i", "s"})
+    ):
         return
     says = lambda dims: ", ".join(f"axis {p} ({_GROUP[ref.labels[p][0]]})" for p in dims if ref.labels[p][0] != "u")
     raise ValueError(
