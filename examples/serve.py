@@ -45,6 +45,11 @@ import textlm  # examples/textlm.py
 import lorajax
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: a burst of concurrent clients must not be refused
+    daemon_threads = True
+
+
 class BadRequest(Exception):
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
@@ -295,7 +300,7 @@ class Server:
     def serve(self, port: int) -> ThreadingHTTPServer:
         """Start the batcher and an HTTP server on 127.0.0.1:``port`` (0: a free port) in background threads."""
         self.thread.start()
-        httpd = ThreadingHTTPServer(("127.0.0.1", port), self.handler())
+        httpd = _HTTPServer(("127.0.0.1", port), self.handler())
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         return httpd
 
