@@ -12,8 +12,9 @@ moved next to the rank) and runs it as 2-D matmuls on the flattened rows:
 * ``ragged``: rows sorted by adapter, then ``jax.lax.ragged_dot`` per group (``N + 1`` static groups) and
   the rows put back. ``r * (d_in + d_out)`` per row where ragged_dot is a grouped kernel (GPU/TPU).
 
-A use these forms cannot run (a stacked axis, a conv) falls back to the gather form (``a[ids]``,
-``b[ids]``: the per-example einsum) when the ids are per example.
+A ``dot_general`` these forms cannot flatten to rows (a kernel with a stacked axis that no scan sliced) runs in
+the gather form (``a[ids]``, ``b[ids]``: the per-example einsum) when the ids are per example. Convolutions
+run no per-example adapters in any form.
 """
 
 from __future__ import annotations

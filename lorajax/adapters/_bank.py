@@ -192,8 +192,8 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
 
     ``onehot``/``ragged`` accept ids shaped like the activations' leading axes: ``(batch,)`` or
     ``(batch, seq)`` (one adapter per token, e.g. a continuous batch of requests packed into rows).
-    A use they cannot flatten to rows (a stacked kernel, a conv) runs in the gather form, which needs
-    per-example ids.
+    A ``dot_general`` they cannot flatten to rows (a stacked kernel no scan slices) runs in the gather
+    form, which needs per-example ids. Convolutions run no per-example adapters in any form.
 
     Args:
         bank: from :func:`stack_adapters` (or :attr:`AdapterSlots.bank`).
