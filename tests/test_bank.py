@@ -355,3 +355,25 @@ def test_slots_refuse_larger_rank_and_unknown_targets():
         slots.put("big", big)
     with pytest.raises(ValueError, match="capacity=0 is below"):
         lorajax.adapter_slots({"a": trained(base, 0)}, 0)
+
+
+@pytest.mark.parametrize("form", ["gather", "onehot", "ragged"])
+def test_stacked_kernels_scanned_or_not_run_in_every_form(form):
+    rng = np.random.default_rng(0)
+    base = {"w": {"kernel": jnp.asarray(0.3 * rng.normal(size=(3, 8, 8)), jnp.float32)}}  # (layers, in, out)
+
+    def scanned(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"]["kernel"])[0]
+
+    def unsliced(p, x):  # the stacked kernel reaches one dot whole: the bank forms fall back to the gather form
+        return jnp.einsum("bd,lde->ble", x, p["w"]["kernel"])
+
+    ps = [trained(base, k, rank=2, where=".*", layout={".*": "sio"}) for k in range(2)]
+    bank = lorajax.stack_adapters(ps)
+    x = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+    ids = np.array([0, 1, -1, 1])
+    for fn in (scanned, unsliced):
+        got = lorajax.factored(fn, strict=True)(lorajax.select(bank, ids, form=form), x)
+        for n, k in enumerate(ids):
+            want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
+            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")
