@@ -599,3 +599,21 @@ def test_frozen_leaves_get_zero_gradient_and_trainable_leaves_train():
     # Inputs hold no lorajax nodes: they are not frozen.
     assert np.any(np.asarray(gx_f))
     chex.assert_trees_all_close(gx_f, gx_m, rtol=RTOL, atol=ATOL)
+
+
+def test_fast_weight_grads_equal_autodiff_and_can_be_turned_off_for_forward_mode():
+    """The rank-major custom VJP gives autodiff's gradients; with it off, forward mode works through factored."""
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    lp = lorajax.lorafy(params, rank=4, where=["dense"], key=jax.random.key(1))
+    lp["dense"]["kernel"] = dataclasses.replace(lp["dense"]["kernel"], b=jax.random.normal(jax.random.key(2), (4, 8)))
+    x = jax.random.normal(jax.random.key(3), (5, 16))
+    fn = lambda p, x: jnp.tanh(x @ p["dense"]["kernel"]).sum()
+    fast = jax.grad(lorajax.factored(fn))(lp, x)
+    plain = jax.grad(lorajax.factored(fn, fast_weight_grads=False))(lp, x)
+    reference = jax.grad(lambda p, x: fn(lorajax.merge(p), x))(lp, x)
+    chex.assert_trees_all_close(fast, plain, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(fast, reference, rtol=1e-5, atol=1e-6)
+    tangent = jnp.ones_like(x)
+    _, jvp = jax.jvp(lambda x: lorajax.factored(fn, fast_weight_grads=False)(lp, x), (x,), (tangent,))
+    _, jvp_ref = jax.jvp(lambda x: fn(lorajax.merge(lp), x), (x,), (tangent,))
+    np.testing.assert_allclose(jvp, jvp_ref, rtol=1e-5)

@@ -23,6 +23,7 @@ from jax import lax
 from lorajax import _boxes
 from lorajax._factored._banked import node_rows, rows_key
 from lorajax._factored._cache import TraceCache, static_key
+from lorajax._factored._consumers import RANK_MAJOR_GRADS
 from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
 from lorajax._factored._ref import KernelRef, NodeInfo, is_array
@@ -54,6 +55,7 @@ def factored(
     strict: bool = False,
     fuse: bool = True,
     flatten: bool = True,
+    fast_weight_grads: bool = True,
 ) -> Callable[..., Any]:
     """Wrap ``fn`` so that LoRA nodes in its arguments run in factored form.
 
@@ -89,6 +91,10 @@ def factored(
             gate/up) as one rank-``(n*r)`` matmul. Off while dropout is active (each
             target draws its own mask).
         flatten: run rank-``r`` products as one 2-D matmul over flattened leading dims.
+        fast_weight_grads: compute the gradient of ``a`` (``xᵀ·g``, fan-in × r) rank-major by a
+            custom VJP: XLA:CPU runs autodiff's orientation of that product 2.6-6x slower
+            (``benchmarks/rank_products.py``); same values. A custom VJP has no forward mode:
+            pass ``False`` to take ``jax.jvp``/``jax.jacfwd``/``jax.hessian`` through the wrapper.
 
     Returns:
         ``wrapped(*args, lora_rng=None, lora_deterministic=False, **kwargs)``, which returns
@@ -140,7 +146,10 @@ def factored(
             else:
                 spec.append(static_key(leaf))
         key = (treedef, tuple(spec), active)
-        entry = cache.get(key, lambda: _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, dropout, active))
+        entry = cache.get(
+            key,
+            lambda: _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, dropout, active, fast_weight_grads),
+        )
         rng = lora_rng if active else None
         return entry(dyn, factors, rng)
 
@@ -158,7 +167,7 @@ def _aval_key(x: Any) -> tuple:
     return (tuple(x.shape), str(x.dtype), bool(getattr(getattr(x, "aval", None), "weak_type", False)))
 
 
-def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active) -> Callable:
+def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active, fast_weight_grads) -> Callable:
     """Trace ``fn`` once for this structure and return a jitted factored runner."""
     lora_pos = {n: k for k, (n, *_rest) in enumerate(infos)}
     dyn_pos: list[int] = []  # leaf index of each dynamic value
@@ -214,7 +223,11 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active)
                 )
             else:
                 args.append(v)
-        outs = interp.eval(closed.jaxpr, list(closed.consts), args, arrays_out=True)
+        token = RANK_MAJOR_GRADS.set(fast_weight_grads)
+        try:
+            outs = interp.eval(closed.jaxpr, list(closed.consts), args, arrays_out=True)
+        finally:
+            RANK_MAJOR_GRADS.reset(token)
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     jitted = jax.jit(run)

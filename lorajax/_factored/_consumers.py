@@ -13,6 +13,8 @@ that one use and warns.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from typing import Any
 
 import jax
@@ -39,6 +41,45 @@ def matmul(x: jax.Array, y: jax.Array, params: dict) -> jax.Array:
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rank_product(x: jax.Array, f: jax.Array, precision: Any, preferred: Any) -> jax.Array:
+    return lax.dot_general(x, f, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred)
+
+
+def _rank_product_fwd(x: jax.Array, f: jax.Array, precision: Any, preferred: Any) -> tuple[jax.Array, tuple]:
+    return _rank_product(x, f, precision, preferred), (x, f)
+
+
+def _rank_product_bwd(precision: Any, preferred: Any, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, f = res
+    dx = lax.dot_general(g, f, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=preferred)
+    # dF = xᵀ g has shape (fan_in, r). Autodiff lets XLA:CPU fold the transpose into that dot, which then runs in a
+    # slow orientation (2.6-6x slower in isolation, benchmarks/rank_products.py). Computing gᵀ x (r, fan_in) behind
+    # an optimization barrier keeps it rank-major; the transpose after it moves only fan_in × r numbers.
+    dft = lax.dot_general(g, x, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred)
+    df = jnp.transpose(lax.optimization_barrier(dft))
+    return dx.astype(x.dtype), df.astype(f.dtype)
+
+
+_rank_product.defvjp(_rank_product_fwd, _rank_product_bwd)
+
+
+#: Set by ``factored(fast_weight_grads=...)`` around each trace.
+RANK_MAJOR_GRADS: contextvars.ContextVar[bool] = contextvars.ContextVar("lorajax_rank_major_grads", default=True)
+
+
+def first_matmul(x2: jax.Array, f1: jax.Array, params: dict) -> jax.Array:
+    """``x2 @ F1`` for 2-D ``x2`` (rows × fan-in) and ``F1`` (fan-in × r), with a rank-major weight gradient.
+
+    The same values and gradients as :func:`matmul`; only the backward's ``dF1`` is laid out so that XLA
+    computes it fast (see ``_rank_product_bwd``). A custom VJP has no forward mode, so
+    ``factored(fast_weight_grads=False)`` turns it off for ``jax.jvp``/``jax.hessian`` users.
+    """
+    if not RANK_MAJOR_GRADS.get():
+        return matmul(x2, f1, params)
+    return _rank_product(x2, f1, params.get("precision"), params.get("preferred_element_type"))
 
 
 def _einsum(spec: str, x: jax.Array, y: jax.Array, params: dict) -> jax.Array:
@@ -93,7 +134,7 @@ class DotPlan:
 
     def first_product(self, ref: KernelRef, x: jax.Array, params: dict) -> jax.Array:
         """``x2 @ F1``, scaled: the rank-``r`` intermediate that :meth:`finish` completes."""
-        t = matmul(self.x_2d(x), self.first_2d(ref, x.dtype), params)
+        t = first_matmul(self.x_2d(x), self.first_2d(ref, x.dtype), params)
         return t * jnp.asarray(ref.info.scale, t.dtype)
 
     def finish(self, t: jax.Array, ref: KernelRef, x: jax.Array, out_shape: tuple[int, ...], params: dict):

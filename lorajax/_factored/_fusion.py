@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from lorajax._factored._consumers import DotPlan, matmul
+from lorajax._factored._consumers import DotPlan, first_matmul
 from lorajax._factored._ref import KernelRef
 
 
@@ -74,7 +74,7 @@ def fuse_siblings(interp: Any, side: int, eqns: list, env: dict) -> None:
     if len(members) < 2:
         return
     f1s = [plan.first_2d(ref, x.dtype) for _, plan, ref in members]
-    t_all = matmul(members[0][1].x_2d(x), jnp.concatenate(f1s, axis=1), lead.params)
+    t_all = first_matmul(members[0][1].x_2d(x), jnp.concatenate(f1s, axis=1), lead.params)
     start = 0
     for (eqn, _, ref), f in zip(members, f1s):
         t = t_all[:, start : start + f.shape[1]] * jnp.asarray(ref.info.scale, t_all.dtype)
