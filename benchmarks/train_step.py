@@ -245,7 +245,7 @@ def inference(model, params, tokens, steps):
 
 
 def tricks(cfg, steps, warmup, log):
-    """Which CPU tricks pay: factored with sibling fusion and 2-D flattening switched on and off (all_linear)."""
+    """Which CPU tricks pay: factored with sibling fusion, 2-D flattening and the rank-major dA on and off (all_linear)."""
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
     tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
     params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
@@ -256,6 +256,9 @@ def tricks(cfg, steps, warmup, log):
                 model, params, tokens, lorajax.all_linear, "factored", fuse=fuse, flatten=flatten
             )
             runners.append(Runner(f"fuse={fuse} flatten={flatten}", step, state, extra, 0))
+    # The rank-major dA (a custom VJP) against plain autodiff, both with fuse and flatten on.
+    step, state, extra, _ = make_lora(model, params, tokens, lorajax.all_linear, "factored", fast_weight_grads=False)
+    runners.append(Runner("autodiff dA (fast_weight_grads=False)", step, state, extra, 0))
     run_rounds(runners, warmup, steps, log)
     rows = []
     for r in runners:
@@ -348,7 +351,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     ap.add_argument("--no-gpt2", action="store_true", help="skip the compile-only GPT-2-small shapes")
     ap.add_argument("--peers", default="nnx,qwix,torch", help="comma list of peers: nnx,qwix,torch (or 'none')")
-    ap.add_argument("--tricks", action="store_true", help="only time factored with fuse/flatten on and off")
+    ap.add_argument(
+        "--tricks", action="store_true", help="only time factored with fuse/flatten/fast_weight_grads on and off"
+    )
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_step.json"))
     args = ap.parse_args()
     steps = args.steps or (2 if args.quick else 9)
