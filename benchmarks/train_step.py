@@ -245,7 +245,7 @@ def inference(model, params, tokens, steps):
 
 
 def tricks(cfg, steps, warmup, log):
-    """Which CPU tricks pay: factored with sibling fusion, 2-D flattening and the rank-major dA on and off (all_linear)."""
+    """Which CPU tricks pay (all_linear): factored with fusion, 2-D flattening and the rank-major dA on and off."""
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
     tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
     params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
