@@ -85,7 +85,8 @@ def test_gradients_of_the_factors_agree_with_the_merge_path(name):
     g_fact = jax.grad(loss(lorajax.factored(case.apply, strict=True)))(train)
     g_merge = jax.grad(loss(lambda p, *a: case.apply(lorajax.merge(p), *a)))(train)
     for x, y in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merge)):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+        # float32 sums in a different order: agreement to 1e-5 of the gradient's own scale.
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(y)))))
 
 
 @pytest.mark.parametrize("preset", ["attn_qv", "all_linear"])
