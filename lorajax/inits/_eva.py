@@ -203,12 +203,18 @@ def eva_init(
         params: the base params (as for :func:`lorajax.lorafy`).
         batches: an iterable of batches.
         rank: the rank budget per target (``rank_pattern`` overrides per target).
-        where, alpha, rslora, rank_pattern, alpha_pattern, layout, dtype: as for :func:`lorajax.lorafy`.
+        where: which kernels, as for :func:`lorajax.lorafy`.
+        alpha: LoRA alpha (``None``: each target's rank), as for :func:`lorajax.lorafy`.
+        rslora: scale by ``alpha / sqrt(rank)``.
         rho: each target may take up to ``round(rank * rho)`` components (PEFT's ``rho``; 1 keeps the ranks).
         tau: cosine-similarity threshold for convergence (PEFT's ``tau``).
         whiten: divide each component by the square root of its singular value (PEFT's ``whiten``).
         adjust_scaling_factors: scale alpha with the new rank, ``alpha * k / rank``, so ``alpha / rank``
             is unchanged (PEFT's default).
+        rank_pattern: ``{name or regex: rank}`` per-target budgets, as for :func:`lorajax.lorafy`.
+        alpha_pattern: ``{name or regex: alpha}`` per-target overrides.
+        layout: kernel layouts where names and shapes do not settle them, as for :func:`lorajax.lorafy`.
+        dtype: the factors' dtype.
 
     Returns:
         Lorafied params (``spec.init`` is ``"default"``: the base is untouched).
