@@ -270,16 +270,15 @@ def test_per_token_ids_equal_each_tokens_merged_model(form):
             np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
 
 
-def test_auto_picks_onehot_for_small_total_rank_and_per_token_ids():
+def test_auto_gathers_per_example_ids_and_runs_per_token_ids_onehot():
     rng = np.random.default_rng(0)
     base = {"wide": {"kernel": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)}}
     base["narrow"] = {"kernel": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)}
     bank = lorajax.stack_adapters([trained(base, k, rank=2) for k in range(3)])
-    sel = lorajax.select(bank, np.array([0, 1]))
-    # 4 * (3 + 1) * 2 * (256 + 256) <= 256 * 256: one-hot keeps the bank (4 rows); the narrow layer gathers 2 rows.
-    assert sel["wide"]["kernel"].a.shape == (4, 256, 2)
-    assert sel["narrow"]["kernel"].a.shape == (2, 16, 2)
-    assert lorajax.select(bank, np.zeros((2, 5), np.int32))["narrow"]["kernel"].a.shape == (4, 16, 2)
+    sel = lorajax.select(bank, np.array([0, 1]))  # per-example ids: the gather form (2 rows of factors)
+    assert sel["wide"]["kernel"].a.shape == (2, 256, 2) and sel["narrow"]["kernel"].a.shape == (2, 16, 2)
+    per_token = lorajax.select(bank, np.zeros((2, 5), np.int32))  # one-hot: the whole bank (3 adapters + zero row)
+    assert per_token["wide"]["kernel"].a.shape == (4, 256, 2) and per_token["narrow"]["kernel"].a.shape == (4, 16, 2)
     with pytest.raises(ValueError, match="form='fast'"):
         lorajax.select(bank, np.array([0]), form="fast")
     with pytest.raises(ValueError, match="1-D integer array"):

@@ -145,15 +145,3 @@ def gather_mask(ref: KernelRef) -> tuple[KernelRef, Any]:
         return jnp.reshape(onehot(jnp.reshape(t, (-1, t.shape[-1])), rows, count), t.shape)
 
     return flat, mask
-
-
-def cost_form(count: int, rank: int, fan_in: int, fan_out: int) -> str:
-    """The form :func:`lorajax.select` picks for one target under ``form="auto"`` with per-example ids.
-
-    ``onehot`` when its rank-``count * r`` products cost at most a quarter of the base matmul
-    (``count * r * (d_in + d_out) <= d_in * d_out / 4``), else ``gather``.
-
-    >>> cost_form(9, 16, 4096, 4096), cost_form(9, 16, 256, 1024)
-    ('onehot', 'gather')
-    """
-    return "onehot" if 4 * count * rank * (fan_in + fan_out) <= fan_in * fan_out else "gather"
