@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, lm_loss
+from _gpt import GPT, compiled_step, lm_loss
 
 import lorajax
 
@@ -58,29 +57,9 @@ def make_mode(model, params, tokens):
         upd, opt = tx.update(g, opt, t)
         return optax.apply_updates(t, upd), opt, loss
 
-    state = (trainable, tx.init(trainable))
-    compiled = step.lower(*state, tokens).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    box = {"state": state}
+    once, figures = compiled_step(step, (trainable, tx.init(trainable)), tokens)
 
-    def once():
-        t0 = time.perf_counter()
-        t, opt, loss = compiled(*box["state"], tokens)
-        loss.block_until_ready()
-        box["state"] = (t, opt)
-        return time.perf_counter() - t0
-
-    frozen_bytes = lorajax.summary(frozen).total_bytes
-    info = {
-        "flops": float(cost["flops"]),
-        "peak_bytes": int(peak),
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "frozen_bytes": int(frozen_bytes),
-    }
-    return once, info
+    return once, {**figures, "frozen_bytes": int(lorajax.summary(frozen).total_bytes)}
 
 
 def main() -> None:
