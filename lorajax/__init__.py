@@ -8,6 +8,20 @@
 (8, 8)
 """
 
+from lorajax._factored import FallbackWarning, factored
+from lorajax._infer import TracedLayouts, infer_layouts
+from lorajax._layout import Layout, infer_layout
+from lorajax._lorafy import lorafy
+from lorajax._loraplus import loraplus
+from lorajax._merge import delta, merge, unlorafy
+from lorajax._node import LoRA, LoRASpec, is_lora
+from lorajax._paths import path_str
+from lorajax._sharding import factor_specs, partition_specs, shardings_of
+from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
+from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
+from lorajax._train import combine, mask, masked, partition
+from lorajax._trainable import Trainable, is_trainable, trainable
+from lorajax._version import __version__ as __version__
 from lorajax.adapters import (
     Adapter,
     AdapterBank,
@@ -25,20 +39,6 @@ from lorajax.adapters import (
     stack_adapters,
     swap,
 )
-from lorajax._factored import FallbackWarning, factored
-from lorajax._infer import TracedLayouts, infer_layouts
-from lorajax._layout import Layout, infer_layout
-from lorajax._lorafy import lorafy
-from lorajax._loraplus import loraplus
-from lorajax._merge import delta, merge, unlorafy
-from lorajax._node import LoRA, LoRASpec, is_lora
-from lorajax._paths import path_str
-from lorajax._sharding import factor_specs, partition_specs, shardings_of
-from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
-from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
-from lorajax._train import combine, mask, masked, partition
-from lorajax._trainable import Trainable, is_trainable, trainable
-from lorajax._version import __version__ as __version__
 from lorajax.inits import eva_init, to_plain_lora
 from lorajax.peft import load_peft, read_peft, save_peft
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize

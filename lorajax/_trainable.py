@@ -98,7 +98,7 @@ def trainable(params: Any, where: Any) -> Any:
 
 
 def _stop(x: Any) -> Any:
-    if isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+    if isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
         return jax.lax.stop_gradient(x)
     return x
 
