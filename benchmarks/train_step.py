@@ -34,6 +34,7 @@ from _gpt import GPT, lm_loss, tree_bytes
 import lorajax
 
 RANK = 8
+DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "train_step.json")
 
 
 # --- steps ---------------------------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def main():
     ap.add_argument(
         "--tricks", action="store_true", help="only time factored with fuse/flatten/fast_weight_grads on and off"
     )
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_step.json"))
+    ap.add_argument("--json", default=DEFAULT_JSON)
     args = ap.parse_args()
     steps = args.steps or (2 if args.quick else 9)
     warmup = 1 if args.quick else args.warmup
@@ -377,7 +378,13 @@ def main():
     )
     if args.tricks:
         rows = tricks(small, steps, warmup, log)
-        with open(args.json, "w") as fh:
+        # Its own file by default: a --tricks run must not overwrite the main run's figures.
+        path = (
+            args.json
+            if args.json != DEFAULT_JSON
+            else os.path.join(os.path.dirname(__file__), "train_step_tricks.json")
+        )
+        with open(path, "w") as fh:
             json.dump({"machine": info, "tricks": rows, "steps": steps, "warmup": warmup}, fh, indent=1)
         return
     rows, model, params, tokens = run_config(small, ["attn_qv", "all_linear"], steps, warmup, True, peers, log)
