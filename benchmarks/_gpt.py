@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import time
 from typing import Any
 
@@ -74,3 +77,31 @@ def compiled_step(step, state, *extra):
         return time.perf_counter() - t0
 
     return once, {"flops": float(cost["flops"]), "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def interleaved_rounds(modes, warmup, steps):
+    """Step every mode once per round (``modes``: name -> (once, figures)); ``(rows, machine)`` from the timed rounds.
+
+    Round-robin timing puts a load spike from other processes on every mode alike. Each row is the mode's figures
+    plus the median and every timed step; ``machine`` records the platform and the load average around the rounds.
+    """
+    load_start = os.getloadavg()
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for k in range(warmup + steps):
+        for name, (once, _) in modes.items():
+            dt = once()
+            if k >= warmup:
+                times[name].append(dt)
+    rows = {
+        name: {**info, "median_s": statistics.median(times[name]), "times_s": times[name]}
+        for name, (_, info) in modes.items()
+    }
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+    }
+    return rows, machine

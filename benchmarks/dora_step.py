@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, compiled_step, lm_loss
+from _gpt import GPT, compiled_step, interleaved_rounds, lm_loss
 
 import lorajax
 
@@ -108,17 +105,7 @@ def main() -> None:
             modes["torch PEFT DoRA"] = make_torch(cfg, True)
         except ImportError as e:
             print(f"torch peer skipped: {e}")
-    load_start = os.getloadavg()
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for k in range(args.warmup + args.steps):
-        for name, (once, _) in modes.items():
-            dt = once()
-            if k >= args.warmup:
-                times[name].append(dt)
-    load_end = os.getloadavg()
-    rows = {}
-    for name, (_, info) in modes.items():
-        rows[name] = {**info, "median_s": statistics.median(times[name]), "times_s": times[name]}
+    rows, machine = interleaved_rounds(modes, args.warmup, args.steps)
 
     def ratio(num, den, key):
         a, b = rows.get(num, {}).get(key), rows.get(den, {}).get(key)
@@ -132,17 +119,10 @@ def main() -> None:
         "jax DoRA merge/LoRA factored, peak": ratio("jax DoRA merge (forms W+dW)", "jax LoRA factored", "peak_bytes"),
         "torch PEFT DoRA/LoRA, wall": ratio("torch PEFT DoRA", "torch PEFT LoRA", "median_s"),
     }
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "loadavg_start": load_start,
-        "loadavg_end": load_end,
-    }
     result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load_start} -> {load_end}")
+    load = f"{machine['loadavg_start']} -> {machine['loadavg_end']}"
+    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load}")
     print("| mode | median step (ms) | GFLOP | peak (MiB) |")
     print("|---|---:|---:|---:|")
     for name, r in rows.items():

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, compiled_step, lm_loss
+from _gpt import GPT, compiled_step, interleaved_rounds, lm_loss
 
 import lorajax
 
@@ -78,31 +75,13 @@ def main() -> None:
     params = model.init(jax.random.key(1), tokens)["params"]
     modes = {f"LoRA, {k} base" if k != "nf4" else "QLoRA, nf4+DQ base": base_params(params, k) for k in KINDS}
     modes = {name: make_mode(model, p, tokens) for name, p in modes.items()}
-    load_start = os.getloadavg()
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for k in range(args.warmup + args.steps):
-        for name, (once, _) in modes.items():
-            dt = once()
-            if k >= args.warmup:
-                times[name].append(dt)
-    load_end = os.getloadavg()
-    rows = {
-        name: {**info, "median_s": statistics.median(times[name]), "times_s": times[name]}
-        for name, (_, info) in modes.items()
-    }
+    rows, machine = interleaved_rounds(modes, args.warmup, args.steps)
     q, b = rows["QLoRA, nf4+DQ base"], rows["LoRA, bf16 base"]
     ratios = {f"QLoRA/bf16 LoRA, {k}": q[k] / b[k] for k in ("median_s", "flops", "peak_bytes", "frozen_bytes")}
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "loadavg_start": load_start,
-        "loadavg_end": load_end,
-    }
     result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load_start} -> {load_end}")
+    load = f"{machine['loadavg_start']} -> {machine['loadavg_end']}"
+    print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load}")
     print("| mode | median step (ms) | GFLOP | peak (MiB) | frozen weights (MiB) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
