@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from lorajax import _boxes, _sharding, _targets
+from lorajax import _boxes, _paths, _sharding, _targets
 from lorajax._dora import with_magnitude
 from lorajax._layout import (
     LAYOUT_HINT,
@@ -39,7 +39,7 @@ def path_key(key: jax.Array, path: KeyPath) -> jax.Array:
 
     Adding or removing other targets never changes this target's init.
     """
-    return jax.random.fold_in(key, zlib.crc32(_targets.path_str(path).encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, zlib.crc32(_paths.path_str(path).encode()) & 0x7FFFFFFF)
 
 
 def lorafy(
@@ -115,7 +115,7 @@ def lorafy(
     _check_rank(rank, "rank")
     check_init(init)
     key = jax.random.key(DEFAULT_SEED) if key is None else key
-    leaves = _targets.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
+    leaves = _paths.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
     # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
     known = known_kernels(layout, leaves)
     attention = attention_shapes(leaves)  # where q/k/v sizes alone do not say which axis is d_model
@@ -126,7 +126,7 @@ def lorafy(
         array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf.value if is_trainable(leaf) else leaf)
         if not hasattr(array, "shape") or not match(path, array):
             continue
-        name = _targets.path_str(path)
+        name = _paths.path_str(path)
         if is_node(leaf):
             what = "a LoRA node" if is_lora(leaf) else "declared trainable (lorajax.Trainable)"
             raise ValueError(f"lorafy: {name} is already {what}; merge or unlorafy it first, or leave it out of where.")
@@ -163,7 +163,7 @@ def lorafy(
     unresolved.raise_if_any("names and shapes do not settle the layout of every target", LAYOUT_HINT)
     if not chosen:
         candidates = [
-            _targets.path_str(p)
+            _paths.path_str(p)
             for p, x in leaves
             if not is_trainable(x) and _targets.is_kernel(p, x.base if is_lora(x) else x, known)
         ]

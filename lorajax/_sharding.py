@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from lorajax import _boxes, _targets
+from lorajax import _boxes, _paths
 from lorajax._dora import magnitude_entries
 from lorajax._layout import Layout
 from lorajax._node import is_lora
@@ -146,7 +146,7 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
             continue
         ndim = len(x.shape)
         if isinstance(spec, PartitionSpec):
-            _padded(spec, ndim, f"lorajax.partition_specs: {_targets.path_str(path)} with shape {x.shape}")
+            _padded(spec, ndim, f"lorajax.partition_specs: {_paths.path_str(path)} with shape {x.shape}")
         sa, sb = _factor_shardings(spec, x.layout, x.per_example)
         sm = None if x.magnitude is None else magnitude_sharding(spec, x.layout)
         out.append(dataclasses.replace(x, base=spec, a=sa, b=sb, magnitude=sm))

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorajax import _boxes, _targets
+from lorajax import _boxes, _paths
 from lorajax._merge import unlorafy
 from lorajax._node import is_lora
 from lorajax._train import mask, partition, reject_also
@@ -119,11 +119,11 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
     flags = [not is_quantized(f) and f for f in jax.tree.leaves(mask(params), is_leaf=is_quantized)]
     sizes = [_size(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)]
     rows = []
-    for path, node in _targets.tree_paths(params, is_leaf=is_lora):
+    for path, node in _paths.tree_paths(params, is_leaf=is_lora):
         if is_lora(node):
             n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude)))
             rows.append(
-                TargetRow(_targets.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n)
+                TargetRow(_paths.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n)
             )
     return Summary(
         trainable=sum(s[0] for s, f in zip(sizes, flags) if f),

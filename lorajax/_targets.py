@@ -8,10 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from lorajax import _boxes, _names
-from lorajax._paths import KeyPath, module_path, path_parts, path_str, tree_paths
+from lorajax._paths import KeyPath, module_path, path_parts, path_str
 
 __all__ = [
-    "KeyPath",
     "Known",
     "Preset",
     "compile_where",
@@ -21,11 +20,7 @@ __all__ = [
     "kernel_module",
     "match_pattern",
     "module_matches",
-    "module_path",
-    "path_parts",
-    "path_str",
     "pattern_key",
-    "tree_paths",
 ]
 
 Where: TypeAlias = "Preset | str | Sequence[str] | Callable[[KeyPath, Any], bool]"

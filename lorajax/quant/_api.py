@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax import _boxes, _targets
+from lorajax import _boxes, _paths, _targets
 from lorajax._layout import LayoutArg, resolve_layout
 from lorajax._node import LoRA, compute_dtype, is_lora
 from lorajax._paths import path_str, rebuild
@@ -81,7 +81,7 @@ def quantize(
             f"quantize: block_size must be one of {BLOCK_SIZES} (bitsandbytes' sizes), got {block_size!r}."
         )
     match = _targets.compile_where(where)
-    leaves = _targets.tree_paths(params, is_leaf=walk_stop)
+    leaves = _paths.tree_paths(params, is_leaf=walk_stop)
     problems = Problems("quantize")
     chosen: dict[int, Any] = {}
     for n, (path, leaf) in enumerate(leaves):
@@ -205,7 +205,7 @@ def requantize(params: Any) -> Any:
     """
     from lorajax._merge import merge, merged_kernel  # merge imports this package: import at call time
 
-    leaves = _targets.tree_paths(params, is_leaf=walk_stop)
+    leaves = _paths.tree_paths(params, is_leaf=walk_stop)
     problems = Problems("requantize")
     chosen: dict[int, Any] = {}
     for n, (path, leaf) in enumerate(leaves):
