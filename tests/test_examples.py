@@ -185,6 +185,7 @@ def test_multi_adapter() -> None:
     out = run([str(EXAMPLES / "multi_adapter.py")])
     diffs = [float(m) for m in re.findall(r"max \|mixed - alone\| = ([0-9.e+-]+)", out)]
     assert len(diffs) == 6 and max(diffs) < 1e-5 and "swap alice -> bob" in out
+    assert "slot changes: the server was traced 1 time(s)" in out  # put/evict never retrace the jitted server
 
 
 def test_sharded_finetune() -> None:
