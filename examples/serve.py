@@ -11,19 +11,32 @@ from ``--adapter NAME=FILE`` (files written by ``lorajax.save_adapter`` for this
 live in ``lorajax.adapter_slots`` of fixed capacity: ``POST /adapters`` puts a file into a free slot and
 the jitted decode step never recompiles.
 
-A micro-batcher thread runs greedy decoding for up to ``--max-batch`` requests at once: requests join and
-leave between steps (continuous batching; batches padded to a power of two) and each step is ONE jitted
-call, with each row's adapter given by its slot id (``lorajax.select(bank, ids)`` + ``lorajax.factored``).
-There is no KV cache: every step recomputes the last ``seq_len`` (128) bytes of each sequence, a fixed
-window, as ``textlm.make_generate`` does. Bad requests (malformed JSON, unknown adapter, oversized prompt,
-bad max_tokens) get a 4xx with a message and never reach the batcher. ``--mode loop`` serves one
-adapter at a time instead (each step runs only the requests of one adapter, with that adapter's merged
-weights): the baseline for ``serve_load.py``.
+A micro-batcher thread runs greedy decoding for up to ``--max-batch`` requests at once, with a KV cache
+(``textlm.CachedGPT``): requests join and leave between steps (continuous batching), and each joins by taking a
+free row of a fixed-capacity cache ``(max_batch, n_layers, seq_len, n_heads, head_dim)`` for keys and values.
+A joining request is *prefilled* (its prompt, one ``seq_len`` window, in one call that writes its row and gives
+its first token); every later token is one *decode step*: ONE jitted call over all ``max_batch`` cache rows
+that feeds each row its last token, writes that token's keys/values into the row and attends over the row.
+Each row's adapter is given by its slot id (``lorajax.select(bank, ids)`` + ``lorajax.factored``), so the
+keys and values written to the cache carry each row's own adapter. Shapes never change, so the decode step
+compiles once; prefills are padded to a power of two rows (a few compiled shapes).
+
+The base model has learned absolute positions and a ``seq_len`` (128) window. Past it, ``textlm.make_generate``
+slides the window (the last 128 bytes at positions 0..127), so every cached key is at the wrong position: a
+request whose sequence has outgrown the window is recomputed in full (a prefill of its last 128 bytes) at
+every step instead. Outputs are therefore those of no-cache greedy decoding with the window, for any length
+(logits equal to float32 rounding); the cache pays for the first 128 bytes of each sequence.
+
+Bad requests (malformed JSON, unknown adapter, oversized prompt, bad max_tokens) get a 4xx with a message and
+never reach the batcher. ``--mode loop`` serves one adapter at a time instead (each step runs only the
+requests of one adapter, with that adapter's merged weights, on the same cache): the baseline for
+``serve_load.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import queue
@@ -65,6 +78,11 @@ class Request:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     out: list[int] = dataclasses.field(default_factory=list)
     error: str | None = None
+    row: int = -1  # its KV-cache row while it is active
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens) + len(self.out)
 
 
 def demo_adapters(base: Any, count: int, rank: int = 16) -> dict[str, Any]:
@@ -115,8 +133,13 @@ def make_apply(model: Any) -> Any:
     return apply
 
 
+def pad_to(n: int, cap: int) -> int:
+    """Rows to run for ``n`` requests: the next power of two, at most ``cap`` (a few compiled shapes)."""
+    return min(cap, 1 << (n - 1).bit_length())
+
+
 class Server:
-    """The model state, the micro-batcher thread and the HTTP front end."""
+    """The model state, the KV cache, the micro-batcher thread and the HTTP front end."""
 
     def __init__(
         self,
@@ -140,15 +163,57 @@ class Server:
         self.merged = {name: lorajax.merge(p) for name, p in adapters.items()} if mode == "loop" else {}
         self.lock = threading.Lock()  # guards self.slots / self.merged (POST /adapters vs the batcher)
         self.queue: queue.Queue[Request] = queue.Queue()
-        run = lorajax.factored(self.model.apply)
+        self.apply = make_apply(self.model)  # the no-cache reference (tests, greedy)
 
-        @jax.jit
-        def step(bank: Any, ids: jax.Array, windows: jax.Array, last: jax.Array) -> jax.Array:
-            logits = run(lorajax.select(bank, ids, form=form), windows)
-            return jnp.argmax(logits[jnp.arange(windows.shape[0]), last], axis=-1)
+        # The cache and the free rows belong to the batcher thread alone.
+        self.cache = textlm.init_cache(config, max_batch)
+        self.free_rows = list(range(max_batch))
+        self.traces: collections.Counter[str] = collections.Counter()  # traces per jitted step (counted while tracing)
 
-        self.step = step
-        self.apply = make_apply(self.model)
+        cached = textlm.CachedGPT(config)
+        run = lorajax.factored(cached.apply)
+
+        def forward(bank: Any, ids: jax.Array, tokens: jax.Array, start: jax.Array, cache: Any) -> Any:
+            """Mixed adapters over the cache: row n runs slot ``ids[n]``; the K/V it writes include that adapter."""
+            return run(lorajax.select(bank, ids, form=form), tokens, start, cache)
+
+        self.forward = forward  # (bank, ids, tokens, start, cache) -> (logits, cache); tests compare its logits
+
+        def decode(fwd: Any, cache: Any, tokens: jax.Array, pos: jax.Array) -> Any:
+            # One token per row at position pos (pos == seq_len: a row not decoding now; its write is dropped).
+            logits, cache = fwd(tokens[:, None], pos, cache)
+            return jnp.argmax(logits[:, 0], axis=-1), cache
+
+        def prefill(fwd: Any, cache: Any, rows: jax.Array, windows: jax.Array, last: jax.Array) -> Any:
+            # A whole window from position 0 into a fresh cache, then scattered into the rows (index max_batch: a
+            # padding row, dropped). A prefill writes every position before reading it: old K/V never matter.
+            b = windows.shape[0]
+            logits, sub = fwd(windows, jnp.zeros(b, jnp.int32), textlm.init_cache(config, b))
+            cache = jax.tree.map(lambda c, s: c.at[rows].set(s, mode="drop"), cache, sub)
+            return jnp.argmax(logits[jnp.arange(b), last], axis=-1), cache
+
+        def bank_decode(bank: Any, ids: jax.Array, cache: Any, tokens: jax.Array, pos: jax.Array) -> Any:
+            self.traces["decode"] += 1
+            return decode(lambda *a: forward(bank, ids, *a), cache, tokens, pos)
+
+        def bank_prefill(bank: Any, ids: jax.Array, cache: Any, rows: jax.Array, windows: jax.Array, last: Any) -> Any:
+            self.traces["prefill"] += 1
+            return prefill(lambda *a: forward(bank, ids, *a), cache, rows, windows, last)
+
+        def loop_decode(params: Any, cache: Any, rows: jax.Array, tokens: jax.Array, pos: jax.Array) -> Any:
+            # Only this adapter's rows (padded to a power of two): gather them, decode, put them back.
+            sub = jax.tree.map(lambda c: c.at[rows].get(mode="clip"), cache)
+            nxt, sub = decode(lambda *a: cached.apply(params, *a), sub, tokens, pos)
+            return nxt, jax.tree.map(lambda c, s: c.at[rows].set(s, mode="drop"), cache, sub)
+
+        def loop_prefill(params: Any, cache: Any, rows: jax.Array, windows: jax.Array, last: jax.Array) -> Any:
+            return prefill(lambda *a: cached.apply(params, *a), cache, rows, windows, last)
+
+        # The cache is donated: each step updates it in place instead of copying max_batch rows.
+        self.bank_decode = jax.jit(bank_decode, donate_argnums=2)
+        self.bank_prefill = jax.jit(bank_prefill, donate_argnums=2)
+        self.loop_decode = jax.jit(loop_decode, donate_argnums=1)
+        self.loop_prefill = jax.jit(loop_prefill, donate_argnums=1)
         self.steps = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._batcher, daemon=True)
@@ -215,9 +280,11 @@ class Server:
         while not self.stop.is_set():
             while len(active) < self.max_batch:
                 try:
-                    active.append(self.queue.get(timeout=0.05) if not active else self.queue.get_nowait())
+                    r = self.queue.get(timeout=0.05) if not active else self.queue.get_nowait()
                 except queue.Empty:
                     break
+                r.row = self.free_rows.pop()  # max_batch rows, at most max_batch active: always one free
+                active.append(r)
             if not active:
                 continue
             try:
@@ -226,31 +293,66 @@ class Server:
                 for r in active:
                     r.error = f"{type(e).__name__}: {e}"
                     r.done.set()
+                # A failed call may have consumed the donated cache: start from an empty one (no request is left).
+                self.cache = textlm.init_cache(self.model.config, self.max_batch)
+                self.free_rows = list(range(self.max_batch))
                 active = []
                 continue
             for r in [r for r in active if len(r.out) >= r.max_tokens]:
+                self.free_rows.append(r.row)
                 r.done.set()
             active = [r for r in active if len(r.out) < r.max_tokens]
 
     def _advance(self, active: list[Request]) -> None:
-        """One decode step: every active request (bank mode), or those of the oldest request's adapter (loop)."""
+        """One token for every active request (bank mode), or for those of the oldest request's adapter (loop).
+
+        Rows whose cache holds every token but the last decode one token; new requests, and sequences longer
+        than the window (whose positions all shifted), run a prefill of their window instead.
+        """
         rows = active if self.mode == "bank" else [r for r in active if r.adapter == active[0].adapter]
-        # Batch padded to a power of two (a few compiled shapes): padding rows run the base on zeros, ignored.
-        b = min(self.max_batch, 1 << (len(rows) - 1).bit_length())
-        windows = np.zeros((b, self.seq_len), np.int32)
-        last, ids = np.zeros(b, np.int32), np.full(b, -1, np.int32)
-        for k, r in enumerate(rows):
-            windows[k], last[k] = window(r.tokens + r.out, self.seq_len)
-            ids[k] = r.slot
+        prefill = [r for r in rows if not r.out or r.length > self.seq_len]
+        decode = [r for r in rows if r.out and r.length <= self.seq_len]
         with self.lock:
             bank, params = self.slots.bank, self.merged.get(rows[0].adapter, self.base)
-        if self.mode == "bank":
-            nxt = np.asarray(self.step(bank, ids, windows, last))
-        else:
-            nxt = np.asarray(self.apply(params, windows, last))
+        nxt: dict[int, int] = {}
+        if decode:
+            if self.mode == "bank":  # every cache row, every step: one shape, one compile
+                n = self.max_batch
+                members: list[Request | None] = [None] * n
+                for r in decode:
+                    members[r.row] = r
+            else:
+                n = pad_to(len(decode), self.max_batch)
+                members = decode + [None] * (n - len(decode))
+            tokens, ids = np.zeros(n, np.int32), np.full(n, -1, np.int32)
+            pos = np.full(n, self.seq_len, np.int32)  # past the cache: write dropped, output ignored
+            rows_at = np.full(n, self.max_batch, np.int32)
+            for k, r in enumerate(members):
+                if r is not None:
+                    seq = r.tokens + r.out
+                    tokens[k], pos[k], ids[k], rows_at[k] = seq[-1], len(seq) - 1, r.slot, r.row
+            if self.mode == "bank":
+                out, self.cache = self.bank_decode(bank, ids, self.cache, tokens, pos)
+            else:
+                out, self.cache = self.loop_decode(params, self.cache, rows_at, tokens, pos)
+            out = np.asarray(out)
+            nxt.update({r.row: int(out[k]) for k, r in enumerate(members) if r is not None})
+        if prefill:
+            n = pad_to(len(prefill), self.max_batch)
+            windows = np.zeros((n, self.seq_len), np.int32)
+            last, ids, rows_at = np.zeros(n, np.int32), np.full(n, -1, np.int32), np.full(n, self.max_batch, np.int32)
+            for k, r in enumerate(prefill):
+                windows[k], last[k] = window(r.tokens + r.out, self.seq_len)
+                ids[k], rows_at[k] = r.slot, r.row
+            if self.mode == "bank":
+                out, self.cache = self.bank_prefill(bank, ids, self.cache, rows_at, windows, last)
+            else:
+                out, self.cache = self.loop_prefill(params, self.cache, rows_at, windows, last)
+            out = np.asarray(out)
+            nxt.update({r.row: int(out[k]) for k, r in enumerate(prefill)})
         self.steps += 1
-        for k, r in enumerate(rows):
-            r.out.append(int(nxt[k]))
+        for r in rows:
+            r.out.append(nxt[r.row])
 
     # ------------------------------------------------------------------------------------------------ http
     def handler(self) -> type[BaseHTTPRequestHandler]:

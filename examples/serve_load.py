@@ -3,7 +3,8 @@
 Run:  python examples/serve_load.py [--requests 64] [--max-tokens 16] [--rounds 2]
 
 Starts two servers in this process on free loopback ports (``--mode bank``: every decode step mixes
-all adapters; ``--mode loop``: each step runs one adapter's requests with its merged weights), warms
+all adapters; ``--mode loop``: each step runs one adapter's requests with its merged weights; both
+prefill each prompt once and decode one token per step from serve.py's KV cache), warms
 both up, then fires the requests at them in alternating rounds (bank, loop, bank, loop, ...) so load
 from other processes hits both alike. Prints tokens/s and latency percentiles per mode with the
 machine's 1-minute load average, and writes JSON (default: benchmarks/serve_load.json).

@@ -215,6 +215,78 @@ def init_params(config: Config, seed: int = 0) -> Any:
     return TinyGPT(config).init(jax.random.key(seed), jnp.zeros((1, config.seq_len), jnp.int32))
 
 
+# A KV cache for serving: TinyGPT's computation, one token at a time. The cache is a pair (keys, values), each
+# (batch, n_layers, seq_len, n_heads, head_dim): row b holds the keys and values of sequence b at absolute positions
+# 0..seq_len-1. The modules below have TinyGPT's parameter tree (same names, shapes and Flax layers), so the same
+# params (or lorafied params through lorajax.factored) run either model.
+
+
+class CachedAttention(nn.Module):
+    """Flax's ``MultiHeadDotProductAttention`` (its ``query``/``key``/``value``/``out`` layers) over a KV cache."""
+
+    n_heads: int
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array]) -> Any:
+        d = x.shape[-1]
+        qkv = dict(features=(self.n_heads, d // self.n_heads), axis=-1)
+        q, k, v = (nn.DenseGeneral(**qkv, name=n)(x) for n in ("query", "key", "value"))
+        # Write this call's keys/values at their absolute positions (a position >= seq_len is dropped: callers
+        # use that to run a row without touching its cache), then attend over the whole row, causally.
+        rows = jnp.arange(x.shape[0])[:, None]
+        ck, cv = (c.at[rows, self.layer, positions].set(new, mode="drop") for c, new in zip(cache, (k, v)))
+        seq_len = ck.shape[2]
+        mask = (jnp.arange(seq_len)[None, None, :] <= positions[:, :, None])[:, None]  # (batch, 1, T, seq_len)
+        y = nn.dot_product_attention(q, ck[:, self.layer], cv[:, self.layer], mask=mask)
+        return nn.DenseGeneral(features=d, axis=(-2, -1), name="out")(y), (ck, cv)
+
+
+class CachedBlock(nn.Module):
+    d_model: int
+    n_heads: int
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array]) -> Any:
+        y = nn.LayerNorm(name="ln1")(x)
+        a, cache = CachedAttention(self.n_heads, self.layer, name="attn")(y, positions, cache)
+        x = x + a
+        y = nn.LayerNorm(name="ln2")(x)
+        y = nn.Dense(4 * self.d_model, name="fc1")(y)
+        return x + nn.Dense(self.d_model, name="fc2")(nn.gelu(y)), cache
+
+
+class CachedGPT(nn.Module):
+    """TinyGPT with a KV cache: ``apply(params, tokens, start, cache) -> (logits, cache)``.
+
+    ``tokens`` ``(batch, T)`` sit at absolute positions ``start[b] + t``; their keys and values are written into
+    ``cache`` there and every token attends to the cached positions at or before its own. ``start = 0`` with
+    ``T = seq_len`` is a prefill (it rewrites the whole row and gives TinyGPT's logits for that window); ``T = 1``
+    is one decode step. Positions are absolute, as in TinyGPT, so a cache is valid for the first ``seq_len``
+    tokens of a sequence only: past that, ``make_generate``'s window slides and every position changes.
+    """
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]) -> Any:
+        c = self.config
+        positions = start[:, None] + jnp.arange(tokens.shape[1])
+        x = nn.Embed(c.vocab, c.d_model, name="embed")(tokens)
+        pos = self.param("pos", nn.initializers.normal(0.02), (c.seq_len, c.d_model))
+        x = x + pos[positions]  # out-of-range positions clamp (their writes are dropped, their logits unused)
+        for k in range(c.n_layers):
+            x, cache = CachedBlock(c.d_model, c.n_heads, k, name=f"block{k}")(x, positions, cache)
+        return nn.Dense(c.vocab, name="head")(nn.LayerNorm(name="ln_f")(x)), cache
+
+
+def init_cache(config: Config, batch: int) -> tuple[jax.Array, jax.Array]:
+    """An empty :class:`CachedGPT` cache: ``(keys, values)``, each ``(batch, n_layers, seq_len, heads, head_dim)``."""
+    shape = (batch, config.n_layers, config.seq_len, config.n_heads, config.d_model // config.n_heads)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+
+
 def loss_fn(model: TinyGPT, params: Any, tokens: jax.Array, apply: Any = None) -> jax.Array:
     """Mean next-byte cross-entropy (nats) of ``tokens`` of shape ``(batch, T + 1)``.
 
