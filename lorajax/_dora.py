@@ -124,6 +124,13 @@ def with_magnitude(node: LoRA, dtype: Any) -> LoRA:
     return dataclasses.replace(node, spec=spec, magnitude=m)
 
 
+def dora_weight(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, dtype: Any) -> jax.Array:
+    """``(m / n) ⊙ (W + ΔW)`` in ``dtype`` (not rounded), ``n`` detached: the one DoRA kernel formula."""
+    w = base.astype(dtype) + lora_delta(a, b, spec, dtype)
+    n = jax.lax.stop_gradient(column_norm(w, spec.layout, dtype))
+    return expand(jnp.asarray(magnitude).astype(dtype) / n, spec.layout) * w
+
+
 def merged_kernel(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec) -> jax.Array:
     """``(m / n) ⊙ (W + ΔW)`` with ``n`` detached, computed in float32 (at least), rounded once to W's dtype.
 
@@ -133,28 +140,43 @@ def merged_kernel(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec) -> 
     >>> merged_kernel(w, jnp.zeros((2, 1)), jnp.zeros((1, 2)), jnp.array([10.0, 1.0]), spec).tolist()
     [[6.0, 0.0], [8.0, 1.0]]
     """
-    dt = compute_dtype(base.dtype)
-    w = base.astype(dt) + lora_delta(a, b, spec, dt)
-    n = jax.lax.stop_gradient(column_norm(w, spec.layout, dt))
-    g = jnp.asarray(magnitude).astype(dt) / n
-    return (expand(g, spec.layout) * w).astype(base.dtype)
+    return dora_weight(base, a, b, magnitude, spec, compute_dtype(base.dtype)).astype(base.dtype)
 
 
-def node_kernel(node: LoRA) -> jax.Array:
-    """The merged kernel of a DoRA node (its base under stop_gradient), or a ValueError saying what is missing."""
+def _node_parts(node: LoRA, what: str) -> tuple[Any, Any, Any, Any]:
+    """``(dense base under stop_gradient, a, b, magnitude)`` of a DoRA node, or a ValueError saying what is missing."""
     if node.per_example:
         raise ValueError(
-            "A DoRA node with per-example factors (lorajax.select) has no single kernel; run it through "
+            f"A DoRA node with per-example factors (lorajax.select) has no single {what}; run it through "
             "lorajax.factored, or merge each adapter separately."
         )
     if node.magnitude is None:
         raise ValueError(
-            "A DoRA node (spec.variant='dora') has no magnitude: put it back before merging (lorajax.combine "
-            "of the trainable and frozen halves from lorajax.partition), or make the node with lorafy(..., dora=True)."
+            f"A DoRA node (spec.variant='dora') of shape {node.shape} has no magnitude, so it has no {what}: put it "
+            "back (lorajax.combine of the trainable and frozen halves from lorajax.partition), or make the node with "
+            "lorafy(..., dora=True)."
         )
     base = jax.lax.stop_gradient(dense_base(_boxes.unbox(node.base)))  # a quantized base: dense in float32
-    merged = merged_kernel(base, _boxes.unbox(node.a), _boxes.unbox(node.b), _boxes.unbox(node.magnitude), node.spec)
+    return base, _boxes.unbox(node.a), _boxes.unbox(node.b), _boxes.unbox(node.magnitude)
+
+
+def node_kernel(node: LoRA) -> jax.Array:
+    """The merged kernel of a DoRA node (its base under stop_gradient), or a ValueError saying what is missing."""
+    merged = merged_kernel(*_node_parts(node, "kernel"), node.spec)
     return merged.astype(node.dtype)
+
+
+def node_update(node: LoRA, dtype: Any) -> jax.Array:
+    """What a DoRA node adds to its base: ``(m / n) ⊙ (W + ΔW) − W`` in ``dtype`` (``W`` under stop_gradient).
+
+    >>> from lorajax._node import LoRASpec
+    >>> spec = LoRASpec(1, 1.0, Layout("io"), variant="dora")
+    >>> node = LoRA(jnp.array([[3.0], [4.0]]), jnp.zeros((2, 1)), jnp.zeros((1, 1)), spec, magnitude=jnp.array([10.0]))
+    >>> node_update(node, jnp.float32).tolist()  # the column doubles: W + (W)
+    [[3.0], [4.0]]
+    """
+    base, a, b, m = _node_parts(node, "update")
+    return dora_weight(base, a, b, m, node.spec, dtype) - base.astype(dtype)
 
 
 def factored_norm(base: Any, a: Any, b: Any, spec: LoRASpec, dtype: Any = None) -> jax.Array:
@@ -183,6 +205,26 @@ def factored_norm(base: Any, a: Any, b: Any, spec: LoRASpec, dtype: Any = None) 
     quad = jnp.einsum(f"{bs},{ss}rz,{bs.replace('r', 'z')}->{ms}", bf, gram, bf, **kw)
     n2 = w2 + 2 * s * cross + s * s * quad
     return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
+
+
+def bank_gains(base: Any, a: Any, b: Any, magnitude: Any, dora: Any, spec: LoRASpec) -> jax.Array:
+    """DoRA gains ``g_k = m_k / ‖W + A_k·B_k‖`` of every adapter ``k`` of a bank; ``1`` where ``dora[k]`` is false.
+
+    ``a`` is ``(K, *a_shape)`` and ``b`` ``(K, *b_shape)`` with the scales folded into ``b`` (``spec`` has scale 1),
+    ``magnitude`` is ``(K, *magnitude shape)`` and ``dora`` ``(K,)`` booleans. Each norm is :func:`factored_norm`
+    (detached, no ``fan_in × fan_out`` temporary): ``‖W_j‖²`` once for the bank, ``Wᵀa`` as one contraction over
+    every adapter's rank columns. Returns ``(K, *magnitude shape)`` in float32 (at least).
+
+    >>> from lorajax._node import LoRASpec
+    >>> w, spec = jnp.array([[3.0, 0.0], [4.0, 2.0]]), LoRASpec(1, 1.0, Layout("io"))
+    >>> a, b, m = jnp.zeros((2, 2, 1)), jnp.zeros((2, 1, 2)), jnp.array([[10.0, 1.0], [7.0, 7.0]])
+    >>> bank_gains(w, a, b, m, jnp.array([True, False]), spec).tolist()  # adapter 1 is plain LoRA: g = 1
+    [[2.0, 0.5], [1.0, 1.0]]
+    """
+    dt = compute_dtype(base.dtype)
+    n = jax.vmap(lambda a1, b1: factored_norm(base, a1, b1, spec, dt))(a, b)
+    flag = jnp.reshape(jnp.asarray(dora, bool), (-1,) + (1,) * (n.ndim - 1))
+    return jnp.where(flag, jnp.asarray(magnitude).astype(dt) / jnp.where(flag, n, 1), jnp.ones((), dt))
 
 
 def check_magnitude(magnitude: Any, layout: Layout, shape: tuple[int, ...], where: str, caller: str) -> None:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from lorajax import _boxes
 from lorajax._dora import node_kernel as dora_kernel
+from lorajax._dora import node_update as dora_update
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
@@ -19,23 +20,45 @@ from lorajax.quant import dense_base
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
-    """The update ``scale * a @ b`` of one node, in the kernel's layout.
+    """What the node adds to its base kernel, in the kernel's layout: ``merge = base + delta``.
 
-    Computed at ``Precision.HIGHEST`` in float32 (or ``dtype``), so TPUs and
-    GPUs do not round it through bf16/TF32 passes.
+    For a LoRA node that is the update ``scale * a @ b``. For a DoRA node it is the effective update
+    ``(m / n) ⊙ (W + scale * a @ b) − W`` (``n = ‖W + scale * a @ b‖`` per output feature, detached),
+    which needs the base and is not linear in the factors: summing or subtracting DoRA deltas of
+    different adapters does not combine the adapters (which is why :func:`lorajax.swap` and
+    :func:`lorajax.combine_adapters` refuse DoRA). Its gradient reaches ``a``, ``b`` and the magnitude, never the
+    base. Computed at ``Precision.HIGHEST`` in float32 (or ``dtype``), so TPUs and GPUs do not round it through
+    bf16/TF32 passes.
 
-    >>> import jax.numpy as jnp
-    >>> from lorajax import LoRA, LoRASpec, Layout
-    >>> node = LoRA(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), LoRASpec(1, 2.0, Layout("io")))
-    >>> delta(node).tolist()
-    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    Args:
+        node: a :class:`LoRA` node (not a per-example one from :func:`lorajax.select`).
+        dtype: the dtype to compute and return in (default: float32, or the base's if wider).
+
+    Returns:
+        An array of the kernel's shape.
+
+    Raises:
+        ValueError: for per-example nodes, and for DoRA nodes without their magnitude.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lorajax import LoRA, LoRASpec, Layout
+        >>> node = LoRA(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), LoRASpec(1, 2.0, Layout("io")))
+        >>> delta(node).tolist()
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        >>> w, dora = jnp.array([[3.0], [4.0]]), LoRASpec(1, 1.0, Layout("io"), variant="dora")
+        >>> delta(LoRA(w, jnp.zeros((2, 1)), jnp.zeros((1, 1)), dora, magnitude=jnp.array([10.0]))).tolist()
+        [[3.0], [4.0]]
     """
     if node.per_example:
         raise ValueError(
             "This LoRA node holds per-example factors (from lorajax.select); it has no single delta. Run it through "
             "lorajax.factored, or merge each adapter of the bank separately."
         )
-    return lora_delta(_boxes.unbox(node.a), _boxes.unbox(node.b), node.spec, dtype or compute_dtype(node.dtype))
+    dt = dtype or compute_dtype(node.dtype)
+    if node.spec.variant == "dora":
+        return dora_update(node, dt)
+    return lora_delta(_boxes.unbox(node.a), _boxes.unbox(node.b), node.spec, dt)
 
 
 def merged_kernel(node: LoRA) -> jax.Array:

@@ -376,3 +376,208 @@ def test_stacked_kernels_scanned_or_not_run_in_every_form(form):
         for n, k in enumerate(ids):
             want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
             np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DoRA and plain LoRA adapters side by side (PEFT refuses adapter_names= with DoRA). Each row's output must equal its
+# adapter's merged model (lorajax.merge: the dense (m / ‖W + ΔW‖) ⊙ (W + ΔW) kernel, tests/test_dora.py checks it
+# against PEFT) to 1e-5 in float32.
+
+FORMS = ["gather", "onehot", "ragged", "auto"]
+
+
+def trained_dora(base, seed, **kw):
+    """trained(..., dora=True), the magnitudes moved off their start too: every gain m / ‖W + ΔW‖ is far from 1."""
+    p = trained(base, seed, dora=True, **kw)
+    rng = np.random.default_rng(seed + 2000)
+    move = lambda m: jax.tree.map(lambda v: v * jnp.asarray(1.0 + 0.3 * rng.normal(size=v.shape), v.dtype), m)
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, magnitude=move(x.magnitude)) if lorajax.is_lora(x) else x,
+        p,
+        is_leaf=lorajax.is_lora,
+    )
+
+
+def as_plain(p):
+    """The same factors as plain LoRA: what a bank that ignored the gains would compute."""
+    plain = lambda x: dataclasses.replace(x, spec=x.spec.replace(variant="lora"), magnitude=None)
+    return jax.tree.map(lambda x: plain(x) if lorajax.is_lora(x) else x, p, is_leaf=lorajax.is_lora)
+
+
+@pytest.fixture(scope="module")
+def dora_gpt_bank():
+    model = TinyGPT(vocab=64, d_model=32)
+    tokens = jax.random.randint(jax.random.key(1), (6, 8), 0, 64)
+    base = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    ps = [
+        trained_dora(base, 0, rank=2, where=lorajax.attn_qv, alpha=4.0),  # DenseGeneral "ioo": (heads, dim) gains
+        trained(base, 1, rank=4, where=lorajax.mlp, alpha=8.0, rslora=True),  # plain
+        trained_dora(base, 2, rank=3, where=r"embed/embedding|.*/(query|value|fc1)/kernel", alpha=3.0),  # + lookup
+    ]
+    return model, base, tokens, ps, lorajax.stack_adapters(ps)
+
+
+def test_dora_bank_keeps_magnitudes_and_flags_per_row(dora_gpt_bank):
+    _, _, _, ps, bank = dora_gpt_bank
+    fc1 = bank.params["Block_0"]["fc1"]["kernel"]  # adapter 1 plain, adapter 2 DoRA, adapter 0 absent
+    assert fc1.magnitude.shape == (4, 128) and fc1.dora.tolist() == [False, False, True, False]
+    np.testing.assert_array_equal(fc1.magnitude[2], ps[2]["Block_0"]["fc1"]["kernel"].magnitude)
+    q = bank.params["Block_0"]["SelfAttention_0"]["query"]["kernel"]
+    assert q.magnitude.shape == (4, 4, 8) and q.dora.tolist() == [True, False, True, False]
+    assert bank.params["Block_0"]["fc2"]["kernel"].magnitude is None  # only plain adapters there: no gains to pay
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dora_and_plain_mixed_batch_equals_each_merged_model(dora_gpt_bank, form):
+    model, base, tokens, ps, bank = dora_gpt_bank
+    ids = np.array([2, -1, 0, 1, 1, 2])
+    mixed = lorajax.factored(model.apply, strict=True)({"params": lorajax.select(bank, ids, form=form)}, tokens)
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    worst = 0.0
+    for n, k in enumerate(ids):
+        alone = apply(base if k < 0 else lorajax.merge(ps[k]), tokens[n : n + 1])
+        np.testing.assert_allclose(mixed[n : n + 1], alone, rtol=1e-5, atol=1e-5, err_msg=f"example {n}")
+        worst = max(worst, float(np.max(np.abs(mixed[n : n + 1] - alone))))
+        if k in (0, 2):  # the check can fail: ignoring the gains is far off
+            assert np.max(np.abs(apply(lorajax.merge(as_plain(ps[k])), tokens[n : n + 1]) - alone)) > 1e-2
+    print(f"{form}: max |bank - merged| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("form", ["onehot", "ragged", "auto"])
+def test_dora_per_token_ids_equal_each_tokens_merged_model(form):
+    base = small_params()
+    base = {"fc": base["fc"], "lm_head": base["lm_head"]}
+    ps = [
+        trained_dora(base, 0, rank=2, where=r"(fc|lm_head)/kernel", alpha=4.0),
+        trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True),
+        trained_dora(base, 2, rank=1, where=r"lm_head/kernel"),
+    ]
+    bank = lorajax.stack_adapters(ps)
+    x = jax.random.normal(jax.random.key(5), (3, 4, 6))
+    ids = np.array([[0, 1, -1, 2], [1, 2, 0, -1], [-1, -1, 1, 0]])
+    got = lorajax.factored(mlp_fn, strict=True)(lorajax.select(bank, ids, form=form), x)
+    for n in range(3):
+        for s_ in range(4):
+            k = ids[n, s_]
+            want = mlp_fn(base if k < 0 else lorajax.merge(ps[k]), x[n, s_])
+            np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dora_stacked_kernels_scanned_or_not_run_in_every_form(form):
+    rng = np.random.default_rng(0)
+    base = {"w": {"kernel": jnp.asarray(0.3 * rng.normal(size=(3, 8, 8)), jnp.float32)}}  # (layers, in, out)
+
+    def scanned(p, x):  # g (one per layer and output) rides through the per-layer slices
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"]["kernel"])[0]
+
+    def unsliced(p, x):  # the stacked kernel reaches one dot whole: the gather form, g per layer on the output
+        return jnp.einsum("bd,lde->ble", x, p["w"]["kernel"])
+
+    ps = [trained_dora(base, 0, rank=2, where=".*", layout={".*": "sio"}), trained(base, 1, layout={".*": "sio"})]
+    bank = lorajax.stack_adapters(ps)
+    assert bank.params["w"]["kernel"].magnitude.shape == (3, 3, 8)
+    x = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+    ids = np.array([0, 1, -1, 0])
+    for fn in (scanned, unsliced):
+        got = lorajax.factored(fn, strict=True)(lorajax.select(bank, ids, form=form), x)
+        for n, k in enumerate(ids):
+            want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
+            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")
+
+
+def _shapes(jaxpr):
+    """Every value shape any equation of ``jaxpr`` or its sub-jaxprs computes.
+
+    ``stop_gradient`` is left out: it returns the frozen base itself (no computation, no new buffer).
+    """
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "stop_gradient":
+            out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                out += _shapes(inner) if hasattr(inner, "eqns") else []
+    return out
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dora_gains_come_from_factored_norms_without_a_kernel_per_adapter(form):
+    rng = np.random.default_rng(3)
+    base = {"fc": {"kernel": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}}
+    ps = [trained_dora(base, k, rank=2) for k in range(3)]
+    bank = lorajax.stack_adapters(ps)
+    run = lorajax.factored(lambda p, x: x @ p["fc"]["kernel"], strict=True)
+    x = jnp.ones((2, 64))
+    big = lambda jaxpr: [s for s in _shapes(jaxpr) if int(np.prod(s)) >= 64 * 48]
+    assert big(jax.make_jaxpr(lorajax.merge)(ps[0]).jaxpr), "the check must be able to see W + ΔW"
+    served = jax.make_jaxpr(lambda bank, ids, x: run(lorajax.select(bank, ids, form=form), x))(
+        bank, np.array([0, 2]), x
+    )
+    assert big(served.jaxpr) == []
+
+
+@pytest.mark.parametrize("form", ["gather", "onehot", "ragged"])
+def test_slots_change_between_dora_and_plain_without_retracing(form):
+    base = small_params()
+    base = {"fc": base["fc"], "lm_head": base["lm_head"]}
+    ps = {
+        "d": trained_dora(base, 0, rank=2, where=r"(fc|lm_head)/kernel", alpha=4.0),
+        "p": trained(base, 1, rank=4, where=r"fc/kernel", alpha=2.0, rslora=True),
+        "e": trained_dora(base, 2, rank=1, where=r"lm_head/kernel"),
+        "q": trained(base, 3, rank=3, where=r"(fc|lm_head)/kernel"),
+    }
+    slots = lorajax.adapter_slots({"d": ps["d"]}, 2, rank=4)  # a DoRA adapter given: DoRA-capable slots
+    run = lorajax.factored(mlp_fn)
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def serve(bank, ids, x):
+        return run(lorajax.select(bank, ids, form=form), x)
+
+    x = jax.random.normal(jax.random.key(7), (3, 6))
+
+    def check(slots, names, adapters=ps):
+        got = serve(slots.bank, slots.ids(names), x)
+        for n, name in enumerate(names):
+            want = mlp_fn(base if name is None else lorajax.merge(adapters[name]), x[n])
+            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{names}: row {n}")
+
+    check(slots, ["d", None, "d"])
+    slots = slots.put("p", ps["p"])  # plain into a free slot: gain 1 there
+    check(slots, ["p", "d", None])
+    slots = slots.evict("d").put("e", ps["e"])  # DoRA where DoRA was, fc left plain for "e"
+    assert slots.names == ("e", "p")
+    check(slots, ["e", "p", "e"])
+    slots = slots.put("p", ps["d"])  # slot 1: plain -> DoRA
+    slots = slots.put("e", ps["q"])  # slot 0: DoRA -> plain
+    check(slots, ["e", "p", None], {"e": ps["q"], "p": ps["d"]})
+    slots = slots.evict("e").evict("p")  # all free: the base model, every gain 1
+    np.testing.assert_allclose(serve(slots.bank, np.full(3, -1), x), mlp_fn(base, x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_slots_refuse_dora_saying_how_to_build_them():
+    base = small_params()
+    plain = trained(base, 0, rank=2, where=r"fc/kernel")
+    dora = trained_dora(base, 1, rank=2, where=r"fc/kernel")
+    with pytest.raises(
+        ValueError, match=r"(?s)AdapterSlots.put: .*dora: fc/kernel: .*adapter_slots\(\.\.\., dora=True\)"
+    ):
+        lorajax.adapter_slots({"p": plain}, 2).put("d", dora)
+    slots = lorajax.adapter_slots({"p": plain}, 2, dora=True).put("d", dora)
+    got = lorajax.factored(mlp_fn)(lorajax.select(slots.bank, slots.ids(["d", "p"])), jnp.ones((2, 6)))
+    for n, p in enumerate((dora, plain)):
+        np.testing.assert_allclose(got[n], mlp_fn(lorajax.merge(p), jnp.ones(6)), rtol=1e-5, atol=1e-5)
+
+
+def test_stack_refuses_a_dora_entry_whose_magnitude_does_not_fit():
+    base = small_params()
+    ad = lorajax.adapter(trained_dora(base, 0, where=r"fc/kernel"))
+    f = ad["fc/kernel"]
+    bad = lorajax.Adapter({"fc/kernel": dataclasses.replace(f, magnitude=f.magnitude[:3])})
+    with pytest.raises(
+        ValueError, match=r"shape: fc/kernel \(adapter 0\): a DoRA entry needs a magnitude of shape \(5,\).*got \(3,\)"
+    ):
+        lorajax.stack_adapters([bad], base=base)

@@ -382,13 +382,47 @@ def test_native_adapter_file_keeps_the_magnitude(tmp_path):
 
 
 def test_dora_adapters_refuse_linear_operations():
+    # Banks hold DoRA adapters (tests/test_bank.py); what adds or subtracts updates linearly refuses them.
     base, params, _ = load_case("dora_linear")
     with pytest.raises(ValueError, match=r"combine_adapters: .*fc1/kernel.*DoRA.*not linear"):
         lorajax.combine_adapters([params, params], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"combine_adapters: .*fc1/kernel.*DoRA.*not linear"):
+        lorajax.combine_adapters([params, params], [0.5, 0.5], method="svd", rank=1)
     with pytest.raises(ValueError, match=r"swap: .*DoRA.*cannot be subtracted"):
         lorajax.swap(lorajax.merge(params), params, None)
-    with pytest.raises(ValueError, match=r"stack_adapters: .*DoRA"):
-        lorajax.stack_adapters([params], base=base)
+    with pytest.raises(ValueError, match=r"swap: .*DoRA.*cannot be subtracted"):
+        lorajax.swap(lorajax.merge(params), None, params)
+    lorajax.stack_adapters([params], base=base)
+
+
+@pytest.mark.parametrize(("shape", "layout"), [((6, 5), "io"), ((3, 3, 4, 5), "wwio"), ((6, 2, 3), "ioo")])
+def test_delta_of_a_dora_node_is_its_effective_update(shape, layout):
+    w = jax.random.normal(jax.random.key(0), shape)
+    p = lorajax.lorafy({"m": {"kernel": w}}, rank=2, alpha=3.0, where=["m"], dora=True, layout={"m": layout})
+    keys = jax.random.split(jax.random.key(1), 3)
+    node = p["m"]["kernel"]
+    node = node.__class__(
+        node.base,
+        jax.random.normal(keys[0], node.a.shape),
+        0.3 * jax.random.normal(keys[1], node.b.shape),
+        node.spec,
+        magnitude=node.magnitude * (1 + 0.3 * jax.random.normal(keys[2], node.magnitude.shape)),
+    )
+    fan_in = tuple(k for k, c in enumerate(layout) if c in "iw")
+    perm = [k for k in range(len(shape)) if k in fan_in] + [k for k in range(len(shape)) if k not in fan_in]
+    wt = np.transpose(np.asarray(w, np.float64), perm)  # (*fan_in, *fan_out) for the oracle
+    want = dense_dora(wt, node.a, node.b, node.magnitude, node.scale, fan_in) - wt
+    got = np.transpose(np.asarray(lorajax.delta(node)), perm)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w + lorajax.delta(node), lorajax.merge({"k": node})["k"], rtol=0, atol=1e-6)
+    plain = np.transpose(
+        np.asarray(lorajax.delta(node.__class__(node.base, node.a, node.b, node.spec.replace(variant="lora")))), perm
+    )
+    assert np.max(np.abs(got - plain)) > 1e-2  # not the plain scale * a @ b: the check can fail
+    g = jax.grad(lambda n: lorajax.delta(n).sum(), allow_int=True)(node)
+    assert float(jnp.abs(g.base).max()) == 0.0 and float(jnp.abs(g.magnitude).max()) > 0.0
+    with pytest.raises(ValueError, match=re.escape(f"of shape {shape} has no magnitude, so it has no update")):
+        lorajax.delta(node.__class__(node.base, node.a, node.b, node.spec))
 
 
 def _copy(tmp_path: Path, case: str = "dora_linear") -> Path:

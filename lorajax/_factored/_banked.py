@@ -15,6 +15,10 @@ moved next to the rank) and runs it as 2-D matmuls on the flattened rows:
 A ``dot_general`` these forms cannot flatten to rows (a kernel with a stacked axis that no scan sliced) runs in
 the gather form (``a[ids]``, ``b[ids]``: the per-example einsum) when the ids are per example. Convolutions
 run no per-example adapters in any form.
+
+A bank that holds DoRA adapters selects to nodes of variant ``"dora"`` whose ``magnitude`` is :class:`Gains`:
+``g_k = m_k / n_k`` already computed once per adapter by :func:`lorajax.select` (``1`` for plain adapters and
+the zero row), which :mod:`lorajax._factored._dora` applies per row: ``y = g_row ⊙ (x·W + (x·A_row)·B_row)``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ class BankedLoRA(LoRA):
     """A per-example LoRA node that holds the whole bank (``a``: ``(N + 1, *a_shape)``) and the rows' ids."""
 
     rows: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gains:
+    """The DoRA gains ``g = m / n`` of a selected bank node: ``(N + 1, *magnitude shape)`` for the bank forms,
+    ``(batch, *magnitude shape)`` for the gather form. Stands in a per-example node's ``magnitude``."""
+
+    g: Any
 
 
 def node_rows(node: Any) -> Rows | None:

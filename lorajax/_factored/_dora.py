@@ -15,6 +15,7 @@ fan-out axes. With LoRA dropout active they follow PEFT:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -22,7 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorajax._dora import factored_norm, magnitude_axes
-from lorajax._factored._consumers import DotPlan, conv_lora, gather_lora
+from lorajax._factored import _banked
+from lorajax._factored._banked import Gains
+from lorajax._factored._consumers import DotPlan, conv_lora, dot_lora_einsum, gather_lora
 from lorajax._factored._ref import KernelRef
 from lorajax._node import LoRASpec, compute_dtype
 from lorajax.quant import dense_base
@@ -34,22 +37,36 @@ def is_dora(ref: KernelRef) -> bool:
 
 
 def extend_factors(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, path: str) -> tuple[Any, Any]:
-    """``(a_ext, b_ext)``: ``a`` with a zero rank column, ``b`` with the row ``g = m / n`` (float32 at least)."""
+    """``(a_ext, b_ext)``: ``a`` with a zero rank column, ``b`` with the row ``g = m / n`` (float32 at least).
+
+    A selected bank node (:func:`lorajax.select`) brings its gains ready, one per example or bank row, as
+    :class:`~lorajax._factored._banked.Gains`; its factors have that leading axis too.
+    """
     if magnitude is None:
         raise ValueError(
             f"lorajax.factored: {path} is a DoRA node without its magnitude; combine the halves from "
             "lorajax.partition back before calling the model."
         )
     lay = spec.layout
-    base = dense_base(base)  # a quantized base: its norms are those of the dequantized kernel
-    dt = compute_dtype(base.dtype)
-    g = jnp.asarray(magnitude).astype(dt) / factored_norm(base, a, b, spec, dt)
+    lead = 1 if isinstance(magnitude, Gains) else 0
+    if lead:
+        g = jnp.asarray(magnitude.g)
+        dt = jnp.promote_types(g.dtype, jnp.float32)
+    else:
+        if jnp.ndim(a) != lay.ndim - len(lay.fan_out) + 1:
+            raise ValueError(
+                f"lorajax.factored: {path} is a per-example DoRA node (factor a of shape {tuple(jnp.shape(a))}) "
+                "without the gains lorajax.select computes; make it with lorajax.select from lorajax.stack_adapters."
+            )
+        base = dense_base(base)  # a quantized base: its norms are those of the dequantized kernel
+        dt = compute_dtype(base.dtype)
+        g = jnp.asarray(magnitude).astype(dt) / factored_norm(base, a, b, spec, dt)
     # g's axes are the kernel's stacked and fan-out axes in kernel order; b holds them as (*stack, r, *fan_out).
     keep = magnitude_axes(lay)
-    order = [keep.index(k) for k in lay.stack + lay.fan_out]
-    g = jnp.expand_dims(jnp.transpose(g, order), len(lay.stack))
+    order = list(range(lead)) + [lead + keep.index(k) for k in lay.stack + lay.fan_out]
+    g = jnp.expand_dims(jnp.transpose(g, order), lead + len(lay.stack))
     wide = jnp.promote_types(b.dtype, dt)
-    b_ext = jnp.concatenate([jnp.asarray(b).astype(wide), g.astype(wide)], axis=len(lay.stack))
+    b_ext = jnp.concatenate([jnp.asarray(b).astype(wide), g.astype(wide)], axis=lead + len(lay.stack))
     a_ext = jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (1,), a.dtype)], axis=-1)
     return a_ext, b_ext
 
@@ -72,6 +89,8 @@ def _combine(y0: jax.Array, lora: jax.Array, g: jax.Array, dropped: jax.Array | 
 
 def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array:
     """A DoRA kernel in a ``dot_general`` (Dense, DenseGeneral): through the 2-D plan, else formed."""
+    if ref.info.per_example:
+        return _rows_dot(interp, eqn, x, ref, k_side)
     p = eqn.params
     vals = [x, x]
     vals[k_side] = ref.base.astype(ref.dtype)
@@ -113,9 +132,11 @@ def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
 
 def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     """A DoRA embedding lookup: ``g ⊙ (W[idx] + s·A[idx]·B)`` (PEFT applies no dropout to embeddings)."""
+    if ref.info.per_example:
+        return _rows_gather(interp, eqn, ref, idx)
     p = eqn.params
     y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **p)
-    lora = None if ref.info.per_example else gather_lora(idx, ref, p, y0.shape)
+    lora = gather_lora(idx, ref, p, y0.shape)
     if lora is None:
         return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA)"), idx, **p)
     dn = p["dimension_numbers"]
@@ -124,4 +145,109 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     g = _gain_row(ref).b.reshape(-1)  # gather_lora needs one fan-in and one fan-out axis: b is (r + 1, features)
     shape = [1] * y0.ndim
     shape[dn.offset_dims[kept.index(p_out)]] = g.shape[0]
+    return _combine(y0, lora, jnp.reshape(g, shape), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selected banks (lorajax.select): one adapter, and so one gain g, per row of the activations.
+
+
+def _split(ref: KernelRef) -> tuple[KernelRef, jax.Array]:
+    """A per-example DoRA ref as its plain LoRA part (rank ``r``) and its gains ``(n, *stack, *fan-out)``."""
+    axis = ref.rank_axis("b")
+    r = ref.b.shape[axis] - 1
+    info = dataclasses.replace(ref.info, spec=ref.info.spec.replace(variant="lora"))
+    plain = ref.replace(a=ref.a[..., :r], b=lax.slice_in_dim(ref.b, 0, r, axis=axis), info=info)
+    return plain, jnp.take(ref.b, r, axis=axis)
+
+
+def _per_row(ref: KernelRef, gains: jax.Array) -> tuple[jax.Array, int]:
+    """The gains of each leading row of the activations and how many leading axes index them.
+
+    The gather form's gains are per example already (one leading axis); a bank's are per adapter, picked by the
+    rows' ids (``(batch,)`` or ``(batch, seq)``).
+    """
+    if ref.rows is None:
+        return gains, 1
+    return jnp.take(gains, ref.rows.ids, axis=0), ref.rows.ids.ndim
+
+
+def _dot_gain(g: jax.Array, lead: int, ref: KernelRef, k_side: int, dn: Any, x: jax.Array) -> jax.Array | None:
+    """``g`` (``lead`` row axes, then ``*stack, *fan-out``) laid out to broadcast on the ``dot_general`` output.
+
+    ``None`` unless the dot is ``x @ W`` with every fan-in axis contracted, the stacked and fan-out axes free and the
+    rows on the leading axes of ``x``: the shapes in which the gain of each output is the gain of its column.
+    """
+    (lc, rc), (lb, rb) = dn
+    xc, kc, kb = (lc, rc, rb) if k_side == 1 else (rc, lc, lb)
+    xfree = [q for q in range(x.ndim) if q not in xc]
+    kfree = [p for p in range(len(ref.labels)) if p not in kc]
+    if kb or xfree[:lead] != list(range(lead)) or tuple(x.shape[:lead]) != tuple(g.shape[:lead]):
+        return None
+    if any(ref.labels[p][0] in "so" for p in kc) or any(ref.labels[p][0] == "i" for p in kfree):
+        return None
+    ns = ref.count("s")
+    src = [lead + j if grp == "s" else lead + ns + j for grp, j in (ref.labels[p] for p in kfree) if grp != "u"]
+    g = jnp.transpose(g, list(range(lead)) + src)  # rows, then the kernel's free axes in output order
+    kshape = [1 if ref.labels[p][0] == "u" else ref.shape[p] for p in kfree]
+    xshape = list(g.shape[:lead]) + [1] * (len(xfree) - lead)
+    if k_side == 1:
+        return jnp.reshape(g, xshape + kshape)
+    g = jnp.moveaxis(g, list(range(lead)), list(range(g.ndim - lead, g.ndim)))
+    return jnp.reshape(g, kshape + xshape)
+
+
+def _rows_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array:
+    """A selected bank in a ``dot_general``: the plain bank rules for the LoRA term, each row scaled by its gain."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    vals = [x, x]
+    vals[k_side] = ref.base.astype(ref.dtype)
+    y0 = eqn.primitive.bind(*vals, **p)
+    xd = interp.dropout(ref, x)
+    plain, gains = _split(ref)
+    g, lead = _per_row(ref, gains)
+    lora = None
+    if plain.rows is not None:
+        lora = _banked.dot_term(plain, xd, k_side, dn, p, y0.shape)
+        if lora is None:
+            plain = _banked.as_gathered(plain, "dot_general")
+    if lora is None:
+        lora = dot_lora_einsum(xd, plain, k_side, dn, p, y0.shape)
+    g_out = _dot_gain(g, lead, ref, k_side, dn, x)
+    if lora is None or g_out is None:
+        vals[k_side] = interp.fallback(ref, "dot_general (a DoRA bank needs x @ W with W's fan-in contracted)")
+        return eqn.primitive.bind(*vals, **p)
+    dropped = None
+    if xd is not x:
+        vals[1 - k_side] = xd
+        dropped = eqn.primitive.bind(*vals, **p)
+    return _combine(y0, lora, g_out, dropped)
+
+
+def _rows_gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
+    """A selected bank in an embedding lookup: ``g_row ⊙ (W[idx] + A_row[idx]·B_row)``."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **p)
+    plain, gains = _split(ref)
+    g, lead = _per_row(ref, gains)
+    lora = None
+    if plain.rows is not None:
+        flat, mask = _banked.gather_mask(plain)
+        lora = gather_lora(idx, flat, p, y0.shape, mask=mask)
+        if lora is None:
+            plain = _banked.as_gathered(plain, "gather")
+    if lora is None:
+        lora = gather_lora(idx, plain, p, y0.shape)
+    if lora is None:  # gather_lora ran: one fan-in and one fan-out axis, no stack
+        return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA bank)"), idx, **p)
+    p_out = next(q for q, (grp, _) in enumerate(ref.labels) if grp == "o")
+    kept = [q for q in range(len(ref.labels)) if q not in dn.collapsed_slice_dims]
+    out_axis = dn.offset_dims[kept.index(p_out)]
+    batch = [d for d in range(y0.ndim) if d not in dn.offset_dims]
+    if out_axis < lead or batch[:lead] != list(range(lead)) or tuple(y0.shape[:lead]) != tuple(g.shape[:lead]):
+        return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA bank: rows not leading the lookup)"), idx, **p)
+    shape = list(g.shape[:lead]) + [1] * (y0.ndim - lead)
+    shape[out_axis] = g.shape[-1]
     return _combine(y0, lora, jnp.reshape(g, shape), None)

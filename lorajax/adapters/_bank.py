@@ -1,4 +1,4 @@
-"""Adapter banks: many adapters on one base, one adapter per example of a batch."""
+"""Adapter banks: many adapters on one base, one adapter per example of a batch; DoRA and plain LoRA side by side."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes
-from lorajax._factored._banked import FORMS, BankedLoRA, Rows
-from lorajax._node import HasSpec, LoRA, LoRASpec, fold_scale, is_lora
+from lorajax._dora import bank_gains, magnitude_shape
+from lorajax._factored._banked import FORMS, BankedLoRA, Gains, Rows
+from lorajax._node import HasSpec, LoRA, LoRASpec, compute_dtype, fold_scale, is_lora
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora
+from lorajax.adapters._adapter import Adapter, as_adapter
 from lorajax.adapters._attach import base_problems, group_targets, index_paths, rebuild_params
+from lorajax.quant import dense_base
 
 
 @jax.tree_util.register_dataclass
@@ -29,12 +31,19 @@ class BankNode(HasSpec):
     rows, and the last row is all zeros (the base model, id ``-1``). ``spec``
     has ``alpha = rank`` (scale 1), since the scales are folded. Not a
     :class:`lorajax.LoRA`, so ``merge``/``mask`` never mistake it for one.
+
+    Where any adapter is DoRA (and in DoRA-capable slots), ``magnitude`` is
+    ``(num_adapters + 1, *magnitude shape)`` and ``dora`` ``(num_adapters + 1,)``
+    booleans: row ``k``'s gain is ``m_k / ‖W + A_k·B_k‖`` where ``dora[k]``, and 1
+    (plain LoRA, the zero row) where not. Both are ``None`` elsewhere.
     """
 
     base: Any
     a: Any
     b: Any
     spec: LoRASpec = dataclasses.field(metadata=dict(static=True))
+    magnitude: Any = None
+    dora: Any = None
 
 
 def is_bank_node(x: Any) -> bool:
@@ -84,6 +93,24 @@ def bank_row(f: Any, rank: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.pad(jnp.asarray(f.a, dtype), a_pad), jnp.pad(fold_scale(jnp.asarray(f.b), f.scale, dtype), b_pad)
 
 
+def is_dora(f: Any) -> bool:
+    """Whether the adapter entry ``f`` is DoRA."""
+    return f.spec.variant == "dora"
+
+
+def with_dora_rows(node: BankNode, adapters: Mapping[int, Any]) -> BankNode:
+    """``node`` with DoRA rows: ``magnitude`` and ``dora`` from the entries ``{row: AdapterFactors}``, others plain."""
+    count = node.a.shape[0]
+    shape = magnitude_shape(node.layout, tuple(int(d) for d in _boxes.unbox(node.base).shape))
+    dt = compute_dtype(node.a.dtype)
+    rows = [jnp.zeros(shape, dt)] * count
+    for k, f in adapters.items():
+        rows[k] = jnp.asarray(f.magnitude, dt) if is_dora(f) else rows[k]
+    flags = np.zeros(count, bool)
+    flags[[k for k, f in adapters.items() if is_dora(f)]] = True
+    return dataclasses.replace(node, magnitude=jnp.stack(rows), dora=jnp.asarray(flags))
+
+
 def stack_adapters(
     adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = None, dtype: Any = None, rank: int = 0
 ) -> AdapterBank:
@@ -94,6 +121,10 @@ def stack_adapters(
     zeros to the largest rank at that target, an adapter that does not target a
     kernel gets zero factors there, and each adapter's own scale (alpha/rank or
     rsLoRA) is folded into its ``b``, so every selected node has scale 1.
+
+    DoRA adapters stack beside plain ones (PEFT refuses ``adapter_names=`` with DoRA): at a target
+    where any adapter is DoRA the node also keeps every adapter's magnitude, and :func:`select` gives
+    each row the gain ``g = m / ‖W + s·A·B‖`` of its adapter (1 for plain adapters and the base model).
 
     Args:
         adapters: lorafied params or :class:`Adapter` objects, as a list (names
@@ -109,7 +140,8 @@ def stack_adapters(
 
     Raises:
         ValueError: listing every target that is missing from the base, has another
-            shape there, or has different layouts in different adapters.
+            shape there, has different layouts in different adapters, or is a DoRA entry whose
+            magnitude does not fit the kernel.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -119,6 +151,9 @@ def stack_adapters(
         >>> bank = lorajax.stack_adapters([p1, p2])
         >>> bank.params["q"]["kernel"].a.shape  # 2 adapters + the zero row, rank padded to 4
         (3, 8, 4)
+        >>> p3 = lorajax.lorafy(base, rank=2, where=".*", key=jax.random.key(3), dora=True)
+        >>> lorajax.stack_adapters([p1, p3]).params["q"]["kernel"].dora.tolist()  # DoRA beside plain LoRA
+        [False, True, False]
     """
     min_rank = int(rank)
     if isinstance(adapters, Mapping):
@@ -133,12 +168,6 @@ def stack_adapters(
         if base is None:
             raise ValueError("stack_adapters: all entries are Adapter objects; pass the base params as base=...")
     ads = [as_adapter(x, caller="stack_adapters") for x in items]
-    reject_dora(
-        ads,
-        "stack_adapters",
-        "banks run per-example LoRA factors and have no per-example DoRA magnitude yet",
-        "Serve DoRA adapters one at a time (lorajax.attach, then lorajax.merge or lorajax.factored).",
-    )
     groups = group_targets(ads, "stack_adapters")
     leaves, index = index_paths(base)
     problems = Problems("stack_adapters")
@@ -160,12 +189,13 @@ def stack_adapters(
             a_rows[k], b_rows[k] = bank_row(f, rank, dt)
         n = index[name]
         leaf = leaves[n][1]
-        replaced[n] = BankNode(
+        node = BankNode(
             base=leaf.base if is_lora(leaf) else leaf,
             a=jnp.stack(a_rows),
             b=jnp.stack(b_rows),
             spec=LoRASpec(rank=rank, alpha=float(rank), layout=ref.layout),
         )
+        replaced[n] = with_dora_rows(node, dict(members)) if any(is_dora(f) for _, f in members) else node
     return AdapterBank(rebuild_params(base, leaves, replaced), names)
 
 
@@ -185,6 +215,10 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
     * ``"ragged"``: rows sorted by adapter and two ``jax.lax.ragged_dot`` calls (static group count
       ``N + 1``), then put back; ``r * (d_in + d_out)`` per row where ragged_dot is a grouped kernel
       (GPU/TPU); on XLA:CPU it is slower than both others.
+    * DoRA adapters (see :func:`stack_adapters`) run in every form: row ``n``'s output is
+      ``g ⊙ (x·W + (x·A)·B)`` with ``g = m / ‖W + s·A·B‖`` of adapter ``ids[n]``. ``select`` computes
+      ``g`` once per adapter and call (factored norms: no ``fan_in × fan_out`` array per adapter); under
+      ``jax.jit`` with the bank as an argument, a slot's change of kind does not retrace.
     * ``"auto"`` (default): ``"gather"`` for per-example ids, ``"onehot"`` for per-token ids. Measured on
       XLA:CPU (8 adapters of rank 16, d = 512 and 2048): the gather form cost 1.06-1.16x the base matmul,
       the one-hot form 1.20-1.70x, so the one-hot form is for per-token ids (where a gather per token
@@ -245,9 +279,15 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
         if not is_bank_node(node):
             return node
         f = form if form != "auto" else ("onehot" if ids.ndim == 2 else "gather")
+        spec, g = node.spec, None
+        if node.magnitude is not None:  # DoRA rows: every adapter's gain, once (lorajax/_dora.py)
+            base = dense_base(_boxes.unbox(node.base))
+            spec, g = spec.replace(variant="dora"), bank_gains(base, node.a, node.b, node.magnitude, node.dora, spec)
         if f == "gather":
             a, b = jnp.take(node.a, rows, axis=0), jnp.take(node.b, rows, axis=0)
-            return LoRA(base=node.base, a=a, b=b, spec=node.spec, per_example=True)
-        return BankedLoRA(base=node.base, a=node.a, b=node.b, spec=node.spec, per_example=True, rows=Rows(rows, f))
+            m = None if g is None else Gains(jnp.take(g, rows, axis=0))
+            return LoRA(base=node.base, a=a, b=b, spec=spec, per_example=True, magnitude=m)
+        m = None if g is None else Gains(g)
+        return BankedLoRA(node.base, node.a, node.b, spec, per_example=True, magnitude=m, rows=Rows(rows, f))
 
     return jax.tree.map(pick, bank.params, is_leaf=lambda x: is_bank_node(x) or _boxes.is_box(x))

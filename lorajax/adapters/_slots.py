@@ -11,8 +11,21 @@ import numpy as np
 
 from lorajax._paths import path_str, rebuild, tree_paths
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import as_adapter, reject_dora
-from lorajax.adapters._bank import AdapterBank, BankNode, bank_row, is_bank_node, stack_adapters
+from lorajax.adapters._adapter import as_adapter
+from lorajax.adapters._attach import factor_problems
+from lorajax.adapters._bank import (
+    AdapterBank,
+    BankNode,
+    bank_row,
+    is_bank_node,
+    is_dora,
+    stack_adapters,
+    with_dora_rows,
+)
+
+
+def _nodes(bank: AdapterBank) -> list[Any]:
+    return [x for _, x in tree_paths(bank.params, is_leaf=is_bank_node)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +72,14 @@ class AdapterSlots:
         """New slots with ``adapter`` in the slot of ``name`` (replaced) or else in the first free slot.
 
         The adapter's factors are padded to the slots' rank and scale-folded like
-        :func:`lorajax.stack_adapters`; targets of the slots that it does not adapt get zeros.
+        :func:`lorajax.stack_adapters`; targets of the slots that it does not adapt get zeros. A DoRA
+        adapter's magnitudes go into the slot as well (DoRA-capable slots: ``adapter_slots(..., dora=True)``),
+        a plain adapter's slot is marked plain (gain 1): a slot changes kind without retracing.
 
         Raises:
             ValueError: no free slot; the adapter targets a kernel that has no slot, has a rank above the
-                slot rank, another layout or base shape there; or it is a DoRA adapter.
+                slot rank, another layout or base shape there; or it is a DoRA adapter and the slots were
+                built without DoRA rows.
 
         >>> import jax, jax.numpy as jnp, lorajax
         >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
@@ -74,7 +90,6 @@ class AdapterSlots:
         """
         caller = "AdapterSlots.put"
         ad = as_adapter(adapter, caller=caller)
-        reject_dora([ad], caller, "slots hold plain LoRA factors", "Serve DoRA adapters one at a time.")
         slot = (
             self.names.index(name)
             if name in self.names
@@ -101,15 +116,31 @@ class AdapterSlots:
                 )
             if f.rank > node.rank:
                 problems.add(f"rank: {target}: rank {f.rank} is larger than the slot rank {node.rank}")
-        problems.raise_if_any(f"cannot load {name!r}", "Build the slots with a larger rank= or these targets.")
+            if is_dora(f):
+                problems.extend(factor_problems(target, f))
+                if node.magnitude is None:
+                    problems.add(
+                        f"dora: {target}: a DoRA entry (kernel shape {f.shape}), but these slots hold plain LoRA only; "
+                        "build them with adapter_slots(..., dora=True)"
+                    )
+        problems.raise_if_any(
+            f"cannot load {name!r}", "Build the slots with a larger rank=, these targets, or dora=True as needed."
+        )
         replaced = {}
         for target, n in index.items():
             node = leaves[n][1]
-            if target in ad.factors:
-                a_row, b_row = bank_row(ad.factors[target], node.rank, node.a.dtype)
+            entry = ad.factors.get(target)
+            if entry is not None:
+                a_row, b_row = bank_row(entry, node.rank, node.a.dtype)
             else:
                 a_row, b_row = jnp.zeros_like(node.a[slot]), jnp.zeros_like(node.b[slot])
-            replaced[n] = dataclasses.replace(node, a=node.a.at[slot].set(a_row), b=node.b.at[slot].set(b_row))
+            new = dataclasses.replace(node, a=node.a.at[slot].set(a_row), b=node.b.at[slot].set(b_row))
+            if node.magnitude is not None:  # the slot's kind: DoRA where the entry is, plain (gain 1) elsewhere
+                dora = entry is not None and is_dora(entry)
+                m_row = jnp.asarray(entry.magnitude, node.magnitude.dtype) if entry is not None and dora else 0
+                magnitude, flags = node.magnitude.at[slot].set(m_row), node.dora.at[slot].set(dora)
+                new = dataclasses.replace(new, magnitude=magnitude, dora=flags)
+            replaced[n] = new
         params = rebuild(self.bank.params, leaves, replaced, is_bank_node)
         names = self.names[:slot] + (name,) + self.names[slot + 1 :]
         return AdapterSlots(AdapterBank(params, self.bank.names), names)
@@ -130,7 +161,12 @@ class AdapterSlots:
         def clear(node: Any) -> Any:
             if not is_bank_node(node):
                 return node
-            return dataclasses.replace(node, a=node.a.at[slot].set(0), b=node.b.at[slot].set(0))
+            node = dataclasses.replace(node, a=node.a.at[slot].set(0), b=node.b.at[slot].set(0))
+            if node.magnitude is None:
+                return node
+            return dataclasses.replace(
+                node, magnitude=node.magnitude.at[slot].set(0), dora=node.dora.at[slot].set(False)
+            )
 
         leaves = tree_paths(self.bank.params, is_leaf=is_bank_node)
         params = rebuild(self.bank.params, leaves, {n: clear(x) for n, (_, x) in enumerate(leaves)}, is_bank_node)
@@ -139,7 +175,13 @@ class AdapterSlots:
 
 
 def adapter_slots(
-    adapters: Mapping[str, Any], capacity: int, *, rank: int = 0, base: Any = None, dtype: Any = None
+    adapters: Mapping[str, Any],
+    capacity: int,
+    *,
+    rank: int = 0,
+    base: Any = None,
+    dtype: Any = None,
+    dora: bool | None = None,
 ) -> AdapterSlots:
     """Hot-swappable slots for up to ``capacity`` adapters of one base (vLLM's ``max_loras``).
 
@@ -154,6 +196,10 @@ def adapter_slots(
         rank: the slot rank (default: the largest given rank at each target).
         base: the base params (default: from the first lorafied params), as in :func:`lorajax.stack_adapters`.
         dtype: factor dtype of the slots.
+        dora: whether the slots can hold DoRA adapters (default: whether any given adapter is DoRA). DoRA-capable
+            slots keep a magnitude and a DoRA flag per slot at every target, and :func:`lorajax.select` computes
+            each slot's gain ``m / ‖W + s·A·B‖`` (1 for plain slots) per call: a small cost, one rank-``r``
+            contraction of each kernel per slot, that plain-only slots do not pay.
 
     Returns:
         An :class:`AdapterSlots`.
@@ -171,14 +217,20 @@ def adapter_slots(
         raise ValueError(f"adapter_slots: capacity={capacity} is below the {len(adapters)} adapters given.")
     bank = stack_adapters(adapters, base=base, dtype=dtype, rank=rank)
     extra = capacity - len(adapters)
+    if dora is None:
+        dora = any(isinstance(x, BankNode) and x.magnitude is not None for x in _nodes(bank))
 
-    def widen(node: Any) -> Any:  # free slots (zeros) go before the bank's final zero row
+    def widen(node: Any) -> Any:  # free slots (zeros, plain) go before the bank's final zero row
         if not is_bank_node(node):
             return node
-        za = jnp.zeros((extra, *node.a.shape[1:]), node.a.dtype)
-        zb = jnp.zeros((extra, *node.b.shape[1:]), node.b.dtype)
-        a = jnp.concatenate([node.a[:-1], za, node.a[-1:]])
-        return dataclasses.replace(node, a=a, b=jnp.concatenate([node.b[:-1], zb, node.b[-1:]]))
+        if dora and node.magnitude is None:
+            node = with_dora_rows(node, {})
+        grow = lambda v: jnp.concatenate([v[:-1], jnp.zeros((extra, *v.shape[1:]), v.dtype), v[-1:]])
+        if node.magnitude is None:
+            return dataclasses.replace(node, a=grow(node.a), b=grow(node.b))
+        return dataclasses.replace(
+            node, a=grow(node.a), b=grow(node.b), magnitude=grow(node.magnitude), dora=grow(node.dora)
+        )
 
     leaves = tree_paths(bank.params, is_leaf=is_bank_node)
     params = rebuild(bank.params, leaves, {n: widen(x) for n, (_, x) in enumerate(leaves)}, is_bank_node)
