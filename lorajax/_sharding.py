@@ -5,6 +5,10 @@ kernel axes it shares: ``a`` like the base's stacked and fan-in axes (its rank
 axis replicated), ``b`` like the stacked and fan-out axes (rank replicated). Then
 ``scale * a @ b`` comes out sharded like the base with no collective at all, and
 the factored path's ``x @ a`` / ``(x a) @ b`` shard like ``x @ W``.
+
+A quantized base (:class:`lorajax.QuantizedKernel`) is described by the dense
+kernel's sharding: its codes and scales are placed from it
+(``lorajax/quant/_placement.py``) and its factors follow it as a dense base's do.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from lorajax import _boxes, _paths
 from lorajax._dora import magnitude_entries
 from lorajax._layout import Layout
 from lorajax._node import is_lora
+from lorajax.quant import is_quantized
+from lorajax.quant._placement import code_shardings, code_specs, dense_sharding, dense_spec
 
 
 def _padded(spec: PartitionSpec | None, ndim: int, what: str) -> tuple[Any, ...]:
@@ -98,7 +104,34 @@ def magnitude_sharding(sharding: Any, layout: Layout) -> Any:
 
 
 def _is_spec_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, (PartitionSpec, Sharding))
+    return x is None or isinstance(x, (PartitionSpec, Sharding)) or is_quantized(x)
+
+
+def _quantized_entry(spec: Any, q: Any) -> tuple[Any, Any]:
+    """``(the dequantized kernel's spec, q's tree of specs)`` from a spec given for a quantized kernel ``q``.
+
+    ``spec`` is either the dense kernel's (a ``PartitionSpec``, a ``NamedSharding`` or None) or already a tree of
+    specs for ``q``'s arrays (a :class:`lorajax.QuantizedKernel` holding them, as ``shardings_of`` gives). The
+    first is the sharding the codes keep of the kernel's (:func:`dense_spec`): what ``dequantize`` gives and what
+    ``lorafy`` places the factors after, so a fan-in axis the codes replicate is replicated in the factors too.
+    """
+    if not is_quantized(spec):
+        if spec is None or isinstance(spec, PartitionSpec):
+            spec = code_specs(spec, q)
+        else:
+            placed = code_shardings(spec, q)
+            if placed is None:
+                raise TypeError(
+                    f"lorajax: cannot derive code shardings from {spec!r}; give the base a PartitionSpec or a "
+                    "NamedSharding."
+                )
+            spec = placed
+    codes = spec.codes
+    if isinstance(codes, NamedSharding):
+        return NamedSharding(codes.mesh, dense_spec(codes.spec, q)), spec
+    if isinstance(codes, Sharding) and codes.is_fully_replicated:
+        return codes, spec
+    return dense_spec(codes, q), spec
 
 
 def partition_specs(lorafied: Any, base_specs: Any) -> Any:
@@ -112,12 +145,18 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
             ``jax.eval_shape``, or ``ShapeDtypeStruct``).
         base_specs: the same tree *before* :func:`lorajax.lorafy` (the structure of
             ``lorajax.unlorafy(lorafied)``), with a ``PartitionSpec``, a ``NamedSharding``
-            or ``None`` (unspecified/replicated) at every leaf.
+            or ``None`` (unspecified/replicated) at every leaf. At a quantized kernel
+            give the dense kernel's spec (the model's own), or a
+            :class:`lorajax.QuantizedKernel` of specs for its arrays.
 
     Returns:
         The structure of ``lorafied``: each LoRA node becomes ``LoRA(base=spec, a=spec_a,
         b=spec_b)`` (see :func:`factor_specs`), every other leaf keeps its spec. A
-        ``NamedSharding`` gives ``NamedSharding`` factors on the same mesh.
+        ``NamedSharding`` gives ``NamedSharding`` factors on the same mesh. A quantized
+        kernel (a LoRA base or not) becomes a :class:`lorajax.QuantizedKernel` of specs
+        for its codes and scales, placed after the dense kernel's as :func:`lorajax.quantize`
+        places them (a bare ``PartitionSpec`` knows no mesh: only what aligns on any mesh is
+        sharded), and its factors follow what the codes keep of the kernel's spec.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -127,11 +166,17 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
         >>> specs = lorajax.partition_specs(lora, {"mlp": {"kernel": P("fsdp", "tp"), "bias": P("tp")}})
         >>> specs["mlp"]["kernel"].a, specs["mlp"]["kernel"].b, specs["mlp"]["bias"]
         (P('fsdp', None), P(None, 'tp'), P('tp',))
+        >>> fc = {"fc": {"kernel": jax.ShapeDtypeStruct((128, 512), jnp.bfloat16)}}  # planning: no arrays
+        >>> qlora = lorajax.lorafy(lorajax.quantize(fc, where=["fc"]), rank=4, where=["fc"])
+        >>> node = lorajax.partition_specs(qlora, {"fc": {"kernel": P(None, "tp")}})["fc"]["kernel"]
+        >>> node.base.codes, node.base.scales, node.a, node.b  # NF4 codes: (slices, out * in / 2)
+        (P(None, 'tp'), P(None, 'tp'), P(None, None), P(None, 'tp'))
     """
-    node_leaf = lambda x: is_lora(x) or _boxes.is_box(x)
+    node_leaf = lambda x: is_lora(x) or _boxes.is_box(x) or is_quantized(x)
     pairs, treedef = jax.tree_util.tree_flatten_with_path(lorafied, is_leaf=node_leaf)
     bases = [x.base if is_lora(x) else x for _, x in pairs]
-    want = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(treedef, bases), is_leaf=_boxes.is_box)
+    stop = lambda x: _boxes.is_box(x) or is_quantized(x)
+    want = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(treedef, bases), is_leaf=stop)
     specs, got = jax.tree_util.tree_flatten(base_specs, is_leaf=_is_spec_leaf)
     if got != want:  # type: ignore[operator]  # PyTreeDef's stub lacks __ne__
         raise ValueError(
@@ -141,15 +186,22 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
         )
     out = []
     for (path, x), spec in zip(pairs, specs):
+        base = _boxes.unbox(x.base if is_lora(x) else x)
+        what = f"lorajax.partition_specs: {_paths.path_str(path)} with shape {getattr(base, 'shape', None)}"
+        base_spec = spec
+        if is_quantized(base):
+            if isinstance(spec, PartitionSpec):
+                _padded(spec, len(base.shape), what)
+            spec, placed = _quantized_entry(spec, base)
+            base_spec = _boxes.rebox(x.base if is_lora(x) else x, placed)
         if not is_lora(x):
-            out.append(spec)
+            out.append(base_spec)
             continue
-        ndim = len(x.shape)
         if isinstance(spec, PartitionSpec):
-            _padded(spec, ndim, f"lorajax.partition_specs: {_paths.path_str(path)} with shape {x.shape}")
+            _padded(spec, len(x.shape), what)
         sa, sb = _factor_shardings(spec, x.layout, x.per_example)
         sm = None if x.magnitude is None else magnitude_sharding(spec, x.layout)
-        out.append(dataclasses.replace(x, base=spec, a=sa, b=sb, magnitude=sm))
+        out.append(dataclasses.replace(x, base=base_spec, a=sa, b=sb, magnitude=sm))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -166,9 +218,18 @@ def init_placed(fn: Callable[..., tuple[Any, Any]], args: tuple[Any, ...], array
     device creates only its own shard, nothing passes through the host and ``W``
     is never gathered (the base is an argument the init may ignore). Abstract
     bases (``ShapeDtypeStruct`` with a sharding) give abstract factors carrying
-    the derived shardings. Tracers and unsharded arrays take the plain path.
+    the derived shardings. Tracers and unsharded arrays take the plain path. A
+    quantized base places its factors after the dense kernel its codes stand for.
     """
-    sharding = getattr(array, "sharding", None)
+    if is_quantized(array):
+        codes = array.codes
+        sharding = dense_sharding(array)
+        if isinstance(codes, jax.ShapeDtypeStruct):
+            array = jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding)
+        elif isinstance(codes, jax.core.Tracer):
+            return fn(*args)
+    else:
+        sharding = getattr(array, "sharding", None)
     if isinstance(array, jax.core.Tracer) or sharding is None:
         return fn(*args)
     if isinstance(array, jax.ShapeDtypeStruct):

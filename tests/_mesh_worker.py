@@ -291,6 +291,119 @@ def check_model(name, model, tokens, targets, layout, cases, kinds, mesh, result
         log(f"{name} {case} done")
 
 
+# Quantized kernels on the mesh: (name, shape, layout, spec, kind, double_quant) and the code specs lorajax derives.
+QUANT_KERNELS = [
+    ("fan_out_nf4", (256, 512), "io", P(None, "model"), "nf4", True),  # 32768 weights a device: nested absmax too
+    ("fan_in_nf4", (256, 128), "io", P("model", None), "nf4", True),  # fan-in is minor in (out, in): replicated
+    ("fan_in_int8", (256, 128), "io", P("model", None), "int8", False),  # int8 columns follow it
+    ("fan_out_fp8", (64, 128), "io", P(None, "model"), "fp8", False),
+    ("stacked_nf4", (4, 64, 96), "sio", P("model", None, None), "nf4", True),  # one layer a device
+    ("heads_nf4", (32, 4, 16), "ioo", P(None, "model", None), "nf4", False),  # a query kernel, heads on 'model'
+    ("two_axes_nf4", (256, 512), "io", P("data", "model"), "nf4", True),  # fan-in sharded too: replicated
+]
+
+
+def collectives(hlo: str) -> list[str]:
+    """Every collective op in compiled HLO, whatever its shape."""
+    ops = r"\s(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+    return [line.strip()[:160] for line in hlo.splitlines() if re.search(ops, line)]
+
+
+def check_quantized_kernels(mesh, results) -> None:
+    """quantize a sharded kernel: where its codes land, the same bits as one device, dequantize back in place."""
+    out = {}
+    for name, shape, layout, spec, kind, dq in QUANT_KERNELS:
+        rng = np.random.default_rng(len(out))
+        w = jnp.asarray(rng.standard_normal(shape, np.float32))
+        quant = lambda x: lorajax.quantize({"k": x}, where=["k"], dtype=kind, double_quant=dq, layout={".*": layout})
+        one = quant(w)["k"]  # one device
+        sharding = NamedSharding(mesh, spec)
+        q = quant(jax.device_put(w, sharding))["k"]
+        arrays = {f: getattr(q, f) for f in ("codes", "scales", "nested", "offset") if getattr(q, f) is not None}
+        dense = jax.jit(lorajax.dequantize)
+        compiled = dense.lower(q).compile()
+        back = compiled(q)
+        abstract = quant(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding))["k"]
+        out[name] = {
+            "specs": {f: str(x.sharding.spec) for f, x in arrays.items()},
+            "abstract_specs": {f: str(getattr(abstract, f).sharding.spec) for f in arrays},
+            "codes_equal": all(np.array_equal(np.asarray(x), np.asarray(getattr(one, f))) for f, x in arrays.items()),
+            "dequantize_equal": bool(np.array_equal(np.asarray(back), np.asarray(lorajax.dequantize(one)))),
+            "dequantize_sharding": str(back.sharding.spec),
+            "dequantize_is_kernel_sharding": back.sharding.is_equivalent_to(sharding, len(shape)),
+            "abstract_dequantize_sharding": str(lorajax.dequantize(abstract).sharding.spec),
+            "abstract_dequantize_is_kernel_sharding": lorajax.dequantize(abstract).sharding.is_equivalent_to(
+                sharding, len(shape)
+            ),
+            "dequantize_collectives": collectives(compiled.as_text()),
+        }
+    results["quantized_kernels"] = out
+    log("quantized kernels done")
+
+
+def check_qlora_model(mesh, tokens, results) -> None:
+    """A QLoRA model (NF4 base, tensor parallel) on the mesh: placement; forward and gradient as on one device."""
+    model = TinyGPT(vocab=64, d_model=32, heads=4, layers=1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    rng = np.random.default_rng(1)
+    base = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
+    specs = jax.tree_util.tree_map_with_path(lambda p, x: spec_for("tp", lorajax.path_str(p), x.shape), base)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+    def qlora(params):
+        lora = lorajax.lorafy(lorajax.quantize(params, where=TARGETS), rank=4, where=TARGETS, init=cheap_init)
+
+        def fill(x):  # a nonzero B (the same on every mesh), so the adapters change the output
+            if not lorajax.is_lora(x):
+                return x
+            b = 0.1 * np.random.default_rng(x.b.size).standard_normal(x.b.shape, np.float32)
+            return dataclasses.replace(x, b=jax.device_put(b, x.b.sharding))
+
+        return jax.tree.map(fill, lora, is_leaf=lorajax.is_lora)
+
+    apply = lorajax.factored(model.apply)
+
+    def loss(trainable, frozen, tokens):
+        return lm_loss(apply({"params": lorajax.combine(trainable, frozen)}, tokens), tokens)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    forward = jax.jit(lambda p, t: apply({"params": p}, t))
+    ref = qlora(base)
+    ref_out = np.asarray(forward(ref, tokens))
+    ref_loss, ref_grads = grad(*lorajax.partition(ref), tokens)
+    lora = qlora(jax.device_put(base, shardings))
+    want = lorajax.partition_specs(lora, shardings)
+    placed = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), lora, want))
+    data = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lorajax.FallbackWarning)
+        out = np.asarray(forward(lora, data))
+        value, grads = grad(*lorajax.partition(lora), data)
+    # The planning path: sharded ShapeDtypeStructs quantize and lorafy into what the concrete arrays got.
+    sharded_abstract = lorajax.quantize(
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base, shardings), where=TARGETS
+    )
+    planned = lorajax.lorafy(sharded_abstract, rank=4, where=TARGETS, init=cheap_init)
+    planned_ok = jax.tree.leaves(
+        jax.tree.map(lambda x, y: x.sharding.is_equivalent_to(y.sharding, len(x.shape)), planned, lora)
+    )
+    grad_err = max(
+        float(np.max(np.abs(np.asarray(g) - np.asarray(r))))
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
+    )
+    query = lora["Block_0"]["SelfAttention_0"]["query"]["kernel"].base
+    results["qlora_model"] = {
+        "placed": all(placed),
+        "planned_like_concrete": all(planned_ok),
+        "forward_err": float(np.max(np.abs(out - ref_out))),
+        "loss_err": abs(float(value) - float(ref_loss)),
+        "grad_err": grad_err,
+        "fallbacks": [str(w.message) for w in caught if issubclass(w.category, lorajax.FallbackWarning)],
+        "query_codes_spec": str(query.codes.sharding.spec),
+    }
+    log("qlora model done")
+
+
 def main() -> None:
     t0 = time.time()
     assert jax.device_count() == 8, jax.devices()
@@ -314,6 +427,8 @@ def main() -> None:
         mesh,
         results,
     )
+    check_quantized_kernels(mesh, results)
+    check_qlora_model(mesh, tokens, results)
     results["seconds"] = time.time() - t0
     print(json.dumps(results))
 

@@ -254,3 +254,145 @@ def test_mesh_factored_step_forms_no_weight(mesh_results, case):
     # lorajax.factored warns (FallbackWarning) wherever it has to form W; the sharded step never does,
     # including inside nn.scan over stacked kernels.
     assert mesh_results["cases"][case]["factored"]["fallbacks"] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized kernels (QLoRA bases): codes and scales placed after the dense kernel's sharding.
+
+
+@pytest.mark.parametrize(
+    "shape,layout,spec,kind,want",
+    [
+        # NF4 codes are (slices, out * in / 2) in PyTorch order: the fan-out axis (major there) carries over; the
+        # double-quantization absmaxes (one per 256 blocks) only where every mesh gives whole ones (with a mesh, more).
+        ((256, 512), "io", P(None, "tp"), "nf4", (P(None, "tp"), P(None, "tp"), P(None, None), P(None))),
+        # ... the fan-in axis (minor: each device's columns are strided through the flat codes) does not.
+        ((256, 512), "io", P("fsdp", None), "nf4", (P(None, None), P(None, None), P(None, None), P(None))),
+        ((256, 512), "io", P("fsdp", "tp"), "nf4", (P(None, None), P(None, None), P(None, None), P(None))),
+        # Stacked layers: one row of codes per layer, sharded like the layer axis.
+        ((4, 64, 96), "sio", P("stage", None, None), "nf4", (P("stage", None),) * 3 + (P("stage"),)),
+        # Query kernel (d_model, heads, head_dim): heads lead in PyTorch order (out = heads x head_dim, in).
+        ((32, 4, 64), "ioo", P(None, "tp", None), "nf4", (P(None, "tp"), P(None, "tp"), P(None, None), P(None))),
+        # 96 weights a row: a device's share is not whole 64-weight blocks on every mesh, so absmaxes replicate.
+        ((96, 256), "io", P(None, "tp"), "nf4", (P(None, "tp"), P(None, None), P(None, None), P(None))),
+        # int8/fp8 codes are (slices, rows, cols): rows follow fan-out, cols the fan-in.
+        ((256, 128), "io", P("fsdp", "tp"), "int8", (P(None, "tp", "fsdp"), P(None, "tp"), None, None)),
+        ((3, 3, 16, 32), "wwio", P(None, None, None, "tp"), "fp8", (P(None, "tp", None), P(None, "tp"), None, None)),
+        # (heads, head_dim, in): rows are heads; head_dim leads the columns, so they follow it.
+        ((64, 8, 16), "ioo", P(None, None, "tp"), "int8", (P(None, None, "tp"), P(None, None), None, None)),
+    ],
+)
+def test_quantized_code_specs_follow_the_kernel(shape, layout, spec, kind, want):
+    from lorajax.quant._placement import code_specs
+
+    abstract = {"k": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    q = lorajax.quantize(abstract, where=["k"], dtype=kind, layout={".*": layout})["k"]
+    got = code_specs(spec, q)
+    assert (got.codes, got.scales, got.nested, got.offset) == want
+    assert lorajax.is_quantized(got) and (got.shape, got.layout, got.kind) == (q.shape, q.layout, q.kind)
+
+
+@pytest.mark.parametrize(
+    "shape,layout,spec,kind",
+    [
+        ((256, 512), "io", P(None, "tp"), "nf4"),
+        ((4, 64, 96), "sio", P("stage", None, "tp"), "nf4"),
+        ((32, 4, 64), "ioo", P(None, "tp", None), "nf4"),
+        ((256, 128), "io", P("fsdp", "tp"), "int8"),
+        ((3, 3, 16, 32), "wwio", P(None, None, None, "tp"), "fp8"),
+        ((256, 64), "eo", P("vocab", None), "nf4"),
+    ],
+)
+def test_dense_spec_inverts_code_specs_where_nothing_is_dropped(shape, layout, spec, kind):
+    from lorajax.quant._placement import code_specs, dense_spec
+
+    abstract = {"k": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    q = lorajax.quantize(abstract, where=["k"], dtype=kind, layout={".*": layout})["k"]
+    padded = P(*(tuple(spec) + (None,) * (len(shape) - len(spec))))
+    assert dense_spec(code_specs(spec, q).codes, q) == padded
+
+
+def _qlora_tree():
+    params = {"fc1": {"kernel": jnp.ones((64, 256))}, "fc2": {"kernel": jnp.ones((256, 64))}, "norm": jnp.ones(64)}
+    q = lorajax.quantize(params, where=["fc1", "fc2"])
+    return lorajax.lorafy(q, rank=2, where=["fc1"], key=jax.random.key(0)), params
+
+
+def test_partition_specs_on_a_qlora_tree():
+    lora, _ = _qlora_tree()
+    specs = {"fc1": {"kernel": P(None, "tp")}, "fc2": {"kernel": P("tp", None)}, "norm": P()}
+    got = lorajax.partition_specs(lora, specs)
+    fc1, fc2 = got["fc1"]["kernel"], got["fc2"]["kernel"]
+    # fc1 (LoRA on NF4, fan-out sharded): codes (1, 256 * 64 / 2) split by fan-out rows, factors like the kernel.
+    assert (fc1.base.codes, fc1.base.scales, fc1.base.offset) == (P(None, "tp"), P(None, "tp"), P(None))
+    assert (fc1.a, fc1.b) == (P(None, None), P(None, "tp"))
+    # fc2 (a bare quantized kernel, fan-in sharded): its flat codes cannot follow, so they replicate.
+    assert lorajax.is_quantized(fc2) and (fc2.codes, fc2.scales) == (P(None, None), P(None, None))
+    assert got["norm"] == P()
+    # The specs have the params' structure: they drive jit (here on a 1 x 1 mesh), and a tree of code specs given
+    # at a quantized kernel (as from shardings_of) gives the same result as the dense kernel's spec.
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), got)
+    merged = jax.jit(lorajax.merge, in_shardings=(shardings,))(lora)
+    assert np.array_equal(merged["fc1"]["kernel"], lorajax.merge(lora)["fc1"]["kernel"])
+    again = lorajax.partition_specs(lora, {**specs, "fc2": {"kernel": fc2}})
+    assert again == got
+    with pytest.raises(ValueError, match=r"fc2/kernel with shape \(256, 64\)"):
+        lorajax.partition_specs(lora, {**specs, "fc2": {"kernel": P("a", "b", "c")}})
+
+
+def test_quantize_on_sharded_abstract_kernels_carries_shardings():
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+    sharding = NamedSharding(mesh, P(None, "tp"))
+    abstract = {"fc": {"kernel": jax.ShapeDtypeStruct((128, 512), jnp.bfloat16, sharding=sharding)}}
+    q = lorajax.quantize(abstract, where=["fc"])["fc"]["kernel"]
+    assert q.codes.sharding == NamedSharding(mesh, P(None, "tp")) and q.scales.sharding.spec == P(None, "tp")
+    assert q.offset.sharding.spec == P(None)
+    # lorafy plans factors after it; dequantize describes the dense kernel with the kernel's own sharding.
+    node = lorajax.lorafy({"fc": {"kernel": q}}, rank=4, where=["fc"])["fc"]["kernel"]
+    assert node.a.sharding.spec == P(None, None) and node.b.sharding.spec == P(None, "tp")
+    assert lorajax.dequantize(q).sharding.spec == P(None, "tp")
+
+
+# On the 8-device mesh ('data' 2 x 'model' 4): what tests/_mesh_worker.py's QUANT_KERNELS quantize to.
+_R = P(None, None)
+QUANT_MESH = {
+    # name: (codes, scales, nested, offset); None where the format has no such array
+    "fan_out_nf4": (P(None, "model"), P(None, "model"), P(None, "model"), P(None)),  # 32 x 512 weights a device
+    "fan_in_nf4": (_R, _R, _R, P(None)),
+    "fan_in_int8": (P(None, None, "model"), _R, None, None),
+    "fan_out_fp8": (P(None, "model", None), P(None, "model"), None, None),
+    "stacked_nf4": (P("model", None), P("model", None), P("model", None), P("model")),
+    "heads_nf4": (P(None, "model"), P(None, "model"), None, None),
+    "two_axes_nf4": (_R, _R, _R, P(None)),
+}
+KEPT = {"fan_out_nf4", "fan_in_int8", "fan_out_fp8", "stacked_nf4", "heads_nf4"}  # codes keep the whole spec
+
+
+@pytest.mark.parametrize("name", list(QUANT_MESH))
+def test_mesh_quantize_places_codes_and_scales_like_the_kernel(mesh_results, name):
+    r = mesh_results["quantized_kernels"][name]
+    want = {f: str(s) for f, s in zip(("codes", "scales", "nested", "offset"), QUANT_MESH[name]) if s is not None}
+    assert r["specs"] == want
+    assert r["abstract_specs"] == want, "quantize on a sharded ShapeDtypeStruct plans other shardings"
+    assert r["codes_equal"], "the sharded kernel's codes and scales differ from the one-device quantization"
+
+
+@pytest.mark.parametrize("name", list(QUANT_MESH))
+def test_mesh_dequantize_is_bit_exact_and_in_place(mesh_results, name):
+    r = mesh_results["quantized_kernels"][name]
+    assert r["dequantize_equal"], "dequantize on the mesh differs from the one-device result"
+    assert r["dequantize_collectives"] == [], "dequantize moved data between devices"
+    if name in KEPT:  # back in the kernel's own sharding, and described so for abstract codes
+        assert r["dequantize_is_kernel_sharding"] and r["abstract_dequantize_is_kernel_sharding"]
+    else:  # replicated codes dequantize to a replicated kernel
+        assert r["dequantize_sharding"] == r["abstract_dequantize_sharding"] == str(_R)
+
+
+def test_mesh_qlora_model_matches_one_device(mesh_results):
+    r = mesh_results["qlora_model"]
+    assert r["placed"], "codes, scales or factors are not where partition_specs derives from the dense specs"
+    assert r["planned_like_concrete"], "sharded ShapeDtypeStructs plan other shardings than the arrays get"
+    assert r["query_codes_spec"] == str(P(None, "model"))  # heads on 'model'
+    assert r["forward_err"] < 1e-5 and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+    assert r["fallbacks"] == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -9,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes, _paths, _targets
-from lorajax._layout import LayoutArg, resolve_layout
+from lorajax._layout import Layout, LayoutArg, resolve_layout
 from lorajax._node import LoRA, compute_dtype, is_lora
 from lorajax._paths import path_str, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable
 from lorajax.quant._kernel import BLOCK_SIZES, KINDS, QuantizedKernel, dense, is_quantized, quantize_kernel
+from lorajax.quant._placement import code_shardings, dense_sharding
 
 
 def walk_stop(x: Any) -> bool:
@@ -48,6 +51,15 @@ def quantize(
     trees (planning: the codes and scales come back abstract). A LoRA node's base
     is quantized in place, its factors kept. Apply :func:`lorajax.lorafy` to the
     result to train LoRA on the quantized base (QLoRA).
+
+    A kernel sharded with a ``NamedSharding`` (or a ``ShapeDtypeStruct`` carrying
+    one) gets codes and scales sharded like it: the stacked (layer) axis and the
+    first axis in PyTorch order (fan-out; an embedding's rows) carry over where the
+    flattening keeps each device's share contiguous and whole blocks; other axes
+    of the codes are replicated (docs/guide/qlora.md, "Sharding"). Each device
+    quantizes its own share; the codes are the same bits as on one device. Under
+    ``jax.jit`` the placement is left to XLA: pass ``out_shardings`` from
+    :func:`lorajax.partition_specs` to fix it.
 
     Args:
         params: any pytree of parameters.
@@ -115,9 +127,39 @@ def quantize(
     return rebuild(params, leaves, chosen, walk_stop)
 
 
-def _one(leaf: Any, array: Any, lay: Any, kind: str, block: int, dq: bool) -> Any:
+@functools.lru_cache(maxsize=256)
+def _placed_program(lay: Layout, kind: str, block: int, dq: bool, out: QuantizedKernel) -> Any:
+    return jax.jit(lambda x: quantize_kernel(x, lay, kind, block, dq), out_shardings=out)
+
+
+def _quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -> QuantizedKernel:
+    """One kernel quantized, its codes and scales placed after the kernel's sharding (abstract ones described)."""
     run = lambda x: quantize_kernel(x, lay, kind, block, dq)
-    q = jax.eval_shape(run, array) if isinstance(array, jax.ShapeDtypeStruct) else run(array)
+    if isinstance(array, jax.core.Tracer):
+        return run(array)
+    template = jax.eval_shape(run, array)
+    sharding = getattr(array, "sharding", None)
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding) and not isinstance(array, jax.ShapeDtypeStruct):
+        return run(array)  # one device: eager ops stay on it, no compile
+    out = code_shardings(sharding, template)
+    if isinstance(array, jax.ShapeDtypeStruct):
+        if out is None:
+            return template
+        with_sharding = lambda x, s: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return dataclasses.replace(
+            template,
+            codes=with_sharding(template.codes, out.codes),
+            scales=with_sharding(template.scales, out.scales),
+            nested=with_sharding(template.nested, out.nested),
+            offset=with_sharding(template.offset, out.offset),
+        )
+    if out is None:
+        return run(array)  # a sharding lorajax cannot map: placement left to JAX
+    return _placed_program(lay, kind, block, dq, out)(array)
+
+
+def _one(leaf: Any, array: Any, lay: Any, kind: str, block: int, dq: bool) -> Any:
+    q = _quantize_placed(array, lay, kind, block, dq)
     if is_lora(leaf):
         return LoRA(base=_boxes.rebox(leaf.base, q), a=leaf.a, b=leaf.b, spec=leaf.spec, per_example=leaf.per_example)
     return _boxes.rebox(leaf, q)
@@ -129,7 +171,9 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
     Each weight is ``code * scale`` computed in float32, as bitsandbytes does,
     and rounded once to ``dtype`` (default: the dtype of the kernel that was
     quantized). LoRA nodes keep their factors; their quantized bases become
-    dense. Jit-able; abstract kernels give ``ShapeDtypeStruct`` s.
+    dense. Jit-able; abstract kernels give ``ShapeDtypeStruct`` s (with the
+    kernel's sharding where the codes carry one). Sharded codes dequantize on
+    their devices into a kernel sharded as it was before quantization.
 
     Example:
         >>> import jax.numpy as jnp, lorajax
@@ -142,7 +186,7 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
         if not is_quantized(x):
             return x
         if isinstance(x.codes, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype, sharding=dense_sharding(x))
         return dense(x, dtype)
 
     return jax.tree.map(one, tree, is_leaf=is_quantized)
@@ -173,13 +217,13 @@ def dense_in_step(base: Any) -> Any:
 def kernel_view(base: Any) -> Any:
     """What a factor init sees of a base: a ``ShapeDtypeStruct`` for an abstract quantized kernel, else the base."""
     if is_quantized(base) and isinstance(base.codes, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(base.shape, base.dtype)
+        return jax.ShapeDtypeStruct(base.shape, base.dtype, sharding=dense_sharding(base))
     return base
 
 
 def dense_shapes(tree: Any) -> Any:
     """``tree`` with each quantized kernel replaced by the ``ShapeDtypeStruct`` of its dense kernel (no compute)."""
-    stand_in = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
+    stand_in = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dense_sharding(x)) if is_quantized(x) else x
     return jax.tree.map(stand_in, tree, is_leaf=is_quantized)
 
 
@@ -219,7 +263,7 @@ def requantize(params: Any) -> Any:
         if bad:
             problems.add(f"{path_str(path)} ({base.kind}): {bad} of {kernel.size} merged weights are NaN or Inf")
             continue
-        q = quantize_kernel(kernel, base.layout, base.kind, base.block_size or 64, base.double_quant)
+        q = _quantize_placed(kernel, base.layout, base.kind, base.block_size or 64, base.double_quant)
         chosen[n] = _boxes.rebox(leaf.base, q)
     problems.raise_if_any(
         "cannot quantize merged kernels that hold NaN or Inf",
