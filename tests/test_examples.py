@@ -85,12 +85,18 @@ def test_spread_sample_takes_evenly_spaced_pieces() -> None:
 
 def test_finetune_pretrains_when_flags_differ_from_checkpoint(tmp_path: Path) -> None:
     # A width the shipped checkpoint does not have: the demo must pretrain its own base (tiny here) and still work.
+    # --quantize nf4 adds QLoRA attn_qv: every linear kernel but the head in NF4 (the bare ones dequantized in the
+    # step), reloaded onto the re-quantized base.
     out = run(
         [str(EXAMPLES / "finetune.py"), "--fast", "--d-model", "32", "--n-layers", "1", "--methods", "attn_qv"]
-        + ["--out", str(tmp_path / "run")]
+        + ["--quantize", "nf4", "--out", str(tmp_path / "run")]
     )
     assert "pretrained here" in out
-    assert "reload check attn_qv" in out and "MISMATCH" not in out
+    assert "reload check attn_qv:" in out and "reload check attn_qv@nf4:" in out and "MISMATCH" not in out
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())["results"]}
+    assert set(rows) == {"attn_qv", "attn_qv@nf4"} and rows["attn_qv@nf4"]["trainable"] == rows["attn_qv"]["trainable"]
+    assert rows["attn_qv@nf4"]["frozen_bytes"] < 0.75 * rows["attn_qv"]["frozen_bytes"]  # NF4 kernels, float32 rest
+    assert re.search(r"\| QLoRA attn_qv \(nf4 base\) +\| \d\.\d{3} +\| \d\.\d{3} ", out), out
 
 
 def test_pretrain_base_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
