@@ -25,7 +25,7 @@ from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, trainable
-from lorajax.inits import check_init, init_factors, is_residual, residual_base
+from lorajax.inits import check_init, init_factors, init_problem, is_residual, residual_base
 from lorajax.quant import is_quantized, kernel_view, walk_stop
 
 #: The seed of the key ``lorafy`` uses when none is given.
@@ -87,6 +87,9 @@ def lorafy(
             PiSSA and OLoRA read ``a`` and ``b`` off the kernel and replace the node's ``base`` by
             the residual ``W - scale * a @ b`` (so ``merge`` at init returns ``W`` and ``unlorafy``
             returns the residual); see the initialisations guide and :func:`lorajax.to_plain_lora`.
+            ``"loftq"`` / ``"loftq_iter_<k>"`` (LoftQ, ``k`` rounds; ``_nodq``, ``_int8`` or ``_fp8`` at
+            the end picks the storage) replace the float base by a :class:`lorajax.QuantizedKernel` ``Q``
+            fitted with ``a`` and ``b``, so ``merge`` at init gives ``Q + scale * a @ b ≈ W``.
         dtype: factor dtype, float32 by default even for a bf16 base.
         rank_pattern: ``{name or regex: rank}`` per-target overrides (PEFT's ``rank_pattern``).
         alpha_pattern: ``{name or regex: alpha}`` per-target overrides.
@@ -122,6 +125,7 @@ def lorafy(
     match = _targets.compile_where(where, known)
     chosen: dict[int, Any] = {}
     unresolved = Problems("lorafy")
+    unfit = Problems("lorafy")  # kernels the init cannot read (LoftQ: too small, already quantized, NaN/Inf)
     for n, (path, leaf) in enumerate(leaves):
         array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf.value if is_trainable(leaf) else leaf)
         if not hasattr(array, "shape") or not match(path, array):
@@ -140,6 +144,10 @@ def lorafy(
             continue
         r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
         _check_rank(r, f"rank for {name}")
+        problem = init_problem(init, array, lay)
+        if problem:
+            unfit.add(f"{name} with shape {shape}: {problem}")
+            continue
         fan_in, fan_out = lay.sizes(shape)
         if r > min(fan_in, fan_out):
             raise ValueError(
@@ -161,6 +169,7 @@ def lorafy(
         if dora:
             chosen[n] = with_magnitude(chosen[n], dtype)
     unresolved.raise_if_any("names and shapes do not settle the layout of every target", LAYOUT_HINT)
+    unfit.raise_if_any(f"init={init!r} cannot read every target", "Leave them out of where, or use another init.")
     if not chosen:
         candidates = [
             _paths.path_str(p)

@@ -1,21 +1,23 @@
-"""Initialisations read off the kernel (PiSSA, OLoRA) or the data (EVA), and the export back to plain LoRA."""
+"""Initialisations read off the kernel (PiSSA, OLoRA, LoftQ) or the data (EVA), and the export back to plain LoRA."""
 
 from lorajax.inits._eva import eva_init, pca, rank_distribution
 from lorajax.inits._export import plain_lora, plain_node, residual_problems, to_plain_lora
 from lorajax.inits._factors import (
-    as_matrix,
     check_init,
     init_factors,
+    init_problem,
     is_residual,
     randomized_svd,
     residual_base,
 )
+from lorajax.inits._matrix import as_matrix
 
 __all__ = [
     "as_matrix",
     "check_init",
     "eva_init",
     "init_factors",
+    "init_problem",
     "is_residual",
     "pca",
     "plain_lora",

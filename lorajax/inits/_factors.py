@@ -1,8 +1,10 @@
-"""Factor initialisations: the random ones (kaiming, gaussian) and the ones read off the kernel (PiSSA, OLoRA).
+"""Factor initialisations: the random ones (kaiming, gaussian) and those read off the kernel (PiSSA, OLoRA, LoftQ).
 
 PiSSA and OLoRA factor the kernel itself, so they change the frozen base: the
 node's ``base`` becomes the *residual* ``W - scale * a @ b`` and the model starts
-exactly at ``W``. Each kernel is viewed as the matrix its LoRA update lives in,
+exactly at ``W``. LoftQ (``lorajax/inits/_loftq.py``) changes it too: the base
+becomes a quantized kernel fitted with the factors, and the model starts near
+``W``. Each kernel is viewed as the matrix its LoRA update lives in,
 ``(fan_in, fan_out)`` (see :class:`lorajax.Layout`); a stacked kernel gets one
 SVD or QR per layer (vmapped over the stacked axes). PyTorch keeps the same
 matrix transposed, ``(out, in)``, so PEFT's ``B @ A`` is our ``(a @ b).T``.
@@ -20,20 +22,40 @@ import numpy as np
 
 from lorajax._layout import Layout
 from lorajax._node import LoRASpec, lora_delta
+from lorajax.inits._loftq import loftq_base, loftq_factors, loftq_problem, parse_loftq
+from lorajax.inits._matrix import as_matrix, replicated
 
-#: The inits that read the kernel and leave a residual base behind.
+#: The inits that factor the kernel and leave the residual ``W - scale * a @ b`` as the base.
 RESIDUAL = re.compile(r"pissa|pissa_niter_(\d+)|olora")
 RANDOM = ("kaiming", "gaussian")
-NAMES = "'kaiming', 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora', or a callable"
+NAMES = (
+    "'kaiming', 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora', 'loftq', 'loftq_iter_<k>' (k >= 1; either LoftQ "
+    "name optionally ending in '_nodq', '_int8' or '_fp8'), or a callable"
+)
 
 
 def is_residual(init: Any) -> bool:
-    """Whether ``init`` (a name, or a :class:`lorajax.LoRASpec`'s ``init``) leaves a residual base.
+    """Whether ``init`` (a name, or a :class:`lorajax.LoRASpec`'s ``init``) rewrites the base.
 
-    >>> is_residual("pissa_niter_4"), is_residual("kaiming")
-    (True, False)
+    PiSSA and OLoRA leave the residual ``W - scale * a @ b``, LoftQ a quantized
+    kernel fitted with the factors: either way the factors fit only that base.
+
+    >>> is_residual("pissa_niter_4"), is_residual("loftq_iter_2"), is_residual("kaiming")
+    (True, True, False)
     """
-    return isinstance(init, str) and RESIDUAL.fullmatch(init) is not None
+    return isinstance(init, str) and (RESIDUAL.fullmatch(init) is not None or parse_loftq(init) is not None)
+
+
+def init_problem(init: Any, base: Any, layout: Layout) -> str | None:
+    """Why ``init`` cannot run on this target's ``base`` (``lorafy`` names the path), or None.
+
+    Only LoftQ refuses kernels here (an already quantized base, fewer weights than one
+    NF4 block, NaN or Inf); other inits take any float kernel.
+
+    >>> init_problem("loftq", jnp.ones((4, 4)), Layout("io"))[:9]
+    'holds 16 '
+    """
+    return loftq_problem(init, base, layout)
 
 
 def check_init(init: Any, caller: str = "lorafy") -> None:
@@ -41,18 +63,6 @@ def check_init(init: Any, caller: str = "lorafy") -> None:
     if callable(init) or init in RANDOM or is_residual(init):
         return
     raise ValueError(f"{caller}: init must be {NAMES}; got {init!r}.")
-
-
-def as_matrix(w: jax.Array, layout: Layout) -> jax.Array:
-    """The kernel as ``(*stacked, fan_in, fan_out)``: the matrix its LoRA update ``a @ b`` lives in.
-
-    >>> as_matrix(jnp.zeros((2, 3, 4)), Layout("ioo")).shape
-    (2, 12)
-    """
-    shape = tuple(w.shape)
-    fan_in, fan_out = layout.sizes(shape)
-    moved = jnp.transpose(w, layout.stack + layout.fan_in + layout.fan_out)
-    return moved.reshape(*(shape[k] for k in layout.stack), fan_in, fan_out)
 
 
 def _per_layer(fn: Any, m: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -107,19 +117,12 @@ def _olora(rank: int) -> Any:
     return one
 
 
-def _replicated(m: jax.Array) -> jax.Array:
-    """``m`` gathered where its sharding is explicit: JAX's SVD and QR take no sharded matrix axes."""
-    sharding: Any = getattr(jax.typeof(m), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if sharding is None or spec is None or all(entry is None for entry in spec):
-        return m
-    return jax.sharding.reshard(m, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
 def kernel_factors(init: str, key: jax.Array, base: Any, layout: Layout, rank: int, scale: float) -> Any:
-    """``(a, b)`` in float32 read off ``base`` by PiSSA, ``pissa_niter_<k>`` or OLoRA (one SVD/QR per layer)."""
+    """``(a, b)`` in float32 read off ``base`` by PiSSA, ``pissa_niter_<k>``, OLoRA (one SVD/QR per layer) or LoftQ."""
     shape = tuple(base.shape)
-    m = _replicated(as_matrix(base.astype(jnp.float32), layout))
+    if parse_loftq(init) is not None:
+        return loftq_factors(init, base, layout, rank, scale)
+    m = replicated(as_matrix(base.astype(jnp.float32), layout))
     found = RESIDUAL.fullmatch(init)
     assert found is not None
     if init == "olora":
@@ -181,10 +184,16 @@ def residual_base(base: Any, a: Any, b: Any, spec: LoRASpec) -> Any:
     The same :func:`lorajax._node.lora_delta` that ``merge`` adds back, so merging
     at init returns ``base`` up to one rounding (exactly where the subtraction is exact).
 
+    For LoftQ (``spec.init`` a ``loftq`` name) the base is instead the quantized kernel
+    ``Q_T`` the factors were fitted to (:func:`lorajax.inits._loftq.loftq_base`, recomputed
+    from ``base``: the same deterministic rounds that :func:`init_factors` ran).
+
     >>> spec = LoRASpec(rank=1, alpha=1.0, layout=Layout("io"))
     >>> residual_base(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)) / 2, spec).tolist()
     [[0.5, 0.5], [0.5, 0.5]]
     """
+    if parse_loftq(spec.init) is not None:
+        return loftq_base(spec.init, base, spec.layout, spec.rank)
     if isinstance(base, jax.ShapeDtypeStruct):
         return base
     wide = jnp.promote_types(base.dtype, jnp.float32)
