@@ -22,15 +22,15 @@ from jax import lax
 
 from lorajax import _boxes
 from lorajax._factored._banked import node_rows, rows_key
+from lorajax._factored._base import CUSTOM_VJPS, Base
 from lorajax._factored._cache import TraceCache, static_key
-from lorajax._factored._consumers import RANK_MAJOR_GRADS
 from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
 from lorajax._factored._ref import KernelRef, NodeInfo, is_array
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
-from lorajax.quant import dense_in_step
+from lorajax.quant import dequantize
 
 __all__ = ["FallbackWarning", "factored"]
 
@@ -185,7 +185,8 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
                 rebuilt[n] = _boxes.rebox(box_of[n], v) if n in box_of else v
             else:
                 rebuilt[n] = v
-        a, kw = jax.tree_util.tree_unflatten(treedef, rebuilt)
+        # A quantized kernel no adapter trains is dequantized where fn reads it (targets' bases never reach here).
+        a, kw = dequantize(jax.tree_util.tree_unflatten(treedef, rebuilt))
         return fn(*a, **kw)
 
     shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2]) for v in dyn]
@@ -199,7 +200,6 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
         args = []
         for i, v in enumerate(dyn_vals):
             if i in node_at:
-                v = dense_in_step(v)  # a quantized base is dense only here, inside the step
                 k, name, spec, per_example = node_at[i]
                 info = NodeInfo(name, k, spec, per_example, jnp.dtype(v.dtype))
                 key = None if rng is None else jax.random.fold_in(rng, k)
@@ -211,7 +211,7 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
                     counts[g] += 1
                 args.append(
                     KernelRef(
-                        base=lax.stop_gradient(v),
+                        base=Base.of(jax.tree.map(lax.stop_gradient, v)),  # as stored: read only by products
                         a=factor_vals[3 * k],
                         b=factor_vals[3 * k + 1],
                         key=key,
@@ -223,11 +223,11 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
                 )
             else:
                 args.append(v)
-        token = RANK_MAJOR_GRADS.set(fast_weight_grads)
+        token = CUSTOM_VJPS.set(fast_weight_grads)
         try:
             outs = interp.eval(closed.jaxpr, list(closed.consts), args, arrays_out=True)
         finally:
-            RANK_MAJOR_GRADS.reset(token)
+            CUSTOM_VJPS.reset(token)
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     jitted = jax.jit(run)

@@ -13,7 +13,6 @@ that one use and warns.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorajax._factored._base import CUSTOM_VJPS, base_conv, base_dot, base_gather
 from lorajax._factored._layout_check import check_contraction
 from lorajax._factored._ref import KernelRef, factor_in_kernel_layout, normalize, prod
 from lorajax._factored._registry import register_rule
@@ -66,10 +66,6 @@ def _rank_product_bwd(precision: Any, preferred: Any, res: tuple, g: jax.Array) 
 _rank_product.defvjp(_rank_product_fwd, _rank_product_bwd)
 
 
-#: Set by ``factored(fast_weight_grads=...)`` around each trace.
-RANK_MAJOR_GRADS: contextvars.ContextVar[bool] = contextvars.ContextVar("lorajax_rank_major_grads", default=True)
-
-
 def first_matmul(x2: jax.Array, f1: jax.Array, params: dict) -> jax.Array:
     """``x2 @ F1`` for 2-D ``x2`` (rows × fan-in) and ``F1`` (fan-in × r), with a rank-major weight gradient.
 
@@ -77,7 +73,7 @@ def first_matmul(x2: jax.Array, f1: jax.Array, params: dict) -> jax.Array:
     computes it fast (see ``_rank_product_bwd``). A custom VJP has no forward mode, so
     ``factored(fast_weight_grads=False)`` turns it off for ``jax.jvp``/``jax.hessian`` users.
     """
-    if not RANK_MAJOR_GRADS.get():
+    if not CUSTOM_VJPS.get():
         return matmul(x2, f1, params)
     return _rank_product(x2, f1, params.get("precision"), params.get("preferred_element_type"))
 
@@ -279,9 +275,7 @@ def gather_lora(indices: jax.Array, ref: KernelRef, params: dict, out_shape, mas
 
 def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array:
     p = eqn.params
-    base_vals = [x, x]
-    base_vals[k_side] = ref.base.astype(ref.dtype)
-    y0 = eqn.primitive.bind(*base_vals, **p)
+    y0 = base_dot(eqn, x, ref, k_side)
     xd = interp.dropout(ref, x)
     lora = None
     if ref.rows is not None:  # a whole bank with per-row adapter ids (lorajax.select's onehot/ragged forms)
@@ -299,8 +293,9 @@ def _plain_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int)
     if lora is None:
         lora = dot_lora_einsum(xd, ref, k_side, p["dimension_numbers"], p, y0.shape)
     if lora is None:
-        base_vals[k_side] = interp.fallback(ref, "dot_general")
-        return eqn.primitive.bind(*base_vals, **p)
+        vals = [x, x]
+        vals[k_side] = interp.fallback(ref, "dot_general")
+        return eqn.primitive.bind(*vals, **p)
     return y0 + lora.astype(y0.dtype)
 
 
@@ -338,7 +333,7 @@ def conv_general_dilated(interp: Any, eqn: Any, invals: list) -> list | None:
         return None
     if ref.info.spec.variant == "dora":
         return [_dora().conv(interp, eqn, x, ref)]
-    y0 = eqn.primitive.bind(x, ref.base.astype(ref.dtype), **eqn.params)
+    y0 = base_conv(eqn, x, ref)
     lora = conv_lora(interp.dropout(ref, x), ref, eqn.params, y0.shape)
     if lora is None:
         return [eqn.primitive.bind(x, interp.fallback(ref, "conv_general_dilated"), **eqn.params)]
@@ -352,7 +347,7 @@ def gather(interp: Any, eqn: Any, invals: list) -> list | None:
         return None
     if ref.info.spec.variant == "dora":
         return [_dora().gather(interp, eqn, ref, idx)]
-    y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **eqn.params)
+    y0 = base_gather(eqn, ref, idx)
     if ref.rows is not None:  # a whole bank with per-row adapter ids: gather rows of A_all, mask, @ B_all
         flat, mask = _banked().gather_mask(ref)
         lora = gather_lora(idx, flat, eqn.params, y0.shape, mask=mask)

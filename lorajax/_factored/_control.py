@@ -69,7 +69,7 @@ def scan(interp: Any, eqn: Any, invals: list) -> list:
     consts = invals[:nc]
     init = interp.arrays(invals[nc : nc + ncar], "scan carry")
     xs: list[Any] = []
-    sliced: dict[int, KernelRef] = {}
+    sliced: dict[int, tuple[KernelRef, Callable]] = {}
     for k, v in enumerate(invals[nc + ncar :]):
         if isinstance(v, KernelRef) and v.labels and v.labels[0][0] == "s":
             v = normalize(v)
@@ -77,8 +77,9 @@ def scan(interp: Any, eqn: Any, invals: list) -> list:
             if v.info.per_example:  # stacked axis sits behind the per-example axis
                 a, b = jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)
             keys = None if v.key is None else jax.random.split(v.key, length)
-            xs.append((v.base, a, b, keys))
-            sliced[k] = v
+            base_xs, one_layer = v.base.layers()
+            xs.append((base_xs, a, b, keys))
+            sliced[k] = (v, one_layer)
         elif isinstance(v, KernelRef):
             xs.append(interp.fallback(v, "scan xs (not sliced along a stacked axis)"))
         else:
@@ -89,10 +90,10 @@ def scan(interp: Any, eqn: Any, invals: list) -> list:
         vals = []
         for k, v in enumerate(x):
             if k in sliced:
-                ref = sliced[k]
+                ref, one_layer = sliced[k]
                 base, a, b, key = v
                 labels = tuple((g, j - 1) if g == "s" else (g, j) for g, j in ref.labels[1:])
-                vals.append(ref.replace(base=base, a=a, b=b, key=key, labels=labels))
+                vals.append(ref.replace(base=one_layer(base), a=a, b=b, key=key, labels=labels))
             else:
                 vals.append(v)
         outs = interp.eval(closed.jaxpr, closed.consts, consts + list(carry) + vals, arrays_out=True, where="scan")

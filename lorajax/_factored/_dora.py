@@ -25,6 +25,7 @@ from jax import lax
 from lorajax._dora import factored_norm, magnitude_axes
 from lorajax._factored import _banked
 from lorajax._factored._banked import Gains
+from lorajax._factored._base import base_conv, base_dot, base_gather
 from lorajax._factored._consumers import DotPlan, conv_lora, dot_lora_einsum, gather_lora
 from lorajax._factored._ref import KernelRef
 from lorajax._node import LoRASpec, compute_dtype
@@ -92,13 +93,11 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
     if ref.info.per_example:
         return _rows_dot(interp, eqn, x, ref, k_side)
     p = eqn.params
-    vals = [x, x]
-    vals[k_side] = ref.base.astype(ref.dtype)
     plan = DotPlan(ref, k_side, p["dimension_numbers"], x.ndim)
     if not (interp.flatten and x.ndim >= 1 and plan.ok and plan.first == "a"):
-        vals[k_side] = interp.fallback(ref, "dot_general (DoRA: only x @ W with W's fan-in contracted is factored)")
-        return eqn.primitive.bind(*vals, **p)
-    y0 = eqn.primitive.bind(*vals, **p)
+        w = interp.fallback(ref, "dot_general (DoRA: only x @ W with W's fan-in contracted is factored)")
+        return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
+    y0 = base_dot(eqn, x, ref, k_side)
     xd = interp.dropout(ref, x)
     t = interp.first_products.pop(eqn.outvars[0], None)
     if t is None:
@@ -108,17 +107,14 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
     ones = [1] * len(plan.xfree)
     ks = [ref.shape[q] for q in plan.kfree]
     g = jnp.reshape(g2, ones + ks if k_side == 1 else ks + ones)
-    dropped = None
-    if xd is not x:
-        vals[1 - k_side] = xd
-        dropped = eqn.primitive.bind(*vals, **p)
+    dropped = None if xd is x else base_dot(eqn, xd, ref, k_side)
     return _combine(y0, lora, g, dropped)
 
 
 def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
     """A DoRA kernel in a convolution: the base conv, PEFT's factored conv, and ``g`` on the channel axis."""
     p = eqn.params
-    y0 = eqn.primitive.bind(x, ref.base.astype(ref.dtype), **p)
+    y0 = base_conv(eqn, x, ref)
     xd = interp.dropout(ref, x)
     lora = conv_lora(xd, ref, p, y0.shape)
     if lora is None:
@@ -126,7 +122,7 @@ def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
     g = _gain_row(ref).b.reshape(-1)  # conv_lora needs one fan-out axis and no stack: b is (r + 1, cout)
     shape = [1] * y0.ndim
     shape[p["dimension_numbers"].out_spec[1]] = g.shape[0]
-    dropped = None if xd is x else eqn.primitive.bind(xd, ref.base.astype(ref.dtype), **p)
+    dropped = None if xd is x else base_conv(eqn, xd, ref)
     return _combine(y0, lora, jnp.reshape(g, shape), dropped)
 
 
@@ -135,7 +131,7 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     if ref.info.per_example:
         return _rows_gather(interp, eqn, ref, idx)
     p = eqn.params
-    y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **p)
+    y0 = base_gather(eqn, ref, idx)
     lora = gather_lora(idx, ref, p, y0.shape)
     if lora is None:
         return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA)"), idx, **p)
@@ -201,9 +197,7 @@ def _rows_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) 
     """A selected bank in a ``dot_general``: the plain bank rules for the LoRA term, each row scaled by its gain."""
     p = eqn.params
     dn = p["dimension_numbers"]
-    vals = [x, x]
-    vals[k_side] = ref.base.astype(ref.dtype)
-    y0 = eqn.primitive.bind(*vals, **p)
+    y0 = base_dot(eqn, x, ref, k_side)
     xd = interp.dropout(ref, x)
     plain, gains = _split(ref)
     g, lead = _per_row(ref, gains)
@@ -216,12 +210,9 @@ def _rows_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) 
         lora = dot_lora_einsum(xd, plain, k_side, dn, p, y0.shape)
     g_out = _dot_gain(g, lead, ref, k_side, dn, x)
     if lora is None or g_out is None:
-        vals[k_side] = interp.fallback(ref, "dot_general (a DoRA bank needs x @ W with W's fan-in contracted)")
-        return eqn.primitive.bind(*vals, **p)
-    dropped = None
-    if xd is not x:
-        vals[1 - k_side] = xd
-        dropped = eqn.primitive.bind(*vals, **p)
+        w = interp.fallback(ref, "dot_general (a DoRA bank needs x @ W with W's fan-in contracted)")
+        return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
+    dropped = None if xd is x else base_dot(eqn, xd, ref, k_side)
     return _combine(y0, lora, g_out, dropped)
 
 
@@ -229,7 +220,7 @@ def _rows_gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.A
     """A selected bank in an embedding lookup: ``g_row ⊙ (W[idx] + A_row[idx]·B_row)``."""
     p = eqn.params
     dn = p["dimension_numbers"]
-    y0 = eqn.primitive.bind(ref.base.astype(ref.dtype), idx, **p)
+    y0 = base_gather(eqn, ref, idx)
     plain, gains = _split(ref)
     g, lead = _per_row(ref, gains)
     lora = None

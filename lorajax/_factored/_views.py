@@ -40,7 +40,8 @@ def transpose(interp: Any, eqn: Any, invals: list) -> list | None:
     if ref is None:
         return None
     perm = eqn.params["permutation"]
-    return [ref.replace(base=jnp.transpose(ref.base, perm), labels=tuple(ref.labels[k] for k in perm))]
+    labels = tuple(ref.labels[k] for k in perm)
+    return [ref.replace(base=ref.base.view(lambda w: jnp.transpose(w, perm)), labels=labels)]
 
 
 @register_rule("reshape")
@@ -50,7 +51,10 @@ def reshape(interp: Any, eqn: Any, invals: list) -> list | None:
     if ref is None or p.get("dimensions") is not None:
         return None
     new = reshape_factors(ref, tuple(p["new_sizes"]))
-    return None if new is None else [new.replace(base=jnp.reshape(ref.base, p["new_sizes"]))]
+    if new is None:
+        return None
+    sizes = tuple(p["new_sizes"])
+    return [new.replace(base=ref.base.view(lambda w: jnp.reshape(w, sizes)))]
 
 
 @register_rule("squeeze")
@@ -62,7 +66,7 @@ def squeeze(interp: Any, eqn: Any, invals: list) -> list | None:
     for d in dims:
         ref = drop_unit(ref, d)
     labels = tuple(lab for k, lab in enumerate(ref.labels) if k not in dims)
-    return [ref.replace(base=lax.squeeze(ref.base, dims), labels=labels)]
+    return [ref.replace(base=ref.base.view(lambda w: lax.squeeze(w, dims)), labels=labels)]
 
 
 @register_rule("slice")
@@ -72,7 +76,7 @@ def slice_(interp: Any, eqn: Any, invals: list) -> list | None:
         return None
     p = eqn.params
     start, limit, strides = p["start_indices"], p["limit_indices"], p["strides"] or (1,) * len(ref.shape)
-    base = eqn.primitive.bind(ref.base, **p)
+    base = ref.base.view(lambda w: eqn.primitive.bind(w, **p))
     for ax, (lo, hi, st) in enumerate(zip(start, limit, strides)):
         if (lo, hi, st) != (0, ref.shape[ax], 1) and ref.labels[ax][0] != "u":
             ref = slice_factors(ref, ax, lambda f, k, lo=lo, hi=hi, st=st: lax.slice_in_dim(f, lo, hi, st, k))
@@ -93,7 +97,7 @@ def broadcast_in_dim(interp: Any, eqn: Any, invals: list) -> list | None:
     new_labels: list[tuple[str, int]] = [("u", 0)] * len(shape)
     for k, d in enumerate(bdims):
         new_labels[d] = ref.labels[k]
-    return [ref.replace(base=jnp.reshape(ref.base, shape), labels=tuple(new_labels))]
+    return [ref.replace(base=ref.base.view(lambda w: jnp.reshape(w, shape)), labels=tuple(new_labels))]
 
 
 @register_rule("dynamic_slice")
@@ -102,7 +106,7 @@ def dynamic_slice(interp: Any, eqn: Any, invals: list) -> list | None:
     if not isinstance(ref, KernelRef) or any(isinstance(i, KernelRef) for i in idx):
         return None
     sizes = eqn.params["slice_sizes"]
-    base = eqn.primitive.bind(ref.base, *idx, **eqn.params)
+    base = ref.base.view(lambda w, *i: eqn.primitive.bind(w, *i, **eqn.params), *idx)
     for ax, (i, n) in enumerate(zip(idx, sizes)):
         if n != ref.shape[ax] and ref.labels[ax][0] != "u":
             # Same clamping as dynamic_slice: the factor axis has the kernel axis's length.

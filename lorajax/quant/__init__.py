@@ -15,7 +15,7 @@ from lorajax.quant._api import (
     walk_stop,
 )
 from lorajax.quant._bnb import load_bnb_4bit
-from lorajax.quant._kernel import QuantizedKernel, is_quantized
+from lorajax.quant._kernel import QuantizedKernel, is_quantized, layer_slices
 
 __all__ = [
     "QuantizedKernel",
@@ -25,6 +25,7 @@ __all__ = [
     "dequantize",
     "is_quantized",
     "kernel_view",
+    "layer_slices",
     "load_bnb_4bit",
     "quantize",
     "quantized_bytes",

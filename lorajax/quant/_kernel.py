@@ -157,3 +157,21 @@ def dense(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
         values = _blockwise.fp8_dequantize(q.codes, q.scales)
     t = values.astype(q.dtype if dtype is None else dtype).reshape(torch_shape)
     return jnp.transpose(t, tuple(int(k) for k in np.argsort(perm)))
+
+
+def layer_slices(q: QuantizedKernel) -> tuple[Any, Any]:
+    """``(leaves, one_layer)`` to scan a kernel whose first axis is stacked, one layer at a time.
+
+    ``leaves`` are the codes and scales with that axis leading (slicing one gives one layer's);
+    ``one_layer(sliced_leaves)`` is the :class:`QuantizedKernel` of one layer. Every per-layer array
+    already has one row per stacked slice (:func:`quantize_kernel`), so no layer's blocks straddle
+    another's and the slices dequantize exactly as the whole does.
+    """
+    if not q.layout.axes.startswith("s"):
+        raise ValueError(f"layer_slices: the kernel's layout {q.layout.axes!r} does not start with a stacked axis.")
+    n = q.shape[0]
+    leaves = jax.tree.leaves(q)
+    split = [x.reshape((n, x.shape[0] // n) + tuple(x.shape[1:])) for x in leaves]
+    one = dataclasses.replace(q, shape=q.shape[1:], layout=Layout(q.layout.axes[1:]))
+    one_def = jax.tree.structure(one)
+    return split, lambda sliced: jax.tree.unflatten(one_def, sliced)
