@@ -16,7 +16,7 @@ from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, stop_frozen
-from lorajax.quant import dense_base
+from lorajax.quant import dense_base, dequantize, walk_stop
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
@@ -79,7 +79,10 @@ def merge(params: Any, *, donate: bool = False, check_finite: bool = False) -> A
     The sum is computed in float32 (at least) and cast once to the base dtype,
     so a bf16 base is rounded once, not at every add. The result has the
     structure, shapes and dtypes of the params before :func:`lorafy` (Flax boxes
-    included; :class:`lorajax.Trainable` nodes are unwrapped). Pure and jit-able.
+    included; :class:`lorajax.Trainable` nodes are unwrapped). A quantized base
+    comes back dense (dequantized, plus the update), and so does a quantized kernel
+    that no adapter trains, so the model can run on the result; use
+    :func:`lorajax.requantize` to serve a quantized model. Pure and jit-able.
 
     Gradients of a loss on ``merge(params)`` reach only what trains: the factors
     ``a`` and ``b`` and the leaves declared trainable (``lorafy(..., also=...)``,
@@ -122,12 +125,22 @@ def merge(params: Any, *, donate: bool = False, check_finite: bool = False) -> A
     if donate:
         return _merge_donated(params)
 
+    return merge_nodes(stop_frozen(params))
+
+
+def merge_nodes(params: Any, *, keep_quantized: bool = False) -> Any:
+    """:func:`merge`'s walk: LoRA nodes merged, Trainable nodes unwrapped, quantized kernels that no adapter
+    trains dequantized (kept as they are with ``keep_quantized``, as :func:`lorajax.requantize` serves them).
+    """
+
     def one(x: Any) -> Any:
         if is_lora(x):
             return _boxes.rebox(x.base, merged_kernel(x))
-        return x.value if is_trainable(x) else x
+        if is_trainable(x):
+            return x.value
+        return x if keep_quantized else dequantize(x)
 
-    return jax.tree.map(one, stop_frozen(params), is_leaf=is_node)
+    return jax.tree.map(one, params, is_leaf=walk_stop)
 
 
 def _check_finite(params: Any) -> None:
@@ -163,7 +176,7 @@ def merge_program(sharding: Any) -> Any:
 def _merge_donated(params: Any) -> Any:
     def one(path: Any, x: Any) -> Any:
         if not is_lora(x):
-            return x.value if is_trainable(x) else x
+            return x.value if is_trainable(x) else dequantize(x)
         base, a, b, m = (_boxes.unbox(v) for v in (x.base, x.a, x.b, x.magnitude))
         if any(isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array) for v in (base, a, b)):
             raise ValueError(
@@ -178,7 +191,7 @@ def _merge_donated(params: Any) -> Any:
             factor.delete()  # free the factors now, not when the caller drops the tree
         return _boxes.rebox(x.base, merged)
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=walk_stop)
 
 
 def unlorafy(params: Any) -> Any:

@@ -19,6 +19,7 @@ from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
 from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter
+from lorajax.quant import is_quantized
 
 
 def factor_problems(name: str, f: AdapterFactors) -> list[str]:
@@ -71,15 +72,20 @@ def base_problems(name: str, f: AdapterFactors, leaf: Any, check_dtype: bool) ->
     return []
 
 
+def _unit(x: Any) -> bool:
+    """LoRA nodes and quantized kernels (a base to attach to) are single leaves of a params tree."""
+    return is_lora(x) or is_quantized(x)
+
+
 def index_paths(tree: Any) -> tuple[list[tuple[KeyPath, Any]], dict[str, int]]:
     """The leaves of ``tree`` (stopping at boxes and LoRA nodes) and ``{path string: leaf number}``."""
-    leaves = tree_paths(tree, is_leaf=is_lora)
+    leaves = tree_paths(tree, is_leaf=_unit)
     return leaves, {path_str(p): n for n, (p, _) in enumerate(leaves)}
 
 
 def rebuild_params(tree: Any, leaves: list[tuple[KeyPath, Any]], replaced: dict[int, Any]) -> Any:
     """``tree`` with the leaves of :func:`index_paths` numbered in ``replaced`` swapped in."""
-    return rebuild(tree, leaves, replaced, is_leaf=is_lora)
+    return rebuild(tree, leaves, replaced, is_leaf=_unit)
 
 
 def group_targets(ads: Sequence[Adapter], caller: str) -> dict[str, list[tuple[int, AdapterFactors]]]:

@@ -237,8 +237,8 @@ def requantize(params: Any) -> Any:
 
     ``dequantize(base) + s·A·B`` is computed in float32 (as :func:`lorajax.merge` does) and quantized with the
     base's own format: kind, block size, double quantization and layout. Other LoRA nodes merge to dense
-    kernels as in ``merge``. Runs eagerly (it checks values): a merged kernel holding NaN or Inf raises,
-    naming every such path.
+    kernels as in ``merge``; quantized kernels that no adapter trains stay as they are. Runs eagerly (it checks
+    values): a merged kernel holding NaN or Inf raises, naming every such path.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -247,7 +247,7 @@ def requantize(params: Any) -> Any:
         >>> served["fc"]["kernel"].kind, served["fc"]["kernel"].shape
         ('int8', (64, 8))
     """
-    from lorajax._merge import merge, merged_kernel  # merge imports this package: import at call time
+    from lorajax._merge import merge_nodes, merged_kernel  # _merge imports this package: import at call time
 
     leaves = _paths.tree_paths(params, is_leaf=walk_stop)
     problems = Problems("requantize")
@@ -269,4 +269,4 @@ def requantize(params: Any) -> Any:
         "cannot quantize merged kernels that hold NaN or Inf",
         "Check the adapter's factors (lorajax.adapter(params)) and the training run that produced them.",
     )
-    return merge(rebuild(params, leaves, chosen, walk_stop))
+    return merge_nodes(rebuild(params, leaves, chosen, walk_stop), keep_quantized=True)
