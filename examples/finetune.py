@@ -71,12 +71,6 @@ def quantized_base(base: Any, kind: str) -> Any:
     return lorajax.quantize(base, where=lorajax.all_linear, dtype=kind)
 
 
-def plain(params: Any) -> Any:
-    """A LoRA model as plain kernels: ``merge`` folds each adapter into its base (dequantizing a quantized one), and
-    ``dequantize`` makes the quantized kernels no adapter trains (QLoRA attn_qv's k, out, fc1, fc2) dense too."""
-    return lorajax.dequantize(lorajax.merge(params))
-
-
 def lora_params(base: Any, name: str, args: argparse.Namespace) -> Any:
     """The lorafied base of a LoRA method (``"attn_qv"``, ``"all_linear+pissa"``, ``"all_linear@nf4"``...)."""
     method, init, quant = parse_name(name)
@@ -201,17 +195,15 @@ def finetune(
         trainable_n, total, lr = s.trainable, s.total, args.lr_lora
 
     def assemble(t: Any, f: Any) -> Any:
-        # Plain kernels for evaluation: merge folds base + scale * a @ b (the base under stop_gradient).
-        return t if f is None else plain(lorajax.combine(t, f))
-
-    # Quantized kernels that no adapter trains are dequantized where the model reads them, inside the step.
-    apply = lambda variables, x: model.apply(lorajax.dequantize(variables), x)
+        # Plain kernels for evaluation: merge folds base + scale * a @ b (the base under stop_gradient) and
+        # dequantizes a quantized base, or a quantized kernel no adapter trains (QLoRA attn_qv's k, out, fc1, fc2).
+        return t if f is None else lorajax.merge(lorajax.combine(t, f))
 
     def train_loss(t: Any, f: Any, tokens: jax.Array) -> jax.Array:
         if f is not None and args.lora_exec == "factored":
             # x @ W0 + scale * (x @ A) @ B at every use: neither the merged W nor its gradient is ever formed
-            # (a quantized W0 is dequantized inside the step only).
-            return textlm.loss_fn(model, lorajax.combine(t, f), tokens, apply=lorajax.factored(apply))
+            # (a quantized W0 is dequantized where it is used, forward and backward, one kernel at a time).
+            return textlm.loss_fn(model, lorajax.combine(t, f), tokens, apply=lorajax.factored(model.apply))
         return textlm.loss_fn(model, assemble(t, f), tokens)  # merge inside the step; grads reach only A, B
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps, lr / 20)
@@ -357,7 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
         reloaded = lorajax.load_adapter(path, fresh)
         if parse_name(r.name)[2]:  # a QLoRA adapter: onto the same quantized base it was trained on
             reloaded = quantized_base(reloaded, parse_name(r.name)[2])  # quantizes the LoRA nodes' bases in place
-        merged = plain(reloaded)
+        merged = lorajax.merge(reloaded)
         again = evaluate(merged, val)
         checks.append((r.name, r.val_after, again))
 
@@ -407,7 +399,7 @@ def main(argv: list[str] | None = None) -> Path:
             )
 
     samples = [("base model", base)] + [
-        (f"after {n}", trained[n] if n == "full" else plain(trained[n])) for n in methods
+        (f"after {n}", trained[n] if n == "full" else lorajax.merge(trained[n])) for n in methods
     ]
     key = jax.random.key(args.seed)
     lines = []

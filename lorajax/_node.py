@@ -47,7 +47,8 @@ class LoRASpec:
     layout: Layout
     rslora: bool = False
     variant: str = "lora"
-    #: ``"default"``, or the init that made the node's base a residual: ``"pissa"``, ``"pissa_niter_<k>"``, ``"olora"``.
+    #: ``"default"``, or the init that rewrote the node's base: ``"pissa"``, ``"pissa_niter_<k>"``, ``"olora"``
+    #: (a residual base), ``"loftq"``/``"loftq_iter_<k>..."`` (a quantized base fitted with the factors).
     init: str = "default"
 
     def __post_init__(self) -> None:

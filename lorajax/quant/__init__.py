@@ -5,7 +5,6 @@ Public names are re-exported by ``lorajax``; the modules here are private.
 
 from lorajax.quant._api import (
     dense_base,
-    dense_in_step,
     dense_shapes,
     dequantize,
     kernel_view,
@@ -20,7 +19,6 @@ from lorajax.quant._kernel import QuantizedKernel, is_quantized, layer_slices
 __all__ = [
     "QuantizedKernel",
     "dense_base",
-    "dense_in_step",
     "dense_shapes",
     "dequantize",
     "is_quantized",

@@ -203,17 +203,6 @@ def dense_base(base: Any) -> Any:
     return dense(base, compute_dtype(base.dtype))
 
 
-def dense_in_step(base: Any) -> Any:
-    """A quantized base dequantized (in its own dtype) where the factored step uses it, any other as it is.
-
-    Under ``jax.checkpoint``: autodiff keeps the codes, not the dense kernel, for the backward pass, which
-    dequantizes again, so no dense copy of the model lives across the step.
-    """
-    if not is_quantized(base):
-        return base
-    return jax.checkpoint(dense)(base)
-
-
 def kernel_view(base: Any) -> Any:
     """What a factor init sees of a base: a ``ShapeDtypeStruct`` for an abstract quantized kernel, else the base."""
     if is_quantized(base) and isinstance(base.codes, jax.ShapeDtypeStruct):
