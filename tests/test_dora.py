@@ -522,6 +522,100 @@ def test_factored_dora_dropout_follows_peft_formula():
     np.testing.assert_allclose(fn(dora, x, lora_rng=key), fn(plain, x, lora_rng=key), rtol=1e-5, atol=1e-5)
 
 
+def _our_scaled_mask(shape, rate, key, conv):
+    """The dropout ``factored(dropout=rate)`` applies, as ``drop(x) / x``, read through the public API.
+
+    The mask depends on the key, the node and the input's shape only, so a probe model with the same input shape and
+    one DoRA node whose kernel is the identity (b = 0, m = c·‖W‖, so g = c) shows it: ``y = x + (c - 1)·drop(x)``.
+    """
+    c, ch = 3.0, shape[-1]
+    if conv:  # a 1x1 identity convolution, NHWC
+        kernel, layout = jnp.eye(ch).reshape(1, 1, ch, ch), {".*": "wwio"}
+        dn = ("NHWC", "HWIO", "NHWC")
+        call = lambda p, x: jax.lax.conv_general_dilated(x, p["m"]["kernel"], (1, 1), "VALID", dimension_numbers=dn)
+    else:
+        kernel, layout = jnp.eye(ch), None
+        call = lambda p, x: x @ p["m"]["kernel"]
+    node = lorajax.lorafy({"m": {"kernel": kernel}}, rank=2, where=["m"], dora=True, layout=layout)["m"]["kernel"]
+    probe = {"m": {"kernel": node.__class__(node.base, node.a, node.b, node.spec, magnitude=c * node.magnitude)}}
+    y = lorajax.factored(call, dropout=rate)(probe, jnp.ones(shape), lora_rng=key)
+    return (np.asarray(y) - 1.0) / (c - 1)
+
+
+class _Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # NHWC, strided
+        return nn.Conv(4, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)], name="conv")(x)
+
+
+class _Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="fc")(x)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_factored_dora_with_a_fixed_dropout_mask_matches_peft(kind, tmp_path):
+    """PEFT's DoRA in training mode with its dropout replaced by our mask: forward and grads of A, B, m to 1e-5."""
+    import torch
+    from peft import PeftModel
+
+    rate, key = 0.4, jax.random.key(3)
+    conv = kind == "conv2d"
+    model, module = (_Conv(), "conv") if conv else (_Dense(), "fc")
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3) if conv else (4, 6))
+    base = model.init(jax.random.key(1), x)
+    p = lorajax.lorafy(base, rank=2, alpha=3.0, where=[module], dora=True, init="gaussian")
+    p = jax.tree.map(  # moved away from the init: b nonzero, m not the norm
+        lambda n: n.__class__(n.base, n.a, n.b + 0.3, n.spec, magnitude=n.magnitude * 1.2) if lorajax.is_lora(n) else n,
+        p,
+        is_leaf=lorajax.is_lora,
+    )
+    scaled = _our_scaled_mask(x.shape, rate, key, conv)
+    kept = np.isclose(scaled, 1 / (1 - rate), rtol=1e-5)
+    assert (kept | np.isclose(scaled, 0.0, atol=1e-5)).all() and 0 < kept.sum() < kept.size  # a real mask
+    fn = lorajax.factored(model.apply, dropout=rate)
+    cot = jax.random.normal(jax.random.key(2), model.apply(base, x).shape)
+    y = fn(p, x, lora_rng=key)
+    grads = jax.grad(lambda q: (fn(q, x, lora_rng=key) * cot).sum())(p)
+    # Without the mask (dropout off) the output differs: the comparison below sees the mask.
+    assert not np.allclose(fn(p, x, lora_deterministic=True), y, atol=1e-3)
+
+    # PyTorch: the same base, our adapter loaded by PEFT, its dropout replaced by our mask (NCHW for the conv).
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)) if conv else a, np.float32))
+    w = np.asarray(base["params"][module]["kernel"])
+    layer = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1) if conv else torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)) if conv else w.T)))
+        layer.bias.copy_(torch.from_numpy(np.asarray(base["params"][module]["bias"])))
+    torch_base = torch.nn.Sequential()
+    torch_base.add_module(module, layer)
+    lorajax.save_peft(tmp_path / "adapter", p)
+    pm = PeftModel.from_pretrained(torch_base, str(tmp_path / "adapter"), is_trainable=True)
+    mask = t(scaled)
+
+    class FixedDropout(torch.nn.Module):
+        def forward(self, h):
+            return h * mask
+
+    getattr(pm.base_model.model, module).lora_dropout["default"] = FixedDropout()
+    pm.train()
+    yt = pm(t(np.asarray(x)))
+    (yt * t(np.asarray(cot))).sum().backward()
+    np.testing.assert_allclose(t(np.asarray(y)).numpy(), yt.detach().numpy(), rtol=RTOL, atol=ATOL)
+    lorajax.save_peft(tmp_path / "g", grads)  # the gradient tree under PEFT's names and layouts
+    ours = load_file(str(tmp_path / "g" / "adapter_model.safetensors"))
+    theirs = {
+        name.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): v.grad.numpy()
+        for name, v in pm.named_parameters()
+        if v.grad is not None
+    }
+    assert sorted(theirs) == sorted(ours) and any("magnitude" in k for k in ours)
+    for name, g in theirs.items():
+        np.testing.assert_allclose(ours[name], g.reshape(ours[name].shape), rtol=RTOL, atol=ATOL, err_msg=name)
+
+
 def test_factored_dora_through_scan_equals_merge():
     w = jax.random.normal(jax.random.key(0), (3, 8, 8)) * 0.3
     p = lorajax.lorafy({"h": {"kernel": w}}, rank=2, where=["h"], dora=True, layout={"h": "sio"}, init="gaussian")
