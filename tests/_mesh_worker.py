@@ -400,6 +400,10 @@ def check_qlora_model(mesh, tokens, results) -> None:
         "grad_err": grad_err,
         "fallbacks": [str(w.message) for w in caught if issubclass(w.category, lorajax.FallbackWarning)],
         "query_codes_spec": str(query.codes.sharding.spec),
+        # Integer collectives: the step reduces float gradients only (no scalar moved between devices per product).
+        "int_collectives": [
+            c for c in collectives(grad.lower(*lorajax.partition(lora), data).compile().as_text()) if " s32[" in c
+        ],
     }
     log("qlora model done")
 

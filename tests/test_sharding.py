@@ -396,3 +396,4 @@ def test_mesh_qlora_model_matches_one_device(mesh_results):
     assert r["query_codes_spec"] == str(P(None, "model"))  # heads on 'model'
     assert r["forward_err"] < 1e-5 and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
     assert r["fallbacks"] == []
+    assert r["int_collectives"] == []  # dequantize-at-use adds no communication

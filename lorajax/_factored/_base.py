@@ -101,7 +101,7 @@ def base_product(fn: Callable[..., jax.Array], base: Base, dtype: Any, *args: An
     ``fn`` must be linear in its floating-point ``args`` (a matmul, conv or lookup with the kernel), so the
     backward pass needs only the kernel: it is rebuilt there from the stored base instead of being kept from
     the forward pass. Each build is tied to the data it meets (the activations going forward, the cotangent
-    going back), so XLA cannot schedule every layer's build at the start and hold them all at once.
+    going back, on a single device), so XLA cannot schedule every layer's build at the start and hold them all.
     """
     floats = {np.dtype(x.dtype) for x in args if jnp.issubdtype(x.dtype, jnp.inexact)}
     if not base.quantized and np.dtype(dtype) == base.dtype and floats <= {base.dtype}:
@@ -175,9 +175,13 @@ def _zeros(tree: Any) -> Any:
 
 
 def _after(b: Base, xs: tuple) -> Base:
-    """``b`` with its stored leaves made to depend on ``xs`` (exactly the same values), for XLA's scheduler."""
+    """``b`` with its stored leaves made to depend on ``xs`` (exactly the same values), for XLA's scheduler.
+
+    Only in single-device programs: with several devices the scalar taken from ``xs`` would cost a collective per
+    product (a broadcast from the device holding it), so there the build is left to XLA's scheduler.
+    """
     floats = [x for x in jax.tree.leaves(xs) if jnp.issubdtype(x.dtype, jnp.floating)]
-    if not floats:
+    if not floats or jax.device_count() > 1:
         return b
     x0 = floats[0].reshape(-1)[:1].astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x0, jnp.int32)
