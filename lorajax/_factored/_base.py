@@ -3,11 +3,11 @@
 A :class:`Base` is a LoRA node's base as the node stores it (a dense kernel, or a
 :class:`lorajax.QuantizedKernel`) plus the views (reshape, transpose, slices) the model
 applied to it, recorded rather than applied. A consumer reads it only through
-:func:`base_product`, which dequantizes, views and casts it inside ``jax.checkpoint``: autodiff
-then keeps the stored base (NF4 codes, a bf16 kernel) as the residual for the backward pass
-and rebuilds the dense kernel there, instead of keeping the dequantized or upcast copy of every
-kernel from the forward pass to the backward pass. So neither a QLoRA step nor a bf16-base
-step holds a dense float32 copy of the model.
+:func:`base_product`, which dequantizes, views and casts it where the product needs it, under a
+custom VJP (``jax.checkpoint`` when custom VJPs are off): autodiff keeps the stored base (NF4
+codes, a bf16 kernel) as the residual for the backward pass and rebuilds the dense kernel there,
+instead of keeping the dequantized or upcast copy of every kernel from the forward pass to the
+backward pass. So neither a QLoRA step nor a bf16-base step holds a dense float32 copy of the model.
 """
 
 from __future__ import annotations
