@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jaxprs import computed_shapes
 from _models import TinyGPT
 
 import lorajax
@@ -372,10 +373,7 @@ def test_stacked_kernels_scanned_or_not_run_in_every_form(form):
     x = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
     ids = np.array([0, 1, -1, 1])
     for fn in (scanned, unsliced):
-        got = lorajax.factored(fn, strict=True)(lorajax.select(bank, ids, form=form), x)
-        for n, k in enumerate(ids):
-            want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
-            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")
+        _assert_rows_are_their_adapters(fn, bank, ids, ps, base, x, form)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,26 +478,7 @@ def test_dora_stacked_kernels_scanned_or_not_run_in_every_form(form):
     x = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
     ids = np.array([0, 1, -1, 0])
     for fn in (scanned, unsliced):
-        got = lorajax.factored(fn, strict=True)(lorajax.select(bank, ids, form=form), x)
-        for n, k in enumerate(ids):
-            want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
-            np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")
-
-
-def _shapes(jaxpr):
-    """Every value shape any equation of ``jaxpr`` or its sub-jaxprs computes.
-
-    ``stop_gradient`` is left out: it returns the frozen base itself (no computation, no new buffer).
-    """
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "stop_gradient":
-            out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                out += _shapes(inner) if hasattr(inner, "eqns") else []
-    return out
+        _assert_rows_are_their_adapters(fn, bank, ids, ps, base, x, form)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -510,7 +489,7 @@ def test_dora_gains_come_from_factored_norms_without_a_kernel_per_adapter(form):
     bank = lorajax.stack_adapters(ps)
     run = lorajax.factored(lambda p, x: x @ p["fc"]["kernel"], strict=True)
     x = jnp.ones((2, 64))
-    big = lambda jaxpr: [s for s in _shapes(jaxpr) if int(np.prod(s)) >= 64 * 48]
+    big = lambda jaxpr: [s for s in computed_shapes(jaxpr) if int(np.prod(s)) >= 64 * 48]
     assert big(jax.make_jaxpr(lorajax.merge)(ps[0]).jaxpr), "the check must be able to see W + ΔW"
     served = jax.make_jaxpr(lambda bank, ids, x: run(lorajax.select(bank, ids, form=form), x))(
         bank, np.array([0, 2]), x
@@ -581,3 +560,11 @@ def test_stack_refuses_a_dora_entry_whose_magnitude_does_not_fit():
         ValueError, match=r"shape: fc/kernel \(adapter 0\): a DoRA entry needs a magnitude of shape \(5,\).*got \(3,\)"
     ):
         lorajax.stack_adapters([bad], base=base)
+
+
+def _assert_rows_are_their_adapters(fn, bank, ids, ps, base, x, form):
+    """Row ``n`` of the bank's factored output equals ``fn`` on adapter ``ids[n]``'s merged params (the base for -1)."""
+    got = lorajax.factored(fn, strict=True)(lorajax.select(bank, ids, form=form), x)
+    for n, k in enumerate(ids):
+        want = fn(base if k < 0 else lorajax.merge(ps[k]), x[n : n + 1])[0]
+        np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=f"{fn.__name__} row {n}")

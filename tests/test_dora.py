@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _jaxprs import computed_shapes
 from safetensors.numpy import load_file
 
 import lorajax
@@ -272,23 +273,6 @@ def test_factored_dora_forward_and_gradients_match_peft(case, tmp_path):
 # The factored path: equal to the merge path, no fan-in x fan-out temporary, sound numerics.
 
 
-def _all_shapes(jaxpr):
-    """The shape of every value any equation of ``jaxpr`` (and its sub-jaxprs) computes.
-
-    ``stop_gradient`` is left out: it returns the frozen base itself (no computation, no new buffer).
-    """
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "stop_gradient":
-            shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    shapes += _all_shapes(inner)
-    return shapes
-
-
 def test_factored_dora_training_step_forms_no_fan_in_by_fan_out_value():
     from _models import tiny_gpt
 
@@ -306,7 +290,7 @@ def test_factored_dora_training_step_forms_no_fan_in_by_fan_out_value():
         return jax.make_jaxpr(jax.grad(lambda t: apply(lorajax.combine(t, f), tokens).mean()))(t)
 
     def big(jaxpr, consts):
-        return sorted({s for s in _all_shapes(jaxpr) if int(np.prod(s)) in forbidden})
+        return sorted({s for s in computed_shapes(jaxpr) if int(np.prod(s)) in forbidden})
 
     mer = step(lambda p, x: model.apply(lorajax.merge(p), x))
     assert big(mer.jaxpr, mer.consts), "the check must be able to see W + ΔW in the merge path"

@@ -1,0 +1,20 @@
+"""Walking jaxprs in tests: what values a traced computation forms."""
+
+from __future__ import annotations
+
+
+def computed_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The shape of every value any equation of ``jaxpr`` (and its sub-jaxprs) computes.
+
+    ``stop_gradient`` is left out: it returns the frozen base itself (no computation, no new buffer).
+    """
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "stop_gradient":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    shapes += computed_shapes(inner)
+    return shapes
