@@ -85,10 +85,6 @@ class Base:
             k += n
         return x if dtype is None else x.astype(dtype)
 
-    def astype(self, dtype: Any) -> jax.Array:
-        """The dense viewed kernel in ``dtype``, as an array's ``astype`` (for uses that form ``W`` anyway)."""
-        return self.dense(dtype)
-
 
 #: Whether custom VJPs may be used (``factored(fast_weight_grads=...)``, set around each trace). A custom VJP
 #: has no forward mode; without them the base products fall back to ``jax.checkpoint``.

@@ -209,7 +209,7 @@ def materialize(ref: KernelRef) -> jax.Array:
     ref = normalize(ref)
     dt = compute_dtype(ref.info.orig_dtype)
     d = _view_product(ref, ref.a, ref.b, ref.info.spec, dt)
-    w = ref.base.astype(dt) + d
+    w = ref.base.dense(dt) + d
     if ref.info.spec.variant == "dora":
         # a carries a zero rank column and b the row g = m/n (lorajax/_factored/_dora.py): d is the plain
         # delta, and the last column/row alone lay g out over the view (ones over the fan-in axes).
