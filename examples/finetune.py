@@ -346,9 +346,8 @@ def main(argv: list[str] | None = None) -> Path:
         r.file_bytes = path.stat().st_size
         # Reload onto a fresh copy of the base read from disk, merge to plain kernels, evaluate again.
         fresh, _ = textlm.load_params(args.base) if "loaded" in how else (base, None)
-        reloaded = lorajax.load_adapter(path, fresh)
-        if parse_name(r.name)[2]:  # a QLoRA adapter: onto the same quantized base it was trained on
-            reloaded = quantized_base(reloaded, parse_name(r.name)[2])  # quantizes the LoRA nodes' bases in place
+        quant = parse_name(r.name)[2]  # a QLoRA adapter loads onto the same quantized base it was trained on
+        reloaded = lorajax.load_adapter(path, quantized_base(fresh, quant) if quant else fresh)
         merged = lorajax.merge(reloaded)
         again = evaluate(merged, val)
         checks.append((r.name, r.val_after, again))
