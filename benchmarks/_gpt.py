@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -105,3 +106,22 @@ def interleaved_rounds(modes, warmup, steps):
         "loadavg_end": os.getloadavg(),
     }
     return rows, machine
+
+
+def add_step_args(ap: argparse.ArgumentParser, steps: int, out: str) -> None:
+    """The options of a one-training-step benchmark on this GPT: rounds and model/batch size."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", default=out)
+
+
+def step_setup(args: argparse.Namespace) -> tuple[dict, GPT, jax.Array, Any]:
+    """``(config, model, tokens, params)`` for :func:`add_step_args`' options (vocab 512, 4 heads)."""
+    cfg = dict(vocab=512, d=args.d, layers=args.layers, heads=4, seq=args.seq, batch=args.batch)
+    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
+    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
+    return cfg, model, tokens, model.init(jax.random.key(1), tokens)["params"]

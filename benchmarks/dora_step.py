@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, compiled_step, interleaved_rounds, lm_loss
+from _gpt import add_step_args, compiled_step, interleaved_rounds, lm_loss, step_setup
 
 import lorajax
 
@@ -81,19 +81,10 @@ def make_torch(cfg, dora: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
+    add_step_args(ap, steps=9, out=str(Path(__file__).parent / "dora_step.json"))
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "dora_step.json"))
     args = ap.parse_args()
-    cfg = dict(vocab=512, d=args.d, layers=args.layers, heads=4, seq=args.seq, batch=args.batch)
-    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
-    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
-    params = model.init(jax.random.key(1), tokens)["params"]
+    cfg, model, tokens, params = step_setup(args)
     modes = {
         "jax LoRA factored": make_jax(model, params, tokens, False, "factored"),
         "jax DoRA factored": make_jax(model, params, tokens, True, "factored"),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import GPT, compiled_step, interleaved_rounds, lm_loss
+from _gpt import add_step_args, compiled_step, interleaved_rounds, lm_loss, step_setup
 
 import lorajax
 
@@ -63,18 +63,9 @@ def make_mode(model, params, tokens):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "qlora_step.json"))
+    add_step_args(ap, steps=7, out=str(Path(__file__).parent / "qlora_step.json"))
     args = ap.parse_args()
-    cfg = dict(vocab=512, d=args.d, layers=args.layers, heads=4, seq=args.seq, batch=args.batch)
-    model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"])
-    tokens = jax.random.randint(jax.random.key(0), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
-    params = model.init(jax.random.key(1), tokens)["params"]
+    cfg, model, tokens, params = step_setup(args)
     modes = {f"LoRA, {k} base" if k != "nf4" else "QLoRA, nf4+DQ base": base_params(params, k) for k in KINDS}
     modes = {name: make_mode(model, p, tokens) for name, p in modes.items()}
     rows, machine = interleaved_rounds(modes, args.warmup, args.steps)
