@@ -86,7 +86,7 @@ def test_spread_sample_takes_evenly_spaced_pieces() -> None:
 def test_finetune_pretrains_when_flags_differ_from_checkpoint(tmp_path: Path) -> None:
     # A width the shipped checkpoint does not have: the demo must pretrain its own base (tiny here) and still work.
     # --quantize nf4 adds QLoRA attn_qv: every linear kernel but the head in NF4 (the bare ones dequantized in the
-    # step), reloaded onto the re-quantized base.
+    # step), reloaded onto the quantized base.
     out = run(
         [str(EXAMPLES / "finetune.py"), "--fast", "--d-model", "32", "--n-layers", "1", "--methods", "attn_qv"]
         + ["--quantize", "nf4", "--out", str(tmp_path / "run")]
