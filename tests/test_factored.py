@@ -368,22 +368,8 @@ def test_strict_raises():
         lorajax.factored(lambda p, x: x @ jnp.cos(p["w"]), strict=True)(p, jnp.ones((3, 6)))
 
 
-def _dot_output_shapes(jaxpr):
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else []:
-            shapes += _dot_output_shapes(sub)
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    shapes += _dot_output_shapes(inner)
-    return shapes
-
-
 def test_grad_step_forms_no_full_kernel():
+    from _jaxprs import computed_shapes
     from _models import tiny_gpt
 
     model, params, tokens = tiny_gpt(d_model=24, batch=2, seq=5, vocab=40)
@@ -397,8 +383,8 @@ def test_grad_step_forms_no_full_kernel():
     def step(apply):
         return jax.make_jaxpr(jax.grad(lambda t: apply(lorajax.combine(t, f), tokens).mean()))(t)
 
-    fac = _dot_output_shapes(step(lorajax.factored(model.apply)).jaxpr)
-    mer = _dot_output_shapes(step(lambda p, x: model.apply(lorajax.merge(p), x)).jaxpr)
+    fac = computed_shapes(step(lorajax.factored(model.apply)).jaxpr, only="dot_general")
+    mer = computed_shapes(step(lambda p, x: model.apply(lorajax.merge(p), x)).jaxpr, only="dot_general")
     assert any(s in kernel_shapes for s in mer), "the check must be able to see dW in the merge path"
     assert fac and not [s for s in fac if s in kernel_shapes]
 
