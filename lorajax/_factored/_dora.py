@@ -79,13 +79,34 @@ def _gain_row(ref: KernelRef) -> KernelRef:
     return ref.replace(a=ref.a[..., r:], b=lax.slice_in_dim(ref.b, r, r + 1, axis=axis))
 
 
-def _combine(y0: jax.Array, lora: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:
-    """``g ⊙ (y0 + lora)``; with dropout (``dropped`` = ``drop(x)·W``) PEFT's ``y0 + (g−1) ⊙ dropped + g ⊙ lora``."""
+def lora_part(ref: KernelRef) -> KernelRef:
+    """The plain LoRA term of ``ref`` at its true rank ``r`` (without ``g``'s row); ``ref`` itself if not DoRA.
+
+    The products then run at rank ``r``: an odd rank ``r + 1`` costs XLA:CPU more than its share.
+    """
+    return _split(ref)[0] if is_dora(ref) else ref
+
+
+def _gained_part(ref: KernelRef) -> KernelRef:
+    """:func:`lora_part` with ``g`` folded into ``b`` (each rank row times ``g``): its term is ``g ⊙ s·x·A·B``.
+
+    Scaling the rank-``r`` factor instead of the ``tokens × fan-out`` LoRA term saves a pass over the
+    activations forward and keeps the base product, not ``x·W + ΔW-term``, as what the magnitude's gradient reads.
+    """
+    plain, _ = _split(ref)
+    axis = ref.rank_axis("b")
+    g = lax.slice_in_dim(ref.b, ref.b.shape[axis] - 1, ref.b.shape[axis], axis=axis)
+    return plain.replace(b=plain.b * g)
+
+
+def _combine(y0: jax.Array, gained: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:
+    """``g ⊙ y0 + gained``, ``gained`` the LoRA term times ``g``; with dropout (``dropped`` = ``drop(x)·W``)
+    PEFT's ``y0 + (g−1) ⊙ dropped + gained``."""
     g = g.astype(y0.dtype)
-    lora = lora.astype(y0.dtype)
+    gained = gained.astype(y0.dtype)
     if dropped is None:
-        return g * (y0 + lora)
-    return y0 + (g - 1) * dropped + g * lora
+        return g * y0 + gained
+    return y0 + (g - 1) * dropped + gained
 
 
 def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array:
@@ -99,10 +120,11 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
         return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
     y0 = base_dot(eqn, x, ref, k_side)
     xd = interp.dropout(ref, x)
-    t = interp.first_products.pop(eqn.outvars[0], None)
+    gained = _gained_part(ref)
+    t = interp.first_products.pop(eqn.outvars[0], None)  # x·A: its rank-r factor is lora_part's, as gained's
     if t is None:
-        t = plan.first_product(ref, xd, p)
-    lora = plan.finish(t, ref, x, y0.shape, p)
+        t = plan.first_product(gained, xd, p)
+    lora = plan.finish(t, gained, x, y0.shape, p)
     g2 = plan.second_2d(_gain_row(ref), compute_dtype(ref.b.dtype))  # (1, fan-out), in the plan's order
     ones = [1] * len(plan.xfree)
     ks = [ref.shape[q] for q in plan.kfree]
@@ -116,7 +138,7 @@ def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
     p = eqn.params
     y0 = base_conv(eqn, x, ref)
     xd = interp.dropout(ref, x)
-    lora = conv_lora(xd, ref, p, y0.shape)
+    lora = conv_lora(xd, _gained_part(ref), p, y0.shape)
     if lora is None:
         return eqn.primitive.bind(x, interp.fallback(ref, "conv_general_dilated (DoRA)"), **p)
     g = _gain_row(ref).b.reshape(-1)  # conv_lora needs one fan-out axis and no stack: b is (r + 1, cout)
@@ -132,7 +154,7 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
         return _rows_gather(interp, eqn, ref, idx)
     p = eqn.params
     y0 = base_gather(eqn, ref, idx)
-    lora = gather_lora(idx, ref, p, y0.shape)
+    lora = gather_lora(idx, _gained_part(ref), p, y0.shape)
     if lora is None:
         return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA)"), idx, **p)
     dn = p["dimension_numbers"]
@@ -213,7 +235,7 @@ def _rows_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) 
         w = interp.fallback(ref, "dot_general (a DoRA bank needs x @ W with W's fan-in contracted)")
         return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
     dropped = None if xd is x else base_dot(eqn, xd, ref, k_side)
-    return _combine(y0, lora, g_out, dropped)
+    return _combine(y0, g_out.astype(lora.dtype) * lora, g_out, dropped)
 
 
 def _rows_gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
@@ -241,4 +263,5 @@ def _rows_gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.A
         return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA bank: rows not leading the lookup)"), idx, **p)
     shape = list(g.shape[:lead]) + [1] * (y0.ndim - lead)
     shape[out_axis] = g.shape[-1]
-    return _combine(y0, lora, jnp.reshape(g, shape), None)
+    g = jnp.reshape(g, shape)
+    return _combine(y0, g.astype(lora.dtype) * lora, g, None)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lorajax._factored._consumers import DotPlan, first_matmul
+from lorajax._factored._dora import lora_part
 from lorajax._factored._ref import KernelRef
 
 
@@ -68,6 +69,7 @@ def fuse_siblings(interp: Any, side: int, eqns: list, env: dict) -> None:
         ref = env.get(eqn.invars[k_side])
         if not isinstance(ref, KernelRef):
             continue
+        ref = lora_part(ref)  # a DoRA member's first product is its LoRA term's, at rank r
         plan = DotPlan(ref, k_side, eqn.params["dimension_numbers"], x.ndim)
         if plan.ok and plan.first == "a":
             members.append((eqn, plan, ref))
