@@ -39,19 +39,21 @@ def make_jax(model, params, tokens, dora: bool, path: str):
     tx = optax.adam(1e-4)
     apply = lorajax.factored(model.apply, strict=True)
 
-    def forward(t, tokens):
+    def forward(t, frozen, tokens):
         p = lorajax.combine(t, frozen)
         if path == "factored":
             return apply({"params": p}, tokens)
         return model.apply({"params": lorajax.merge(p)}, tokens)
 
+    # The frozen tree is an argument, as in a real training step: closed over, it would be a compile-time
+    # constant that XLA folds into (e.g. DoRA's ||W||^2) and that the peak memory never counts.
     @jax.jit
-    def step(t, opt, tokens):
-        loss, g = jax.value_and_grad(lambda t: lm_loss(forward(t, tokens), tokens))(t)
+    def step(t, opt, frozen, tokens):
+        loss, g = jax.value_and_grad(lambda t: lm_loss(forward(t, frozen, tokens), tokens))(t)
         upd, opt = tx.update(g, opt, t)
         return optax.apply_updates(t, upd), opt, loss
 
-    return compiled_step(step, (trainable, tx.init(trainable)), tokens)
+    return compiled_step(step, (trainable, tx.init(trainable)), frozen, tokens)
 
 
 def make_torch(cfg, dora: bool):

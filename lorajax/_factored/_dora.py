@@ -6,10 +6,11 @@ rank-``r`` products, nothing of size fan-in × fan-out), with ``n`` detached as 
 
 To travel through every view of the kernel (reshapes, transposes, scan slices) with no
 extra bookkeeping, ``g`` rides in the factors themselves: ``a`` gets a zero rank column
-and ``b`` the row ``g`` (:func:`extend_factors`). Then ``a_ext @ b_ext = a @ b`` exactly,
-so the plain LoRA rules compute the plain LoRA term unchanged, and the DoRA rules below
-read ``g`` back from the last rank row of ``b``, already laid out like the kernel view's
-fan-out axes. With LoRA dropout active they follow PEFT:
+and ``b`` the row ``g`` (:func:`extend_factors`). Then ``a_ext @ b_ext = a @ b`` exactly, so
+anything that forms the kernel from the factors stays right, and the DoRA rules below read
+``g`` back from the last rank row of ``b``, already laid out like the kernel view's fan-out
+axes. They compute ``g ⊙ x·W + s·(x·A)·(g ⊙ B)``: the LoRA products at rank ``r`` with ``g``
+folded into ``B``. With LoRA dropout active they follow PEFT:
 ``y = x·W + (g − 1) ⊙ (drop(x)·W) + g ⊙ s·(drop(x)·A)·B``.
 """
 
