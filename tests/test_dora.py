@@ -513,10 +513,11 @@ def _our_scaled_mask(shape, rate, key, conv):
     one DoRA node whose kernel is the identity (b = 0, m = c·‖W‖, so g = c) shows it: ``y = x + (c - 1)·drop(x)``.
     """
     c, ch = 3.0, shape[-1]
-    if conv:  # a 1x1 identity convolution, NHWC
-        kernel, layout = jnp.eye(ch).reshape(1, 1, ch, ch), {".*": "wwio"}
-        dn = ("NHWC", "HWIO", "NHWC")
-        call = lambda p, x: jax.lax.conv_general_dilated(x, p["m"]["kernel"], (1, 1), "VALID", dimension_numbers=dn)
+    if conv:  # an identity convolution of window 1 (NWC or NHWC)
+        nd = len(shape) - 2
+        kernel, layout = jnp.eye(ch).reshape((1,) * nd + (ch, ch)), {".*": "w" * nd + "io"}
+        dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NWC", "WIO", "NWC")
+        call = lambda p, x: jax.lax.conv_general_dilated(x, p["m"]["kernel"], (1,) * nd, "VALID", dimension_numbers=dn)
     else:
         kernel, layout = jnp.eye(ch), None
         call = lambda p, x: x @ p["m"]["kernel"]
@@ -527,9 +528,11 @@ def _our_scaled_mask(shape, rate, key, conv):
 
 
 class _Conv(nn.Module):
+    nd: int = 2
+
     @nn.compact
-    def __call__(self, x):  # NHWC, strided
-        return nn.Conv(4, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)], name="conv")(x)
+    def __call__(self, x):  # NWC or NHWC, strided
+        return nn.Conv(4, (3,) * self.nd, strides=(2,) * self.nd, padding=[(1, 1)] * self.nd, name="conv")(x)
 
 
 class _Dense(nn.Module):
@@ -539,16 +542,17 @@ class _Dense(nn.Module):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 def test_factored_dora_with_a_fixed_dropout_mask_matches_peft(kind, tmp_path):
     """PEFT's DoRA in training mode with its dropout replaced by our mask: forward and grads of A, B, m to 1e-5."""
     import torch
     from peft import PeftModel
 
     rate, key = 0.4, jax.random.key(3)
-    conv = kind == "conv2d"
-    model, module = (_Conv(), "conv") if conv else (_Dense(), "fc")
-    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3) if conv else (4, 6))
+    nd = {"linear": 0, "conv1d": 1, "conv2d": 2}[kind]
+    conv = nd > 0
+    model, module = (_Conv(nd), "conv") if conv else (_Dense(), "fc")
+    x = jax.random.normal(jax.random.key(0), (2,) + (6,) * nd + (3,) if conv else (4, 6))
     base = model.init(jax.random.key(1), x)
     p = lorajax.lorafy(base, rank=2, alpha=3.0, where=[module], dora=True, init="gaussian")
     p = jax.tree.map(  # moved away from the init: b nonzero, m not the norm
@@ -567,11 +571,12 @@ def test_factored_dora_with_a_fixed_dropout_mask_matches_peft(kind, tmp_path):
     assert not np.allclose(fn(p, x, lora_deterministic=True), y, atol=1e-3)
 
     # PyTorch: the same base, our adapter loaded by PEFT, its dropout replaced by our mask (NCHW for the conv).
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)) if conv else a, np.float32))
+    to_nc = (0, nd + 1) + tuple(range(1, nd + 1))  # channels-last -> channels-first
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, to_nc) if conv else a, np.float32))
     w = np.asarray(base["params"][module]["kernel"])
-    layer = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1) if conv else torch.nn.Linear(6, 5)
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)) if conv else w.T)))
+    layer = {0: torch.nn.Linear(6, 5), 1: torch.nn.Conv1d(3, 4, 3, 2, 1), 2: torch.nn.Conv2d(3, 4, 3, 2, 1)}[nd]
+    with torch.no_grad():  # (*window, in, out) -> (out, in, *window)
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.transpose(w, (nd + 1, nd) + tuple(range(nd))))))
         layer.bias.copy_(torch.from_numpy(np.asarray(base["params"][module]["bias"])))
     torch_base = torch.nn.Sequential()
     torch_base.add_module(module, layer)
