@@ -7,6 +7,8 @@ Modes, each jitted and timed on the same tokens (batch B = ``per_adapter`` x 8 e
 wants adapter n % 8):
 
 * ``base``: the base model alone on the whole batch (no adapter; the floor).
+* ``one adapter``: adapter 0 alone, factored, on the whole batch: what LoRA's own products cost over the base
+  (the floor for any bank; not a way to serve the batch).
 * ``bank gather`` / ``bank onehot`` / ``bank ragged`` / ``bank auto``: ``lorajax.select(bank, ids, form=...)``
   + ``lorajax.factored(model.apply)``: one call for the batch, one base in memory.
 * ``factored x8``: one base in memory, one factored call per adapter's sub-batch (the per-adapter loop).
@@ -113,13 +115,16 @@ def main() -> None:
         groups = [np.flatnonzero(np.asarray(ids) == k) for k in range(ADAPTERS)]
         sub = [tokens[g] for g in groups]
 
-        modes: dict[str, Any] = {"base": lambda tokens=tokens: apply(base, tokens)}
+        modes: dict[str, Any] = {
+            "base": lambda tokens=tokens: apply(base, tokens),
+            "one adapter": lambda tokens=tokens: one(adapters[0], tokens),
+        }
         for f in FORMS:
             modes[f"bank {f}"] = lambda tokens=tokens, ids=ids, f=f: serve[f](bank, ids, tokens)
         modes["factored x8"] = lambda sub=sub: [one(adapters[k], sub[k]) for k in range(ADAPTERS)]
         modes["merge+call x8"] = lambda sub=sub: [merge_call(adapters[k], sub[k]) for k in range(ADAPTERS)]
         modes["merged x8"] = lambda sub=sub: [apply(merged[k], sub[k]) for k in range(ADAPTERS)]
-        flops = {"base": gflops(apply, base, tokens)}
+        flops = {"base": gflops(apply, base, tokens), "one adapter": gflops(one, adapters[0], tokens)}
         flops.update({f"bank {f}": gflops(serve[f], bank, ids, tokens) for f in FORMS})
         flops["factored x8"] = sum(gflops(one, adapters[k], sub[k]) for k in range(ADAPTERS))
         flops["merge+call x8"] = sum(gflops(merge_call, adapters[k], sub[k]) for k in range(ADAPTERS))
@@ -151,6 +156,7 @@ def main() -> None:
             "best_loop": best_loop,
             "best_bank": best_bank,
             "bank_over_base": {f: ratio(f"bank {f}", "base") for f in FORMS},
+            "one_adapter_over_base": ratio("one adapter", "base"),
             "loop_over_bank": {f: ratio(best_loop, f"bank {f}") for f in FORMS},
             "merged_x8_over_bank": {f: ratio("merged x8", f"bank {f}") for f in FORMS},
             "max_abs_diff_vs_merged": errs,
@@ -182,6 +188,7 @@ def main() -> None:
     for b in blocks:
         print(
             f"batch {b['batch']} (load {b['load_avg_1min'][0]:.1f}->{b['load_avg_1min'][1]:.1f}): "
+            f"one adapter/base {b['one_adapter_over_base']:.2f}; "
             + "; ".join(
                 f"{f}: bank/base {b['bank_over_base'][f]:.2f}, {b['best_loop']}/bank {b['loop_over_bank'][f]:.2f}, "
                 f"merged x8/bank {b['merged_x8_over_bank'][f]:.2f}, err {b['max_abs_diff_vs_merged'][f]:.1e}"
