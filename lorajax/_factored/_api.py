@@ -127,13 +127,16 @@ def factored(
         factors: list[Any] = []
         spec: list[Any] = []
         infos: list[Any] = []
+        norm_done: tuple = ()  # DoRA norms one after another (extend_factors)
         for n, (path, leaf) in enumerate(leaves):
             if is_lora(leaf):
                 node: LoRA = leaf
                 base = _boxes.unbox(node.base)
                 a, b = _boxes.unbox(node.a), _boxes.unbox(node.b)
                 if node.spec.variant == "dora":  # g = m / n rides in the factors (lorajax/_factored/_dora.py)
-                    a, b = extend_factors(base, a, b, _boxes.unbox(node.magnitude), node.spec, _node_name(path))
+                    mag = _boxes.unbox(node.magnitude)
+                    a, b, done = extend_factors(base, a, b, mag, node.spec, _node_name(path), norm_done)
+                    norm_done = (done,)
                 infos.append((n, _node_name(path), node))
                 dyn.append(base)
                 factors.extend([a, b, node_rows(node)])

@@ -129,7 +129,7 @@ def base_gather(eqn: Any, ref: Any, idx: jax.Array) -> jax.Array:
 
 
 def _use(fn: Callable[..., jax.Array], dtype: Any, base: Base, xs: tuple) -> jax.Array:
-    return fn(_after(base, xs).dense(dtype), *xs)
+    return fn(after(base, xs).dense(dtype), *xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -143,7 +143,7 @@ def _product_fwd(fn: Callable[..., jax.Array], dtype: Any, base: Base, *args: An
 
 def _product_bwd(fn: Callable[..., jax.Array], dtype: Any, res: Any, g: jax.Array) -> tuple:
     base, args = res
-    w = _after(base, (g,)).dense(dtype)
+    w = after(base, (g,)).dense(dtype)
     diff = [k for k, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.inexact)]
 
     def linear(*moving: Any) -> jax.Array:
@@ -170,8 +170,11 @@ def _zeros(tree: Any) -> Any:
     return jax.tree.map(zero, tree)
 
 
-def _after(b: Base, xs: tuple) -> Base:
-    """``b`` with its stored leaves made to depend on ``xs`` (exactly the same values), for XLA's scheduler.
+def after(b: Any, xs: tuple) -> Any:
+    """``b`` (a :class:`Base` or any pytree of arrays) with its leaves made to depend on ``xs``, same values.
+
+    For XLA's scheduler: whatever is built from ``b`` (a dequantized or upcast kernel) cannot start before ``xs``
+    exist, so such builds happen one at a time, each where it is used, rather than all at the start.
 
     Only in single-device programs: with several devices the scalar taken from ``xs`` would cost a collective per
     product (a broadcast from the device holding it), so there the build is left to XLA's scheduler.
@@ -194,3 +197,15 @@ def _after(b: Base, xs: tuple) -> Base:
         return jax.lax.bitcast_convert_type(raw + zero.astype(width), leaf.dtype)
 
     return jax.tree.map(tie, b)
+
+
+def in_turn(base: Any, prior: tuple) -> Any:
+    """``base`` tied :func:`after` ``prior`` where reading it densely builds a float32 transient, else ``base``.
+
+    A quantized base is dequantized and a base below float32 upcast (XLA:CPU upcasts bf16 contractions) when a
+    DoRA norm reads it; chaining the reads keeps one such transient alive at a time. A float32 base is read as
+    stored: a tie would only add a copy.
+    """
+    if is_quantized(base) or jnp.promote_types(base.dtype, jnp.float32) != base.dtype:
+        return after(base, prior)
+    return base

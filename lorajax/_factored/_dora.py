@@ -26,7 +26,7 @@ from jax import lax
 from lorajax._dora import factored_norm, magnitude_axes
 from lorajax._factored import _banked
 from lorajax._factored._banked import Gains
-from lorajax._factored._base import base_conv, base_dot, base_gather
+from lorajax._factored._base import base_conv, base_dot, base_gather, in_turn
 from lorajax._factored._consumers import DotPlan, conv_lora, dot_lora_einsum, gather_lora
 from lorajax._factored._ref import KernelRef
 from lorajax._node import LoRASpec, compute_dtype
@@ -38,11 +38,18 @@ def is_dora(ref: KernelRef) -> bool:
     return ref.info.spec.variant == "dora"
 
 
-def extend_factors(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, path: str) -> tuple[Any, Any]:
-    """``(a_ext, b_ext)``: ``a`` with a zero rank column, ``b`` with the row ``g = m / n`` (float32 at least).
+def extend_factors(
+    base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, path: str, prior: tuple = ()
+) -> tuple[Any, Any, Any]:
+    """``(a_ext, b_ext, done)``: ``a`` with a zero rank column, ``b`` with the row ``g = m / n`` (float32 at least).
 
     A selected bank node (:func:`lorajax.select`) brings its gains ready, one per example or bank row, as
     :class:`~lorajax._factored._banked.Gains`; its factors have that leading axis too.
+
+    The norm reads ``W`` dequantized or upcast (a bf16 base: XLA:CPU upcasts it for the contraction), a transient
+    the size of the kernel in float32. ``prior`` (the previous node's ``done``, a scalar that depends on its whole
+    norm) makes this node's read wait for it, so the transients live one at a time; left to itself XLA built them
+    all at once (242 MiB of temporaries against LoRA's 24 on a bf16 4 x 1024 model).
     """
     if magnitude is None:
         raise ValueError(
@@ -60,7 +67,7 @@ def extend_factors(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, pa
                 f"lorajax.factored: {path} is a per-example DoRA node (factor a of shape {tuple(jnp.shape(a))}) "
                 "without the gains lorajax.select computes; make it with lorajax.select from lorajax.stack_adapters."
             )
-        base = dense_base(base)  # a quantized base: its norms are those of the dequantized kernel
+        base = dense_base(in_turn(base, prior))  # a quantized base: its norms are those of the dequantized kernel
         dt = compute_dtype(base.dtype)
         g = jnp.asarray(magnitude).astype(dt) / factored_norm(base, a, b, spec, dt)
     # g's axes are the kernel's stacked and fan-out axes in kernel order; b holds them as (*stack, r, *fan_out).
@@ -70,7 +77,7 @@ def extend_factors(base: Any, a: Any, b: Any, magnitude: Any, spec: LoRASpec, pa
     wide = jnp.promote_types(b.dtype, dt)
     b_ext = jnp.concatenate([jnp.asarray(b).astype(wide), g.astype(wide)], axis=lead + len(lay.stack))
     a_ext = jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-    return a_ext, b_ext
+    return a_ext, b_ext, jnp.sum(g)
 
 
 def _gain_row(ref: KernelRef) -> KernelRef:

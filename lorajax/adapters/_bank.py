@@ -13,6 +13,7 @@ import numpy as np
 from lorajax import _boxes
 from lorajax._dora import bank_gains, magnitude_shape
 from lorajax._factored._banked import FORMS, BankedLoRA, Gains, Rows
+from lorajax._factored._base import in_turn
 from lorajax._node import HasSpec, LoRA, LoRASpec, compute_dtype, fold_scale, is_lora
 from lorajax._problems import Problems
 from lorajax.adapters._adapter import Adapter, as_adapter
@@ -274,15 +275,18 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
                 f"{list(bank.names)} or -1 for the base model."
             )
     rows = jnp.where(ids < 0, count, ids).astype(jnp.int32)  # the last row of every bank node is the zero adapter
+    norm_done: tuple = ()
 
     def pick(node: Any) -> Any:
         if not is_bank_node(node):
             return node
         f = form if form != "auto" else ("onehot" if ids.ndim == 2 else "gather")
+        nonlocal norm_done
         spec, g = node.spec, None
         if node.magnitude is not None:  # DoRA rows: every adapter's gain, once (lorajax/_dora.py)
-            base = dense_base(_boxes.unbox(node.base))
+            base = dense_base(in_turn(_boxes.unbox(node.base), norm_done))  # one kernel's transient at a time
             spec, g = spec.replace(variant="dora"), bank_gains(base, node.a, node.b, node.magnitude, node.dora, spec)
+            norm_done = (jnp.sum(g),)
         if f == "gather":
             a, b = jnp.take(node.a, rows, axis=0), jnp.take(node.b, rows, axis=0)
             m = None if g is None else Gains(jnp.take(g, rows, axis=0))
