@@ -1,4 +1,5 @@
-"""QLoRA (NF4 + double quantization) against LoRA on a bf16 and an fp32 base: one factored training step each.
+"""QLoRA (NF4 + double quantization) against LoRA on a bf16 and an fp32 base, and QDoRA (DoRA on the NF4 base):
+one factored training step each.
 
     python benchmarks/qlora_step.py [--steps 7] [--warmup 2] [--d 256] [--layers 4]
 
@@ -41,8 +42,8 @@ def base_params(params, kind: str):
     return lorajax.quantize(bf16, where=lorajax.all_linear, dtype="nf4", block_size=64, double_quant=True)
 
 
-def make_mode(model, params, tokens):
-    lp = lorajax.lorafy(params, rank=RANK, alpha=2.0 * RANK, where=lorajax.all_linear)
+def make_mode(model, params, tokens, dora: bool = False):
+    lp = lorajax.lorafy(params, rank=RANK, alpha=2.0 * RANK, where=lorajax.all_linear, dora=dora)
     trainable, frozen = lorajax.partition(lp)
     tx = optax.adam(1e-4)
     apply = lorajax.factored(model.apply)
@@ -68,9 +69,12 @@ def main() -> None:
     cfg, model, tokens, params = step_setup(args)
     modes = {f"LoRA, {k} base" if k != "nf4" else "QLoRA, nf4+DQ base": base_params(params, k) for k in KINDS}
     modes = {name: make_mode(model, p, tokens) for name, p in modes.items()}
+    modes["QDoRA, nf4+DQ base"] = make_mode(model, base_params(params, "nf4"), tokens, dora=True)
     rows, machine = interleaved_rounds(modes, args.warmup, args.steps)
     q, b = rows["QLoRA, nf4+DQ base"], rows["LoRA, bf16 base"]
     ratios = {f"QLoRA/bf16 LoRA, {k}": q[k] / b[k] for k in ("median_s", "flops", "peak_bytes", "frozen_bytes")}
+    qd = rows["QDoRA, nf4+DQ base"]
+    ratios.update({f"QDoRA/QLoRA, {k}": qd[k] / q[k] for k in ("median_s", "flops", "peak_bytes")})
     result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     load = f"{machine['loadavg_start']} -> {machine['loadavg_end']}"
