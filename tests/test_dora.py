@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 from _jaxprs import computed_shapes
+from _peft_twins import MLP, NCHW, NCL, Conv1d, Embedder, run_twin, twin_params
 from safetensors.numpy import load_file
 
 import lorajax
@@ -122,12 +123,6 @@ def test_dora_merge_donated_equals_merge():
 # Parity with files PEFT wrote (no torch needed). Flax linen twins of make_peft_fixtures.py's PyTorch models.
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(4, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
-
-
 class GPT2(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -135,13 +130,6 @@ class GPT2(nn.Module):
             h = jnp.tanh(nn.Dense(12, name=f"c_attn_{i}")(x))
             x = x + nn.Dense(6, name=f"c_proj_{i}")(h)
         return x
-
-
-class Conv1d(nn.Module):
-    @nn.compact
-    def __call__(self, x):  # (N, L, C)
-        x = jnp.tanh(nn.Conv(4, (3,), strides=(2,), padding=[(1, 1)], name="conv")(x))
-        return nn.Conv(2, (2,), padding="VALID", name="conv_out")(x)
 
 
 class Conv2d(nn.Module):
@@ -152,25 +140,17 @@ class Conv2d(nn.Module):
         return nn.Conv(3, (1, 1), name="conv_c")(x)
 
 
-class Embedder(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        return nn.Dense(3, name="proj")(nn.Embed(10, 6, name="emb")(ids))
-
-
 def _gpt2_name(path: str) -> str:  # "params/c_attn_1/kernel" -> "h.1.c_attn"
     module = path.removeprefix("params/").rpartition("/")[0]
     return re.sub(r"^(c_\w+)_(\d)$", r"h.\2.\1", module)
 
 
-_NCL = ((0, 2, 1), (0, 2, 1))
-_NCHW = ((0, 2, 3, 1), (0, 3, 1, 2))
 #: case -> (Flax model, name_map, (input permutation to Flax, output permutation back) or None)
 SPECS = {
     "dora_linear": (MLP(), None, None),
     "dora_gpt2_conv1d": (GPT2(), _gpt2_name, None),
-    "dora_conv1d": (Conv1d(), None, _NCL),
-    "dora_conv2d": (Conv2d(), None, _NCHW),
+    "dora_conv1d": (Conv1d(), None, NCL),
+    "dora_conv2d": (Conv2d(), None, NCHW),
     "dora_embedding": (Embedder(), None, None),
 }
 CASES = list(SPECS)
@@ -178,20 +158,8 @@ CASES = list(SPECS)
 
 def flax_params(case: str, state: dict) -> dict:
     """Flax params from a PyTorch state dict, each layout converted by hand."""
-    params: dict = {}
-    for key, value in state.items():
-        module, leaf = key.rsplit(".", 1)
-        name = re.sub(r"^h\.(\d)\.(\w+)$", r"\2_\1", module)
-        node = params.setdefault(name, {})
-        if leaf == "bias":
-            node["bias"] = value
-        elif module == "emb":
-            node["embedding"] = value  # (num, dim) in both
-        elif case == "dora_gpt2_conv1d":
-            node["kernel"] = value  # Conv1D stores (in, out), like a Flax Dense kernel
-        else:
-            node["kernel"] = np.transpose(value, (*range(2, value.ndim), 1, 0))  # (out, in, *k) -> (*k, in, out)
-    return {"params": jax.tree.map(jnp.asarray, params)}
+    name = lambda module: (re.sub(r"^h\.(\d)\.(\w+)$", r"\2_\1", module),)  # "h.1.c_attn" -> "c_attn_1"
+    return twin_params(state, name, in_out=case == "dora_gpt2_conv1d")
 
 
 def torch_kernel(case: str, module: str, kernel: np.ndarray) -> np.ndarray:
@@ -203,9 +171,7 @@ def torch_kernel(case: str, module: str, kernel: np.ndarray) -> np.ndarray:
 
 def apply(case: str, fn, params, x):
     model, _, perm = SPECS[case]
-    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
-    y = fn(model.apply)(params, x)
-    return y if perm is None else jnp.transpose(y, perm[1])
+    return run_twin(fn(model.apply), perm, params, x)
 
 
 def load_case(case: str, directory: Path | None = None):

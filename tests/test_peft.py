@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _peft_twins import MLP, NCHW, NCL, Conv1d, Embedder, run_twin, twin_params
 from safetensors.numpy import load_file, save_file
 
 import lorajax
@@ -51,12 +52,6 @@ def _fixture_script():
 # Flax linen twins of the PyTorch models in make_peft_fixtures.py.
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(4, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
-
-
 class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -71,25 +66,12 @@ class GPT2(nn.Module):
         return x
 
 
-class Conv1d(nn.Module):
-    @nn.compact
-    def __call__(self, x):  # (N, L, C)
-        x = jnp.tanh(nn.Conv(4, (3,), strides=(2,), padding=[(1, 1)], name="conv")(x))
-        return nn.Conv(2, (2,), padding="VALID", name="conv_out")(x)
-
-
 class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x):  # (N, H, W, C); modules keep linen's automatic names Conv_0..2
         x = jnp.tanh(nn.Conv(4, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])(x))
         x = jnp.tanh(nn.Conv(3, (2, 3), strides=(1, 2), padding=[(0, 0), (1, 1)])(x))
         return nn.Conv(3, (1, 1))(x)
-
-
-class Embedder(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        return nn.Dense(3, name="proj")(nn.Embed(10, 6, name="emb")(ids))
 
 
 def _gpt2_names(path: str) -> str:
@@ -108,15 +90,13 @@ def peft_pattern_key(pattern: dict, module: str) -> str | None:
 
 
 _CONV2D_NAMES = {"Conv_0": "conv_a", "params/Conv_1": "conv_b", "Conv_2/kernel": "conv_c"}  # a dict name_map
-_NCL = ((0, 2, 1), (0, 2, 1))
-_NCHW = ((0, 2, 3, 1), (0, 3, 1, 2))
 
 #: case -> (Flax model, name_map, (input permutation to Flax, output permutation back) or None)
 SPECS = {
     "linear": (MLP(), None, None),
     "gpt2_conv1d": (GPT2(), _gpt2_names, None),
-    "conv1d": (Conv1d(), None, _NCL),
-    "conv2d": (Conv2d(), _CONV2D_NAMES, _NCHW),
+    "conv1d": (Conv1d(), None, NCL),
+    "conv2d": (Conv2d(), _CONV2D_NAMES, NCHW),
     "embedding": (Embedder(), None, None),
     "rslora": (MLP(), None, None),
 }
@@ -134,30 +114,12 @@ def _flax_path(case: str, module: str) -> tuple[str, ...]:
 
 def flax_params(case: str, state: dict[str, np.ndarray]) -> dict:
     """Flax params from a PyTorch state dict, converting each layout by hand."""
-    params: dict = {}
-    for key, value in state.items():
-        module, leaf = key.rsplit(".", 1)
-        node = params
-        for part in _flax_path(case, module):
-            node = node.setdefault(part, {})
-        if leaf == "bias":
-            node["bias"] = value
-        elif case == "embedding" and module == "emb":
-            node["embedding"] = value  # (num, dim) in both
-        elif case == "gpt2_conv1d":
-            node["kernel"] = value  # Conv1D stores (in, out), like a Flax Dense kernel
-        elif value.ndim == 2:
-            node["kernel"] = value.T  # Linear (out, in) -> (in, out)
-        else:
-            node["kernel"] = np.transpose(value, (*range(2, value.ndim), 1, 0))  # (out, in, *k) -> (*k, in, out)
-    return {"params": jax.tree.map(jnp.asarray, params)}
+    return twin_params(state, lambda module: _flax_path(case, module), in_out=case == "gpt2_conv1d")
 
 
 def run(case: str, params, x: np.ndarray) -> np.ndarray:
     model, _, perm = SPECS[case]
-    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
-    y = model.apply(params, x)
-    return np.asarray(y if perm is None else jnp.transpose(y, perm[1]))
+    return np.asarray(run_twin(model.apply, perm, params, x))
 
 
 def run_lora(case: str, params, x: np.ndarray) -> np.ndarray:
@@ -168,9 +130,7 @@ def run_lora(case: str, params, x: np.ndarray) -> np.ndarray:
 def run_factored(case: str, params, x: np.ndarray) -> np.ndarray:
     """The output of lorafied params through lorajax.factored (x @ W0 + s * (x @ A) @ B; strict: no merge anywhere)."""
     model, _, perm = SPECS[case]
-    x = jnp.asarray(x) if perm is None else jnp.transpose(jnp.asarray(x), perm[0])
-    y = lorajax.factored(model.apply, strict=True)(params, x)
-    return np.asarray(y if perm is None else jnp.transpose(y, perm[1]))
+    return np.asarray(run_twin(lorajax.factored(model.apply, strict=True), perm, params, x))
 
 
 def load_fixture(case: str, directory: Path | None = None):
