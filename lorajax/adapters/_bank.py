@@ -275,13 +275,13 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
                 f"{list(bank.names)} or -1 for the base model."
             )
     rows = jnp.where(ids < 0, count, ids).astype(jnp.int32)  # the last row of every bank node is the zero adapter
-    norm_done: tuple = ()
+    norm_done: tuple = ()  # DoRA gains one kernel after another (_factored/_base.in_turn)
 
     def pick(node: Any) -> Any:
+        nonlocal norm_done
         if not is_bank_node(node):
             return node
         f = form if form != "auto" else ("onehot" if ids.ndim == 2 else "gather")
-        nonlocal norm_done
         spec, g = node.spec, None
         if node.magnitude is not None:  # DoRA rows: every adapter's gain, once (lorajax/_dora.py)
             base = dense_base(in_turn(_boxes.unbox(node.base), norm_done))  # one kernel's transient at a time
