@@ -76,7 +76,7 @@ def test_select_gathers_one_adapter_per_example_exactly():
     ]
     bank = lorajax.stack_adapters(ps)
     ids = np.array([2, -1, 0, 1, 0])
-    sel = lorajax.select(bank, ids)
+    sel = lorajax.select(bank, ids, form="gather")
     for name in ("q", "fc"):
         node = sel[name]["kernel"]
         assert node.per_example and node.scale == 1.0 and node.rslora is False
@@ -271,13 +271,24 @@ def test_per_token_ids_equal_each_tokens_merged_model(form):
             np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
 
 
-def test_auto_gathers_per_example_ids_and_runs_per_token_ids_onehot():
+def test_auto_runs_onehot_for_few_rows_per_example_and_gathers_for_many():
     rng = np.random.default_rng(0)
     base = {"wide": {"kernel": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)}}
     base["narrow"] = {"kernel": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)}
-    bank = lorajax.stack_adapters([trained(base, k, rank=2) for k in range(3)])
-    sel = lorajax.select(bank, np.array([0, 1]))  # per-example ids: the gather form (2 rows of factors)
-    assert sel["wide"]["kernel"].a.shape == (2, 256, 2) and sel["narrow"]["kernel"].a.shape == (2, 16, 2)
+    adapters = [trained(base, k, rank=2) for k in range(3)]
+    bank = lorajax.stack_adapters(adapters)
+    ids = np.array([0, 2])
+    sel = lorajax.select(bank, ids)  # per-example ids: the whole bank (3 adapters + zero row), decided per use
+    assert sel["wide"]["kernel"].a.shape == (4, 256, 2)
+    run = lorajax.factored(lambda p, x: x @ p["wide"]["kernel"])
+    for rows, onehot in ((1, True), (64, False)):  # 1 x 3 adapters <= 64: one-hot; 64 x 3 > 64: gather
+        x = jnp.asarray(rng.normal(size=(2, rows, 256)), jnp.float32)
+        dots = computed_shapes(jax.make_jaxpr(run)(sel, x).jaxpr, only="dot_general")
+        assert ((2 * rows, 8) in dots) == onehot  # x @ A_all: every adapter's rank columns, one 2-D matmul
+        assert ((2, rows, 2) in dots) != onehot  # per-example x[n] @ a[ids[n]]: the gather form's einsum
+        for n, k in enumerate(ids):
+            want = x[n] @ lorajax.merge(adapters[k])["wide"]["kernel"]
+            np.testing.assert_allclose(run(sel, x)[n], want, rtol=1e-5, atol=1e-4)
     per_token = lorajax.select(bank, np.zeros((2, 5), np.int32))  # one-hot: the whole bank (3 adapters + zero row)
     assert per_token["wide"]["kernel"].a.shape == (4, 256, 2) and per_token["narrow"]["kernel"].a.shape == (4, 16, 2)
     with pytest.raises(ValueError, match="form='fast'"):

@@ -16,6 +16,10 @@ A ``dot_general`` these forms cannot flatten to rows (a kernel with a stacked ax
 the gather form (``a[ids]``, ``b[ids]``: the per-example einsum) when the ids are per example. Convolutions
 run no per-example adapters in any form.
 
+``auto`` (per-example ids) decides at each ``dot_general`` from the activations' shape (:func:`auto_onehot`):
+the one-hot form where each id covers few rows (a decode step: one), the gather form where it covers many
+(a prompt).
+
 A bank that holds DoRA adapters selects to nodes of variant ``"dora"`` whose ``magnitude`` is :class:`Gains`:
 ``g_k = m_k / n_k`` already computed once per adapter by :func:`lorajax.select` (``1`` for plain adapters and
 the zero row), which :mod:`lorajax._factored._dora` applies per row: ``y = g_row ⊙ (x·W + (x·A_row)·B_row)``.
@@ -35,11 +39,30 @@ from lorajax._node import LoRA
 
 FORMS = ("gather", "onehot", "ragged")
 
+#: ``auto`` runs the one-hot form while (rows per id) x (adapters in the bank) stays within this budget. The
+#: one-hot form costs every row the whole bank's rank; the gather form copies each example's factors once, which
+#: many rows per example repay. Measured on XLA:CPU with 8 adapters of rank 16 (d 128 and 256, batch 32 and 64,
+#: ``benchmarks/RESULTS.md``): one-hot / gather time 0.38-0.44 at 1 row per id, 0.89 at 8, 1.03-1.09 at 16, 1.12-1.18
+#: at 64.
+ONEHOT_BUDGET = 64
+
+
+def auto_onehot(rows: int, ids: int, count: int) -> bool:
+    """Whether ``auto`` runs the one-hot form for ``rows`` activation rows, ``ids`` adapter ids, a bank of ``count``.
+
+    ``count`` includes the bank's zero row.
+
+    >>> auto_onehot(rows=64, ids=64, count=9), auto_onehot(rows=64 * 128, ids=64, count=9)  # decode, prefill
+    (True, False)
+    """
+    return rows * (count - 1) <= ONEHOT_BUDGET * ids
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """Bank row of each row of the activations (``ids``; the zero row is ``count - 1``) and the execution form."""
+    """Bank row of each row of the activations (``ids``; the zero row is ``count - 1``) and the execution form
+    (``"onehot"``, ``"ragged"`` or ``"auto"``)."""
 
     ids: Any
     form: str = dataclasses.field(metadata=dict(static=True))
@@ -137,7 +160,12 @@ def dot_term(ref: KernelRef, x: jax.Array, k_side: int, dn: Any, params: dict, o
     if plan.xfree[: ref.rows.ids.ndim] != list(range(ref.rows.ids.ndim)):
         return None
     rows = row_ids(ref.rows.ids, lead, "dot_general", ref.info.path)
-    if ref.rows.form == "onehot":
+    form = ref.rows.form
+    if form == "auto":
+        if not auto_onehot(rows.shape[0], ref.rows.ids.size, count):
+            return None  # the caller runs the gather form
+        form = "onehot"
+    if form == "onehot":
         t = onehot(plan.first_product(flat, x, params), rows, count)
         return plan.finish(t, flat, x, out_shape, params)
     f1 = plan.first_2d(flat, x.dtype)  # (K, (N + 1) r) -> (N + 1, K, r)
