@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -80,17 +81,27 @@ def compiled_step(step, state, *extra):
     return once, {"flops": float(cost["flops"]), "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}
 
 
+def round_order(names: list[str], k: int) -> list[str]:
+    """Round ``k``'s order of ``names``: a permutation drawn from seed ``k``, so rounds are reproducible.
+
+    A mode timed right after a heavy one pays for it (caches evicted: on XLA:CPU a one-hot bank step ran 19 ms after
+    the gather form and 13 ms after itself), and a fixed or rotated order always puts the same mode behind it.
+    """
+    return [names[i] for i in np.random.default_rng(k).permutation(len(names))]
+
+
 def interleaved_rounds(modes, warmup, steps):
     """Step every mode once per round (``modes``: name -> (once, figures)); ``(rows, machine)`` from the timed rounds.
 
-    Round-robin timing puts a load spike from other processes on every mode alike. Each row is the mode's figures
-    plus the median and every timed step; ``machine`` records the platform and the load average around the rounds.
+    Round-robin timing puts a load spike from other processes on every mode alike; the order is shuffled each
+    round (:func:`round_order`). Each row is the mode's figures plus the median and every timed step; ``machine``
+    records the platform and the load average around the rounds.
     """
     load_start = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in modes}
     for k in range(warmup + steps):
-        for name, (once, _) in modes.items():
-            dt = once()
+        for name in round_order(list(modes), k):
+            dt = modes[name][0]()
             if k >= warmup:
                 times[name].append(dt)
     rows = {

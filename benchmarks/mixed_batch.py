@@ -15,7 +15,8 @@ wants adapter n % 8):
 * ``merge+call x8``: one base in memory; each adapter is merged inside its call.
 * ``merged x8``: 8 pre-merged models (8 full weight copies in memory), one call per adapter's sub-batch.
 
-Rounds are interleaved (every mode once per round, in turn), so a load spike from other processes hits
+Rounds are interleaved (every mode once per round, in an order shuffled each round: a mode timed right
+after a heavy one pays for the evicted caches), so a load spike from other processes hits
 every mode alike; the figures that matter are RATIOS within a round (median over rounds), reported with
 the machine's load average (os.getloadavg) at the start and end of each batch size. Absolute times on a
 shared machine are not final figures. XLA's FLOP count per mode is load-independent.
@@ -36,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _gpt import GPT, tree_bytes
+from _gpt import GPT, round_order, tree_bytes
 
 import lorajax
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--per-adapter", type=int, nargs="*", default=None, help="examples per adapter (batch = 8x)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per example (default 64; 1: a decode step)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "mixed_batch.json"))
     args = ap.parse_args()
 
@@ -90,6 +92,7 @@ def main() -> None:
         cfg = dict(vocab=1024, d=256, layers=4, heads=4, seq=64, rank=16)
         per_adapter_list, rounds = [1, 4, 16], args.rounds or 9
     per_adapter_list = args.per_adapter or per_adapter_list
+    cfg["seq"] = args.seq or cfg["seq"]
 
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"])
     tokens0 = jnp.zeros((1, cfg["seq"]), jnp.int32)
@@ -137,8 +140,9 @@ def main() -> None:
         }
         load0 = os.getloadavg()[0]
         times: dict[str, list[float]] = {name: [] for name in modes}
-        for _ in range(rounds):
-            for name, fn in modes.items():
+        for k in range(rounds):
+            for name in round_order(list(modes), k):
+                fn = modes[name]
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
                 times[name].append(time.perf_counter() - t0)
