@@ -101,10 +101,8 @@ def _gained_part(ref: KernelRef) -> KernelRef:
     Scaling the rank-``r`` factor instead of the ``tokens × fan-out`` LoRA term saves a pass over the
     activations forward and keeps the base product, not ``x·W + ΔW-term``, as what the magnitude's gradient reads.
     """
-    plain, _ = _split(ref)
-    axis = ref.rank_axis("b")
-    g = lax.slice_in_dim(ref.b, ref.b.shape[axis] - 1, ref.b.shape[axis], axis=axis)
-    return plain.replace(b=plain.b * g)
+    plain, g = _split(ref)
+    return plain.replace(b=plain.b * jnp.expand_dims(g, ref.rank_axis("b")))
 
 
 def _combine(y0: jax.Array, gained: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:
@@ -179,7 +177,8 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
 
 
 def _split(ref: KernelRef) -> tuple[KernelRef, jax.Array]:
-    """A per-example DoRA ref as its plain LoRA part (rank ``r``) and its gains ``(n, *stack, *fan-out)``."""
+    """A DoRA ref as its plain LoRA part (rank ``r``) and its gains: ``b``'s last rank row, that axis dropped
+    (``(n, *stack, *fan-out)`` for a per-example ref)."""
     axis = ref.rank_axis("b")
     r = ref.b.shape[axis] - 1
     info = dataclasses.replace(ref.info, spec=ref.info.spec.replace(variant="lora"))
