@@ -105,10 +105,10 @@ def with_dora_rows(node: BankNode, adapters: Mapping[int, Any]) -> BankNode:
     shape = magnitude_shape(node.layout, tuple(int(d) for d in _boxes.unbox(node.base).shape))
     dt = compute_dtype(node.a.dtype)
     rows = [jnp.zeros(shape, dt)] * count
-    for k, f in adapters.items():
-        rows[k] = jnp.asarray(f.magnitude, dt) if is_dora(f) else rows[k]
     flags = np.zeros(count, bool)
-    flags[[k for k, f in adapters.items() if is_dora(f)]] = True
+    for k, f in adapters.items():
+        if is_dora(f):
+            rows[k], flags[k] = jnp.asarray(f.magnitude, dt), True
     return dataclasses.replace(node, magnitude=jnp.stack(rows), dora=jnp.asarray(flags))
 
 
