@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -145,14 +144,7 @@ def _quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -
     if isinstance(array, jax.ShapeDtypeStruct):
         if out is None:
             return template
-        with_sharding = lambda x, s: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-        return dataclasses.replace(
-            template,
-            codes=with_sharding(template.codes, out.codes),
-            scales=with_sharding(template.scales, out.scales),
-            nested=with_sharding(template.nested, out.nested),
-            offset=with_sharding(template.offset, out.offset),
-        )
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, out)
     if out is None:
         return run(array)  # a sharding lorajax cannot map: placement left to JAX
     return _placed_program(lay, kind, block, dq, out)(array)
