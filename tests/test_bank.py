@@ -260,15 +260,18 @@ def test_per_token_ids_equal_each_tokens_merged_model(form):
         trained(base, 0, rank=2, where=r"(fc|lm_head)/kernel", alpha=4.0),
         trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True),
     ]
+    assert_per_token_merged(base, ps, np.array([[0, 1, -1, 0], [1, 1, 0, -1], [-1, -1, 1, 0]]), form)
+
+
+def assert_per_token_merged(base, ps, ids, form):
+    """A bank of ``ps`` run with one adapter per token (``ids``) equals each token's own merged model to 1e-5."""
     bank = lorajax.stack_adapters(ps)
-    x = jax.random.normal(jax.random.key(5), (3, 4, 6))
-    ids = np.array([[0, 1, -1, 0], [1, 1, 0, -1], [-1, -1, 1, 0]])  # one adapter per token
+    x = jax.random.normal(jax.random.key(5), ids.shape + (6,))
     got = lorajax.factored(mlp_fn, strict=True)(lorajax.select(bank, ids, form=form), x)
-    for n in range(3):
-        for s_ in range(4):
-            k = ids[n, s_]
-            want = mlp_fn(base if k < 0 else lorajax.merge(ps[k]), x[n, s_])
-            np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
+    for n, s_ in np.ndindex(ids.shape):
+        k = ids[n, s_]
+        want = mlp_fn(base if k < 0 else lorajax.merge(ps[k]), x[n, s_])
+        np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
 
 
 def test_auto_runs_onehot_for_few_rows_per_example_and_gathers_for_many():
@@ -461,15 +464,7 @@ def test_dora_per_token_ids_equal_each_tokens_merged_model(form):
         trained(base, 1, rank=3, where=r"fc/kernel", alpha=1.0, rslora=True),
         trained_dora(base, 2, rank=1, where=r"lm_head/kernel"),
     ]
-    bank = lorajax.stack_adapters(ps)
-    x = jax.random.normal(jax.random.key(5), (3, 4, 6))
-    ids = np.array([[0, 1, -1, 2], [1, 2, 0, -1], [-1, -1, 1, 0]])
-    got = lorajax.factored(mlp_fn, strict=True)(lorajax.select(bank, ids, form=form), x)
-    for n in range(3):
-        for s_ in range(4):
-            k = ids[n, s_]
-            want = mlp_fn(base if k < 0 else lorajax.merge(ps[k]), x[n, s_])
-            np.testing.assert_allclose(got[n, s_], want, rtol=1e-5, atol=1e-5, err_msg=f"token {n},{s_}")
+    assert_per_token_merged(base, ps, np.array([[0, 1, -1, 2], [1, 2, 0, -1], [-1, -1, 1, 0]]), form)
 
 
 @pytest.mark.parametrize("form", FORMS)
