@@ -216,3 +216,169 @@ def test_factor_methods_need_equal_ranks(small):
     with pytest.raises(ValueError, match=same_rank):
         lorajax.combine_adapters([ads[0], r3], [1.0, 1.0], method="ties", density=0.5)
     assert lorajax.combine_adapters([ads[0], r3], [1.0, 1.0], method="ties_svd", density=0.5)["fc/kernel"].rank == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Against PEFT: adapters PEFT wrote, merged by both libraries
+
+#: (module, kind, lorajax path) of the PyTorch model below, in PEFT's module order.
+MODULES = (
+    ("emb", "embed", "params/emb/embedding"),
+    ("fc1", "dense", "params/fc1/kernel"),
+    ("fc2", "dense", "params/fc2/kernel"),
+    ("conv", "conv", "params/conv/kernel"),
+)
+
+
+@pytest.fixture(scope="module")
+def peft_side(tmp_path_factory):
+    """A PEFT model with three random LoRA adapters (rsLoRA, other alphas, one on two modules only), and ours."""
+    import torch
+    from _peft_twins import twin_params
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc1 = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 8)
+            self.fc2, self.conv = torch.nn.Linear(8, 5), torch.nn.Conv2d(3, 4, 2)
+
+    torch.manual_seed(0)
+    net = Net()
+    base = twin_params({k: v.detach().numpy() for k, v in net.state_dict().items()}, lambda m: (m,), in_out=False)
+    every = [m for m, _, _ in MODULES]
+    configs = [  # init_lora_weights=False: B random too, as after training
+        LoraConfig(r=2, lora_alpha=4, target_modules=every, init_lora_weights=False),
+        LoraConfig(r=2, lora_alpha=3, target_modules=every, init_lora_weights=False, use_rslora=True),
+        LoraConfig(r=2, lora_alpha=5, target_modules=["fc1", "fc2"], init_lora_weights=False),
+    ]
+    pm = get_peft_model(net, configs[0], adapter_name="t0")
+    for k in (1, 2):
+        pm.add_adapter(f"t{k}", configs[k])
+    root = tmp_path_factory.mktemp("peft_adapters")
+    pm.save_pretrained(str(root))  # the first adapter at the root is "t0" in its own folder like the others
+    ads = [lorajax.adapter(lorajax.load_peft(root / f"t{k}", base)) for k in range(3)]
+    return pm, base, ads
+
+
+def peft_deltas(pm, name: str) -> dict[str, np.ndarray]:
+    """get_delta_weight of PEFT's adapter ``name`` at every module, in lorajax's layouts."""
+    import torch
+
+    modules = dict(pm.base_model.model.named_modules())
+    out = {}
+    for module, kind, path in MODULES:
+        with torch.no_grad():
+            d = modules[module].get_delta_weight(name).numpy()
+        out[path] = np.transpose(d, (2, 3, 1, 0)) if kind == "conv" else d if kind == "embed" else d.T
+    return out
+
+
+def both(peft_side, method: str, **options) -> tuple[dict, dict]:
+    """(PEFT's merged updates, ours) for one method and its options (PEFT's names: density, svd_clamp, ...)."""
+    pm, base, ads = peft_side
+    name = f"merged{len(pm.peft_config)}"
+    pm.add_weighted_adapter(["t0", "t1", "t2"], WEIGHTS, name, combination_type=method, **options)
+    ours = {"clamp" if k == "svd_clamp" else k: v for k, v in options.items()}
+    if method.startswith("dare"):
+        ours["key"] = jax.random.key(11)  # the key test_dare_equals_peft_given_the_same_masks draws its masks from
+    return peft_deltas(pm, name), deltas(base, lorajax.combine_adapters(ads, WEIGHTS, method=method, **ours))
+
+
+def canonical_svd(svd):
+    """torch.linalg.svd with lorajax's signs: the largest entry of each right singular vector (PEFT's lora_A) > 0."""
+    import torch
+
+    def fixed(a, *args, **kw):
+        u, s, vh = svd(a, *args, **kw)
+        k = len(s)
+        pick = vh[:k].abs().argmax(dim=1, keepdim=True)
+        sign = torch.where(vh[:k].gather(1, pick) < 0, -1.0, 1.0)  # (k, 1)
+        vh, u = vh.clone(), u.clone()
+        vh[:k] *= sign
+        u[:, :k] *= sign.T
+        return u, s, vh
+
+    return fixed
+
+
+@pytest.mark.torch
+def test_peft_lists_the_same_methods():
+    import typing
+
+    from peft.tuners.lora import LoraModel
+
+    hints = typing.get_type_hints(LoraModel.add_weighted_adapter)
+    assert set(typing.get_args(hints["combination_type"])) == set(PEFT_METHODS)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "method, options",
+    [(m, {"density": 0.5} if OPTIONS[m] else {}) for m in DETERMINISTIC]
+    + [
+        ("ties", {"density": 0.4, "majority_sign_method": "frequency"}),
+        ("ties_svd", {"density": 0.7, "majority_sign_method": "frequency"}),
+        ("magnitude_prune", {"density": 1.0}),  # nothing pruned: PEFT's 'linear'
+    ],
+)
+def test_deterministic_methods_equal_peft(peft_side, method, options):
+    theirs, ours = both(peft_side, method, **options)
+    assert set(ours) == set(theirs)
+    for path, want in theirs.items():
+        assert np.abs(want).max() > 0.1
+        assert rel(ours[path], want) < 1e-5, (method, path, rel(ours[path], want))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method", ["svd", "ties_svd"])
+def test_svd_clamp_equals_peft_given_the_same_signs(peft_side, method, monkeypatch):
+    import torch
+
+    # The clamp cuts at a quantile of the factors' entries, which depends on the singular vectors' signs; PEFT leaves
+    # them to the solver, so its SVD runs with lorajax's sign rule here.
+    monkeypatch.setattr(torch.linalg, "svd", canonical_svd(torch.linalg.svd))
+    options = {"density": 0.6} if method == "ties_svd" else {}
+    theirs, ours = both(peft_side, method, svd_clamp=0.8, **options)
+    unclamped = both(peft_side, method, **options)[1]
+    for path, want in theirs.items():
+        assert rel(ours[path], want) < 1e-5, (method, path, rel(ours[path], want))
+        assert rel(unclamped[path], want) > 1e-3  # the clamp changed something
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_equals_peft_given_the_same_masks(peft_side, method, monkeypatch):
+    import torch
+
+    pm, base, ads = peft_side
+    masks = lorajax.dare_masks(ads, method, 0.6, jax.random.key(11))
+    factors = not method.endswith("_svd")
+    # PEFT draws one torch.bernoulli mask per tensor: module by module, the A of each adapter then the B of each
+    # (factor methods) or each adapter's update (SVD methods). Hand it ours, in torch's layout, in that order.
+    queue = []
+    for _, kind, path in MODULES:
+        for part in ("a", "b") if factors else ("delta",):
+            for m in masks[path][part]:
+                if m is None:
+                    continue
+                m = np.asarray(m)
+                if kind == "conv" and part != "b":
+                    m = np.transpose(m, (3, 2, 0, 1))  # (kh, kw, in, r|out) -> (r|out, in, kh, kw)
+                elif kind == "conv":
+                    m = m.T[:, :, None, None]  # (r, out) -> (out, r, 1, 1)
+                elif not (kind == "embed" and part == "delta"):
+                    m = m.T
+                queue.append(torch.from_numpy(m.copy()))
+
+    def bernoulli(p, *args, **kw):
+        m = queue.pop(0)
+        assert tuple(m.shape) == tuple(p.shape)
+        assert float(p.flatten()[0]) == pytest.approx(0.6)
+        return m.to(p.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    theirs, ours = both(peft_side, method, density=0.6)
+    assert not queue
+    for path, want in theirs.items():
+        assert rel(ours[path], want) < 1e-5, (method, path, rel(ours[path], want))
