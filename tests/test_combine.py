@@ -382,3 +382,18 @@ def test_dare_equals_peft_given_the_same_masks(peft_side, method, monkeypatch):
     assert not queue
     for path, want in theirs.items():
         assert rel(ours[path], want) < 1e-5, (method, path, rel(ours[path], want))
+
+
+@pytest.mark.torch
+def test_where_peft_rescales_by_rslora_we_do_not(peft_side):
+    # PEFT 0.21.2 copies the first adapter's config into the merged one with lora_alpha = r: if that adapter uses
+    # rsLoRA, the merged update is scaled by r/√r = √r. lorajax gives Σ wᵢ·ΔWᵢ (scale 1) whatever the order.
+    pm, base, ads = peft_side
+    order = [1, 0, 2]  # t1, the rsLoRA adapter, first
+    name = f"merged{len(pm.peft_config)}"
+    pm.add_weighted_adapter([f"t{k}" for k in order], [WEIGHTS[k] for k in order], name, combination_type="cat")
+    theirs = peft_deltas(pm, name)
+    ours = deltas(base, lorajax.combine_adapters([ads[k] for k in order], [WEIGHTS[k] for k in order], method="cat"))
+    rank = 6  # PEFT's merged r for "cat": the sum of the configs' r (2 + 2 + 2), the same for every module
+    for path, want in theirs.items():
+        assert rel(ours[path] * math.sqrt(rank), want) < 1e-5, path

@@ -140,7 +140,8 @@ def _svd_factors(
         both = jnp.concatenate([a.reshape(*stack, -1), b.reshape(*stack, -1)], axis=-1)
         hi = jnp.quantile(both, clamp, axis=-1)[..., None, None]
         a, b = jnp.clip(a, -hi, hi), jnp.clip(b, -hi, hi)
-    error = jnp.linalg.norm(mat - a @ b) / jnp.linalg.norm(mat)
+    # With a clamp the error is measured; without, _on_delta reads it off the singular values.
+    error = jnp.linalg.norm(mat - a @ b) / jnp.linalg.norm(mat) if clamp is not None else jnp.zeros(())
     return a.reshape(layout.a_shape(shape, r)), b.reshape(layout.b_shape(shape, r)), s, error
 
 
