@@ -251,8 +251,10 @@ def test_commands_name_scripts_that_take_their_flags() -> None:
 
 def test_pip_extras_and_pytest_markers_named_in_the_docs_exist() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    extras = set(re.findall(r"^(\w+) = \[", pyproject.split("[project.optional-dependencies]")[1], re.MULTILINE))
-    markers = set(re.findall(r'^\s+"(\w+):', pyproject, re.MULTILINE))
+    section = pyproject.split("[project.optional-dependencies]\n")[1].split("\n[")[0]
+    extras = set(re.findall(r"^(\w+) = \[", section, re.MULTILINE))
+    markers = set(re.findall(r'^\s+"(\w+):', pyproject.split("markers = [")[1].split("]")[0], re.MULTILINE))
+    assert {"test", "demo", "docs"} <= extras and {"examples", "torch"} <= markers, (extras, markers)
     for page in markdown_sources():
         text = markdown_of(page)
         for group in EXTRAS.findall(text):
