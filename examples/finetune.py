@@ -376,12 +376,13 @@ def main(argv: list[str] | None = None) -> Path:
                 gap, full_gain = r.val_after - full.val_after, full.val_before - full.val_after
                 share = (
                     f"{100 * (r.val_before - r.val_after) / full_gain:.0f}% of full's improvement"
-                    if full_gain > 1e-3  # a smoke run's few steps may not improve at all
-                    else "full did not improve"
+                    if full_gain > 1e-3
+                    # A smoke run's few steps may leave the full fine-tune no better (or worse): no share to give.
+                    else f"code val {r.val_after - r.val_before:+.3f} vs full's {-full_gain:+.3f}"
                 )
                 print(
-                    f"gap {r.name} vs full fine-tune: {gap:+.3f} nats/byte ({100 * gap / full.val_after:+.1f}%), "
-                    f"{share} with {100 * r.trainable / r.total:.2f}% of the parameters; prose forgotten "
+                    f"gap {r.name} vs full fine-tune: {gap:+.3f} nats/byte ({100 * gap / full.val_after:+.1f}%) with "
+                    f"{100 * r.trainable / r.total:.2f}% of the parameters ({share}); prose forgotten "
                     f"{r.prose_after - prose_val:+.3f} vs full's {full.prose_after - prose_val:+.3f}"
                 )
 

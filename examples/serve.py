@@ -2,8 +2,8 @@
 
 Run (loopback only):  python examples/serve.py --port 8000
     curl -s localhost:8000/generate -d '{"adapter": "demo3", "prompt": "def read(", "max_tokens": 32}'
-    curl -s localhost:8000/adapters -d '{"name": "mine", "path": "/tmp/mine.safetensors"}'   # a save_adapter file
-    curl -s localhost:8000/adapters                                                          # what is loaded
+    curl -s localhost:8000/adapters -d '{"name": "mine", "path": "mine.safetensors"}'  # docs/guide/serving.md writes it
+    curl -s localhost:8000/adapters                                                   # what is loaded
 
 The base is the demo's byte-level GPT (``assets/base_prose.safetensors``, see ``textlm.py``). Adapters come
 from ``--adapter NAME=FILE`` (files written by ``lorajax.save_adapter`` for this base) or, without any,

@@ -361,7 +361,7 @@ print(f"base model: {n_params:,} params; val loss on code {evaluate(base, val):.
     (
         "md",
         """\
-## Choosing targets: `lorafy` and `summary`
+## Choosing targets with lorafy and summary
 
 `where` takes a preset (`attn_qv`, `attn_qkv`, `attn_all`, `mlp`, `all_linear`), a regex over the '/'-joined
 parameter path, a list of module names (PEFT's `target_modules` rule) or a callable `(path, leaf) -> bool`.
