@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -262,6 +263,8 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 magnitude=None if spec.variant != "dora" else jnp.asarray(m),
             )
             problems.extend(factor_problems(name, f))
+            if "scale" in t and not math.isclose(float(t["scale"]), spec.scale, rel_tol=1e-6):  # a flipped byte
+                problems.add(f"scale: {name}: recorded scale {t['scale']} but rank/alpha/rslora give {spec.scale}")
             factors[name] = f
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None

@@ -264,8 +264,8 @@ def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[s
     """``{file name: bytes}`` of the adapter folder for :func:`to_peft_dict`'s ``(config, tensors)``."""
     from safetensors.numpy import save
 
-    return {
-        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+    return {  # safetensors' NumPy writer ignores strides: a transposed view would be written untransposed
+        WEIGHTS_NAME: save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
     }
 
