@@ -122,7 +122,7 @@ def test_initial_converts_plain_lora_too(tmp_path):
     config, tensors = lorajax.to_peft_dict(trained, initial=initial)
     assert config["r"] == 4 and config["lora_alpha"] == 8
     A, B = tensors["base_model.model.fc1.lora_A.weight"], tensors["base_model.model.fc1.lora_B.weight"]
-    s = lambda n: n.alpha / n.rank  # noqa: E731
+    s = lambda n: n.alpha / n.rank
     t, i = trained["fc1"]["kernel"], initial["fc1"]["kernel"]
     want = s(t) * (np.float64(t.a) @ np.float64(t.b) - np.float64(i.a) @ np.float64(i.b))  # the update since initial
     np.testing.assert_allclose((8 / 4) * (B.astype(np.float64) @ A).T, want, atol=1e-6, rtol=0)
@@ -227,7 +227,7 @@ def test_bf16_factors_load(tmp_path):
     assert got.a.dtype == jnp.bfloat16
 
 
-# to_peft_dict ----------------------------------------------------------------------------------------------------------
+# to_peft_dict -------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kw", [{}, {"dora": True}, {"dtype": jnp.bfloat16}, {"rslora": True}])
