@@ -37,6 +37,8 @@ except ImportError:  # Windows: no flock; stale temps are recognised by age inst
 STALE_AGE = 24 * 3600.0
 _MARK = ".lorajax-"
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+#: Errors of renaming a folder that is a mount point (or busy): its files are then replaced one by one.
+_IMMOVABLE = (errno.EBUSY, errno.EXDEV)
 
 
 def _umask() -> int:
@@ -285,7 +287,9 @@ def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, c
 
     Readers see the folder's old files or all the new ones, never a mix, whatever
     the point a save is killed at. Other entries of an existing folder (a README,
-    subfolders) are kept, as hard links; the folder keeps its permissions.
+    subfolders) are kept, as hard links; the folder keeps its permissions. A folder
+    that cannot be renamed (a mount point) has its files replaced one by one instead,
+    each atomically, in the order of ``files``.
 
     >>> import pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp()) / "adapter"
@@ -314,8 +318,15 @@ def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, c
         else:
             publish(tmp, directory=True)
         _fsync_dir(tmp)
-        _swap_in(tmp, target)
-        _fsync_dir(os.path.dirname(target))
+        try:
+            _swap_in(tmp, target)
+        except OSError as e:
+            if e.errno not in _IMMOVABLE:
+                raise
+            in_place = True  # a mount point (a container's volume, say) cannot be renamed
+        else:
+            in_place = False
+            _fsync_dir(os.path.dirname(target))
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError):
@@ -323,4 +334,7 @@ def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, c
         raise
     finally:
         os.close(fd)
-    _remove(tmp)  # the old folder
+    _remove(tmp)  # the old folder (or, in place, the unused new one)
+    if in_place:  # one file at a time, in the order given (weights before the config that describes them)
+        for name, data in files.items():
+            atomic_write(os.path.join(target, name), data, caller=caller)

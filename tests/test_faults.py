@@ -230,6 +230,24 @@ def test_a_folder_save_without_exchange_swaps_by_two_renames(tmp_path, monkeypat
     assert lorajax.read_peft(target)[0]["lora_alpha"] == 5
 
 
+def test_a_folder_that_cannot_be_renamed_has_its_files_replaced_in_place(tmp_path, monkeypatch):
+    import errno
+
+    base, p = _lora()
+    target = tmp_path / "adapter"
+    lorajax.save_peft(target, p)
+    (target / "README.md").write_text("card")
+
+    def mount_point(a, b):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(_files, "exchange", mount_point)
+    lorajax.save_peft(target, _lora(1)[1])
+    assert _listing(tmp_path) == ["adapter"]
+    assert _listing(target) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert lorajax.read_peft(target)[0]["lora_alpha"] == 5
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Fuzzed files.
 

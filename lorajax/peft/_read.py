@@ -161,6 +161,8 @@ def read_files(
 
     clean_stale(path)  # what a killed save_peft left beside the folder
     cfg_file, w_file = _files(Path(path), caller)
+    for file in (cfg_file, w_file):  # or, in a folder that is a mount point, beside its files
+        clean_stale(file)
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
