@@ -26,7 +26,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 try:
     import fcntl
@@ -94,12 +94,12 @@ def _new_temp(target: str, directory: bool) -> tuple[str, int]:
         os.close(fd)  # a cleaner took it for a dead writer's between create and lock: make another
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, *, sync: bool = True) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    # fsync before the rename: after a crash the new name never points at a file whose data never reached disk.
-    os.fsync(fd)
+    if sync:  # before the rename: after a crash the new name never points at a file whose data never reached disk
+        os.fsync(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -225,7 +225,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _carry(old: str, new: str, skip: Mapping[str, bytes]) -> None:
+def _carry(old: str, new: str, skip: Collection[str]) -> None:
     """Every entry of the folder ``old`` not named in ``skip`` into ``new``: hard links, or copies."""
     for name in os.listdir(old):
         if name in skip:
@@ -282,20 +282,49 @@ def _swap_in(tmp: str, target: str) -> None:
     os.rename(old, tmp)
 
 
-def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, caller: str) -> None:
-    """Write ``files`` (``{file name: contents}``) into the folder ``path`` as one unit.
+def _sync_tree(root: str) -> None:
+    """fsync every file and folder under ``root`` (what the caller wrote into a staged folder)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(folder)
 
-    Readers see the folder's old files or all the new ones, never a mix, whatever
-    the point a save is killed at. Other entries of an existing folder (a README,
-    subfolders) are kept, as hard links; the folder keeps its permissions. A folder
-    that cannot be renamed (a mount point) has its files replaced one by one instead,
-    each atomically, in the order of ``files``.
+
+def _copy_in(tmp: str, target: str, caller: str) -> None:
+    """The in-place fallback: each file of ``tmp`` into ``target`` atomically, JSON (configs, indexes) last."""
+    names = sorted(os.listdir(tmp), key=lambda n: (n.endswith(".json"), n))
+    for name in names:
+        src = os.path.join(tmp, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, os.path.join(target, name), symlinks=True, dirs_exist_ok=True)
+        else:
+            with open(src, "rb") as fh:
+                atomic_write(os.path.join(target, name), fh.read(), caller=caller)
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike[str], *, caller: str) -> Iterator[str]:
+    """A temp folder to fill; when the ``with`` block ends cleanly it replaces the folder ``path`` as one unit.
+
+    Readers see the folder's old entries or all the new ones, never a mix, whatever
+    the point the process is killed at. Entries of an existing folder that the new
+    one lacks (a README, subfolders) are kept, as hard links; the folder keeps its
+    permissions. If the block raises, ``path`` is untouched and the temp folder is
+    removed. A folder that cannot be renamed (a mount point) has its files replaced
+    one by one instead, each atomically, JSON files last.
 
     >>> import pathlib, tempfile
-    >>> d = pathlib.Path(tempfile.mkdtemp()) / "adapter"
-    >>> atomic_folder(d, {"a.json": b"{}", "b.bin": b"x"}, caller="save_peft")
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "model"
+    >>> with staged_folder(d, caller="demo") as tmp:
+    ...     _ = (pathlib.Path(tmp) / "weights.bin").write_bytes(b"x")
     >>> sorted(p.name for p in d.iterdir())
-    ['a.json', 'b.bin']
+    ['weights.bin']
     """
     target = os.path.realpath(os.path.abspath(path))
     if os.path.lexists(target) and not os.path.isdir(target):
@@ -306,35 +335,54 @@ def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, c
         tmp, fd = _new_temp(target, directory=True)
     except OSError as e:
         raise _named(e, caller, target) from None
+    in_place = False
     try:
-        for name, data in files.items():
-            file_fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                _write_all(file_fd, data)
-            finally:
-                os.close(file_fd)
+        yield tmp
+    except BaseException:  # the caller's own error, as it is
+        _remove(tmp)
+        os.close(fd)
+        raise
+    try:
         if os.path.isdir(target):
-            _carry(target, tmp, files)
+            _carry(target, tmp, set(os.listdir(tmp)))
         else:
             publish(tmp, directory=True)
-        _fsync_dir(tmp)
+        _sync_tree(tmp)
         try:
             _swap_in(tmp, target)
         except OSError as e:
             if e.errno not in _IMMOVABLE:
                 raise
             in_place = True  # a mount point (a container's volume, say) cannot be renamed
+            _copy_in(tmp, target, caller)
         else:
-            in_place = False
             _fsync_dir(os.path.dirname(target))
     except BaseException as e:
         _remove(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and not in_place:
             raise _named(e, caller, target) from None
         raise
     finally:
         os.close(fd)
-    _remove(tmp)  # the old folder (or, in place, the unused new one)
-    if in_place:  # one file at a time, in the order given (weights before the config that describes them)
+    _remove(tmp)  # the old folder (or, in place, the copied new one)
+
+
+def atomic_folder(path: str | os.PathLike[str], files: Mapping[str, bytes], *, caller: str) -> None:
+    """Write ``files`` (``{file name: contents}``) into the folder ``path`` as one unit (:func:`staged_folder`).
+
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "adapter"
+    >>> atomic_folder(d, {"a.json": b"{}", "b.bin": b"x"}, caller="save_peft")
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.json', 'b.bin']
+    """
+    with staged_folder(path, caller=caller) as tmp:
         for name, data in files.items():
-            atomic_write(os.path.join(target, name), data, caller=caller)
+            try:
+                fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    _write_all(fd, data, sync=False)  # staged_folder syncs the whole folder before the swap
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise _named(e, caller, os.path.realpath(os.path.abspath(path))) from None

@@ -248,6 +248,17 @@ def test_a_folder_that_cannot_be_renamed_has_its_files_replaced_in_place(tmp_pat
     assert lorajax.read_peft(target)[0]["lora_alpha"] == 5
 
 
+def test_a_staged_folder_whose_block_raises_leaves_the_old_folder_and_the_error_as_it_was(tmp_path):
+    target = tmp_path / "model"
+    with _files.staged_folder(target, caller="demo") as tmp:
+        (Path(tmp) / "config.json").write_text("old")
+    missing = r"^\[Errno 2\] No such file or directory: '/nonexistent/shard'$"
+    with pytest.raises(FileNotFoundError, match=missing), _files.staged_folder(target, caller="demo") as tmp:
+        (Path(tmp) / "config.json").write_text("new")
+        open("/nonexistent/shard")  # noqa: SIM115 - the caller's own error
+    assert _listing(tmp_path) == ["model"] and (target / "config.json").read_text() == "old"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Fuzzed files.
 
