@@ -26,9 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's lorajax
 
 import lorajax
-from lorajax import _files
-from lorajax._layout import Layout
-from lorajax._node import LoRA, LoRASpec
+from lorajax import Layout, LoRA, LoRASpec, _files
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HOOKED = ("open", "write", "fsync", "replace", "rename", "mkdir", "link", "symlink", "unlink", "chmod", "rmdir")
