@@ -41,7 +41,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax.inits import eva_init, to_plain_lora
-from lorajax.peft import load_peft, read_peft, save_peft
+from lorajax.peft import load_peft, read_peft, save_peft, to_peft_dict
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "stack_adapters",
     "summary",
     "swap",
+    "to_peft_dict",
     "to_plain_lora",
     "trainable",
     "unlorafy",

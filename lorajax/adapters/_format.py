@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lorajax._files import atomic_write
+from lorajax._files import atomic_write, clean_stale
 from lorajax._layout import Layout
 from lorajax._node import LoRASpec
 from lorajax._problems import Problems
@@ -82,7 +83,8 @@ def save_adapter(
     flag, scale, layout and the base kernel's shape and dtype; a fingerprint of
     those base shapes; a sha256 of the tensor bytes; the lorajax version; and
     user metadata. The file is written to a temporary file in the same
-    directory and renamed over ``path``, so readers never see half a file.
+    directory and renamed over ``path``, so readers never see half a file; parent
+    folders are created, and the temp files of earlier saves that were killed are removed.
 
     Args:
         path: destination file (conventionally ``*.safetensors``).
@@ -94,6 +96,7 @@ def save_adapter(
     Raises:
         ValueError: naming every target whose ``a`` or ``b`` holds NaN or Inf (unless
             ``allow_nonfinite=True``); nothing is written then.
+        OSError: the file cannot be written (the message names ``path``); an old file stays as it was.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile, os
@@ -157,7 +160,7 @@ def save_adapter(
         "metadata": user,
     }
     data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
-    atomic_write(path, data)
+    atomic_write(path, data, caller="save_adapter")
 
 
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:
@@ -192,6 +195,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
     import safetensors
 
     fname = os.fspath(path)
+    clean_stale(fname)  # what a killed save_adapter left beside the file
     with open(fname, "rb") as fh:
         data = fh.read()
 
@@ -259,6 +263,8 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 magnitude=None if spec.variant != "dora" else jnp.asarray(m),
             )
             problems.extend(factor_problems(name, f))
+            if "scale" in t and not math.isclose(float(t["scale"]), spec.scale, rel_tol=1e-6):  # a flipped byte
+                problems.add(f"scale: {name}: recorded scale {t['scale']} but rank/alpha/rslora give {spec.scale}")
             factors[name] = f
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None

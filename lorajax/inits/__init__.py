@@ -1,7 +1,7 @@
 """Initialisations read off the kernel (PiSSA, OLoRA, LoftQ) or the data (EVA), and the export back to plain LoRA."""
 
 from lorajax.inits._eva import eva_init, pca, rank_distribution
-from lorajax.inits._export import plain_lora, plain_node, residual_problems, to_plain_lora
+from lorajax.inits._export import plain_lora, plain_node, residual_problems, to_plain_lora, weight_conversion
 from lorajax.inits._factors import (
     check_init,
     init_factors,
@@ -27,4 +27,5 @@ __all__ = [
     "residual_base",
     "residual_problems",
     "to_plain_lora",
+    "weight_conversion",
 ]

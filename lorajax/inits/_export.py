@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes
@@ -103,6 +104,64 @@ def plain_lora(trained: Any, initial: Any, *, caller: str) -> Any:
         "initial must be what lorafy(..., init='pissa'|'olora') returned, before any training step.",
     )
     return rebuild(trained, leaves, chosen, is_node) if chosen else trained
+
+
+def _same_base(x: LoRA, x0: LoRA) -> bool:
+    """Whether two nodes sit on the same base kernel: the same arrays, or equal ones of one shape and dtype."""
+    if x.base is x0.base:
+        return True
+    got, want = jax.tree.leaves(_boxes.unbox(x.base)), jax.tree.leaves(_boxes.unbox(x0.base))
+    return len(got) == len(want) and all(
+        g is w
+        or (jnp.shape(g) == jnp.shape(w) and jnp.result_type(g) == jnp.result_type(w) and bool(jnp.array_equal(g, w)))
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+def weight_conversion(trained: Any, initial: Any, *, caller: str) -> Any:
+    """Every LoRA node of ``trained`` as ``a' = [a, a0]``, ``b' = [b; -b0]`` (rank and alpha doubled), any init.
+
+    PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``: the update
+    since ``initial`` as plain LoRA. ``initial`` must be the same adapter at its start on
+    the same base: a LoRA node at each path of ``trained`` and nowhere else, with the same
+    spec, base shape, factor shapes and base values. Raises one ValueError listing every
+    node that differs.
+    """
+    leaves = tree_paths(trained, is_leaf=is_node)
+    start = {path_str(p): x for p, x in tree_paths(initial, is_leaf=is_node) if is_lora(x)}
+    problems = Problems(caller)
+    chosen: dict[int, Any] = {}
+    for n, (path, x) in enumerate(leaves):
+        if not is_lora(x):
+            continue
+        name = path_str(path)
+        x0 = start.pop(name, None)
+        if x0 is None:
+            problems.add(f"{name}: initial holds no LoRA node here")
+        elif x0.spec != x.spec or x0.shape != x.shape:
+            problems.add(
+                f"{name}: initial node {x0.spec} on a {x0.shape} kernel; the trained one is {x.spec} on {x.shape}"
+            )
+        elif [jnp.shape(_boxes.unbox(f)) for f in (x0.a, x0.b)] != [jnp.shape(_boxes.unbox(f)) for f in (x.a, x.b)]:
+            problems.add(
+                f"{name}: initial factors a {jnp.shape(_boxes.unbox(x0.a))}, b {jnp.shape(_boxes.unbox(x0.b))}; "
+                f"the trained ones a {jnp.shape(_boxes.unbox(x.a))}, b {jnp.shape(_boxes.unbox(x.b))}"
+            )
+        elif x.spec.variant != "lora":
+            problems.add(f"{name}: a {x.spec.variant} node; only plain LoRA converts (PEFT's conversion too)")
+        elif x.per_example or x0.per_example:
+            problems.add(f"{name}: holds per-example factors (lorajax.select); convert before selecting")
+        elif not _same_base(x, x0):
+            problems.add(f"{name}: the initial node sits on a different base kernel (values differ)")
+        else:
+            chosen[n] = plain_node(x, x0)
+    problems.extend([f"{name}: initial holds a LoRA node that the trained params do not" for name in sorted(start)])
+    problems.raise_if_any(
+        "initial is not these params' adapter at its start",
+        "Pass as initial= the params lorafy (or load_peft of the initial adapter) returned before the first training "
+        "step, on the same base.",
+    )
+    return rebuild(trained, leaves, chosen, is_node)
 
 
 def residual_problems(factors: Mapping[str, Any], base_params: Any) -> list[str]:

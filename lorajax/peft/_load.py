@@ -71,9 +71,12 @@ class _Factors(NamedTuple):
 
 
 def _assign(
-    leaves: list[tuple[KeyPath, Any]], modules: Modules, namer: Namer, problems: Problems
+    leaves: list[tuple[KeyPath, Any]], modules: Modules, namer: Namer, problems: Problems, *, partial: bool = False
 ) -> tuple[dict[int, str], dict[int, dict[int, str]]]:
-    """``(direct, stacked)``: leaf index -> its module, and leaf index -> {layer index: module}."""
+    """``(direct, stacked)``: leaf index -> its module, and leaf index -> {layer index: module}.
+
+    A module no parameter maps to is a problem, unless ``partial``.
+    """
     owners: dict[str, list[int]] = collections.defaultdict(list)
     templates = []
     for n, (kpath, leaf) in enumerate(leaves):
@@ -93,8 +96,10 @@ def _assign(
         elif hits:
             direct[hits[0]] = name
         elif found := next(((n, m) for n, rx in templates if (m := rx.fullmatch(name))), None):
+            if (twin := stacked[found[0]].get(int(found[1].group(1)))) is not None:
+                problems.add(f"modules {twin!r} and {name!r} are both layer {int(found[1].group(1))} of one kernel")
             stacked[found[0]][int(found[1].group(1))] = name
-        else:
+        elif not partial:
             problems.add(f"module {name!r}: no parameter maps to it (A {entry['A'].shape}, B {entry['B'].shape})")
     return direct, stacked
 
@@ -227,7 +232,15 @@ def _load_kernel(
     return _loaded_node(leaf, lay, _module_factors(module, modules, scaling, lay, shape, where))
 
 
-def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None, layout: LayoutArg = None) -> Any:
+def load_peft(
+    path: str | os.PathLike,
+    params: Any,
+    *,
+    name_map: NameMap = None,
+    layout: LayoutArg = None,
+    partial: bool = False,
+    allow_nonfinite: bool = False,
+) -> Any:
     """Load a Hugging Face PEFT LoRA adapter into ``params``: lorafied params with PEFT's factors.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` with
@@ -257,14 +270,21 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
             layers the adapter skips get zero factors.
         layout: layouts for kernels the names and shapes do not settle, as in
             :func:`lorajax.lorafy` (``{name or regex: "ioo"}`` or a callable).
+        partial: load the modules that match a kernel and skip the others. By default a
+            module of the file that no parameter maps to is an error (a wrong ``name_map``
+            would otherwise drop it without a word).
+        allow_nonfinite: load factors that hold NaN or Inf. By default they are refused,
+            naming the tensor (integer factors are always refused).
 
     Returns:
         ``params`` with a :class:`lorajax.LoRA` node at each adapted kernel.
 
     Raises:
         ValueError: an unsupported PEFT feature (``modules_to_save``, ``lora_bias``,
-            ``target_parameters``...), or one message listing every module without a
-            kernel, every shape mismatch and every ambiguous name.
+            ``target_parameters``...); one listing every tensor that is not a float or
+            (unless ``allow_nonfinite``) holds NaN/Inf; or one message listing every module
+            without a kernel (unless ``partial``), every shape mismatch and every ambiguous name.
+            The caller's ``params`` are never changed.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -275,12 +295,12 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
         >>> node.rank, node.layout, node.a.shape, node.b.shape
         (2, Layout('io'), (4, 2), (2, 3))
     """
-    config, modules = read_files(path, CALLER)
+    config, modules = read_files(path, CALLER, allow_nonfinite=allow_nonfinite)
     scaling, fan_in_fan_out = _Scaling.of(config), bool(config.get("fan_in_fan_out", False))
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
     problems = Problems(CALLER)
-    direct, stacked = _assign(leaves, modules, namer, problems)
+    direct, stacked = _assign(leaves, modules, namer, problems, partial=partial)
     replaced: dict[int, LoRA] = {}
     for n in sorted(set(direct) | set(stacked)):
         kpath, leaf = leaves[n]
@@ -291,5 +311,9 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
         except ValueError as e:  # the next kernel still loads: the error lists every problem at once
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)
             problems.add(message if where in message else f"{where}: {message}")
-    problems.raise_if_any(f"cannot load {path}")
+    unmatched = any("no parameter maps to it" in p for p in problems.items)
+    problems.raise_if_any(
+        f"cannot load {path}",
+        "Fix name_map, or pass partial=True to load only the modules that match a kernel." if unmatched else "",
+    )
     return rebuild(params, leaves, replaced, is_lora)

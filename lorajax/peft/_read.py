@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lorajax._files import clean_stale
 from lorajax._problems import Problems
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
@@ -136,12 +139,30 @@ def _check_pair(name: str, entry: dict[str, Any], dora: bool) -> str | None:
     return None
 
 
-def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _value_problems(tensors: dict[str, Any], allow_nonfinite: bool) -> list[str]:
+    """Tensors that are not floats (always a problem) or hold NaN/Inf (unless ``allow_nonfinite``)."""
+    import jax.numpy as jnp  # its dtype rules know bfloat16 and float8 as floats; NumPy's do not
+
+    out = []
+    for key, x in sorted(tensors.items()):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            out.append(f"{key}: dtype {x.dtype}; LoRA factors are floats (a corrupted or foreign file?)")
+        elif not allow_nonfinite and (bad := int(x.size - np.count_nonzero(np.isfinite(x)))):
+            out.append(f"{key}: {bad} NaN/Inf of {x.size} entries (a diverged run? allow_nonfinite=True loads it)")
+    return out
+
+
+def read_files(
+    path: str | os.PathLike, caller: str, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """:func:`read_peft` for ``caller``, the public function whose name the errors carry."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    clean_stale(path)  # what a killed save_peft left beside the folder
     cfg_file, w_file = _files(Path(path), caller)
+    for file in (cfg_file, w_file):  # or, in a folder that is a mount point, beside its files
+        clean_stale(file)
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -152,6 +173,7 @@ def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], di
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{caller}: cannot read {w_file} (truncated or not a safetensors file?): {e}") from None
     problems = Problems(caller)
+    problems.extend(_value_problems(tensors, allow_nonfinite))
     dora = bool(config.get("use_dora", False))
     modules = _group(tensors, problems, dora)
     for name, entry in modules.items():
@@ -164,13 +186,15 @@ def read_files(path: str | os.PathLike, caller: str) -> tuple[dict[str, Any], di
     return config, modules
 
 
-def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def read_peft(
+    path: str | os.PathLike, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The config and per-module factors of a PEFT adapter directory, as NumPy arrays.
 
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
     in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape.
     Checks the same things as :func:`lorajax.load_peft` (unsupported features,
-    factor pairs).
+    factor pairs, float factors, and NaN/Inf unless ``allow_nonfinite``).
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -181,4 +205,4 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         >>> config["r"], modules["fc"]["A"].shape, modules["fc"]["B"].shape
         (2, (2, 4), (3, 2))
     """
-    return read_files(path, "read_peft")
+    return read_files(path, "read_peft", allow_nonfinite=allow_nonfinite)

@@ -17,7 +17,7 @@ from lorajax._layout import Layout
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
-from lorajax.inits import is_residual, plain_lora
+from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
 from lorajax.peft._names import (
     CONFIG_NAME,
@@ -182,6 +182,94 @@ def _config(modules: dict[str, _Module], base_model_name_or_path: str | None, fa
     }
 
 
+def to_peft_dict(
+    params: Any,
+    *,
+    name_map: NameMap = None,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    allow_nonfinite: bool = False,
+    initial: Any = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The PEFT adapter :func:`save_peft` would write, in memory: ``(config, tensors)``.
+
+    ``config`` is the ``adapter_config.json`` object and ``tensors`` maps each
+    safetensors name (``base_model.model.<module>.lora_A.weight``...) to a NumPy
+    array in PyTorch's layout and the factor's own dtype: bit for bit what
+    :func:`save_peft` writes, for pushing an adapter to an inference engine
+    (vLLM's ``LoRARequest`` from tensors, SGLang...) without files. Arguments,
+    checks and errors are those of :func:`save_peft`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> p = lorajax.lorafy({"params": {"fc1": {"kernel": jnp.ones((4, 3))}}}, rank=2, where=["fc1"],
+        ...                    key=jax.random.key(0))
+        >>> config, tensors = lorajax.to_peft_dict(p)
+        >>> config["r"], {k: v.shape for k, v in tensors.items()}
+        (2, {'base_model.model.fc1.lora_A.weight': (2, 4), 'base_model.model.fc1.lora_B.weight': (3, 2)})
+    """
+    return _peft_dict(
+        params, "to_peft_dict", name_map, base_model_name_or_path, fan_in_fan_out, allow_nonfinite, initial
+    )
+
+
+def _peft_dict(
+    params: Any,
+    caller: str,
+    name_map: NameMap,
+    base_model_name_or_path: str | None,
+    fan_in_fan_out: bool,
+    allow_nonfinite: bool,
+    initial: Any,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    namer = module_namer(name_map, caller)
+    if initial is not None:
+        params = weight_conversion(params, initial, caller=caller)
+    factors = [
+        _Factors(
+            path_str(kpath),
+            x,
+            np.asarray(_boxes.unbox(x.a)),
+            np.asarray(_boxes.unbox(x.b)),
+            None if x.magnitude is None else np.asarray(_boxes.unbox(x.magnitude)),
+        )
+        for kpath, x in tree_paths(params, is_leaf=is_lora)
+        if is_lora(x)
+    ]
+    if not factors:
+        raise ValueError(f"{caller}: params hold no LoRA nodes; lorafy or load_peft them first.")
+    residual = Problems(caller)
+    for f in factors:
+        if is_residual(f.node.spec.init):
+            residual.add(f"{f.path}: made by init={f.node.spec.init!r}, it works only on its residual base")
+    residual.raise_if_any(
+        "PiSSA/OLoRA nodes need initial= to be written",
+        "Pass initial= (the params lorafy returned, before training): they are written as plain LoRA of rank 2r "
+        "for the original base (lorajax.to_plain_lora).",
+    )
+    problems = Problems(caller)
+    _dora_all_or_none(factors, problems)
+    modules = _modules(factors, namer, problems)
+    problems.raise_if_any("cannot name every LoRA node as a PEFT module")
+    if not allow_nonfinite:
+        _nonfinite(factors, nonfinite := Problems(caller))
+        nonfinite.raise_if_any(
+            "factors hold NaN/Inf",
+            "Nothing was written. Find where training diverged, or pass allow_nonfinite=True to write them anyway.",
+        )
+    return _config(modules, base_model_name_or_path, fan_in_fan_out), _tensors(modules)
+
+
+def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """``{file name: bytes}`` of the adapter folder for :func:`to_peft_dict`'s ``(config, tensors)``."""
+    from safetensors.numpy import save
+
+    return {  # safetensors' NumPy writer ignores strides: a transposed view would be written untransposed
+        WEIGHTS_NAME: save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+    }
+
+
 def save_peft(
     path: str | os.PathLike,
     params: Any,
@@ -198,8 +286,10 @@ def save_peft(
     set to the most common values, ``rank_pattern``/``alpha_pattern`` for the
     modules that differ, ``use_rslora``, ``fan_in_fan_out``) and
     ``adapter_model.safetensors`` (factors transposed into PyTorch's layout, in
-    their own dtype). A new folder appears whole or not at all; in an existing
-    one each file is replaced atomically. A node whose ``rslora`` differs from the
+    their own dtype): :func:`to_peft_dict` and one crash-safe write. The folder's
+    files are replaced as one unit: a reader sees the old pair or the new one
+    whatever the point the save is killed at, other files in the folder (a README)
+    stay, and the next save or load removes what a killed save left. A node whose ``rslora`` differs from the
     majority is saved with the ``alpha`` that gives the same scale under the
     majority rule, so outputs are unchanged. DoRA nodes (all of the adapter's, as
     PEFT's ``use_dora`` is one setting) write ``use_dora: true`` and each
@@ -214,11 +304,14 @@ def save_peft(
         fan_in_fan_out: set for GPT-2-style ``Conv1D`` bases (PEFT would otherwise fix it with a warning).
         allow_nonfinite: write factors holding NaN or Inf. By default they are refused: a diverged
             run must not be exported as if it were a model.
-        initial: for PiSSA/OLoRA nodes (which work only on their residual base), the params
-            ``lorafy`` returned before training: each such node is written as plain LoRA of rank
-            ``2r`` for the *original* base (:func:`lorajax.to_plain_lora`; PEFT's
+        initial: the same adapter at its start (what ``lorafy``, or ``load_peft`` of PEFT's initial
+            adapter folder, returned before training, on the same base). Every node, whatever its
+            init, is then written as the update since ``initial``: plain LoRA of rank ``2r`` with
+            ``a' = [a, a0]``, ``b' = [b; -b0]`` (:func:`lorajax.to_plain_lora`; PEFT's
             ``path_initial_model_for_weight_conversion``), so the config's ``r`` and ``lora_alpha``
-            double (alpha times sqrt(2) with rsLoRA). Without it such nodes are refused.
+            double (alpha times sqrt(2) with rsLoRA). This is how PiSSA/OLoRA adapters (which work
+            only on their residual base) are written for the original base; without it PiSSA/OLoRA
+            nodes made by ``lorafy`` are refused.
 
     Returns:
         The config that was written.
@@ -226,7 +319,10 @@ def save_peft(
     Raises:
         ValueError: no LoRA nodes; one message listing every node without a module name, every
             clash of names and every stacked node without a ``{}`` name; or (unless
-            ``allow_nonfinite``) one listing every node whose factors hold NaN/Inf. Nothing is written.
+            ``allow_nonfinite``) one listing every node whose factors hold NaN/Inf; or one listing
+            every node where ``initial`` is not this adapter's start (another path, spec, shape or
+            base). Nothing is written then.
+        OSError: the folder cannot be written (the message names ``path``); the folder is unchanged.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -236,47 +332,8 @@ def save_peft(
         >>> cfg["target_modules"], cfg["r"]
         (['fc1'], 2)
     """
-    from safetensors.numpy import save
-
-    namer = module_namer(name_map, CALLER)
-    if initial is not None:
-        params = plain_lora(params, initial, caller=CALLER)
-    factors = [
-        _Factors(
-            path_str(kpath),
-            x,
-            np.asarray(_boxes.unbox(x.a)),
-            np.asarray(_boxes.unbox(x.b)),
-            None if x.magnitude is None else np.asarray(_boxes.unbox(x.magnitude)),
-        )
-        for kpath, x in tree_paths(params, is_leaf=is_lora)
-        if is_lora(x)
-    ]
-    if not factors:
-        raise ValueError(f"{CALLER}: params hold no LoRA nodes; lorafy or load_peft them first.")
-    residual = Problems(CALLER)
-    for f in factors:
-        if is_residual(f.node.spec.init):
-            residual.add(f"{f.path}: made by init={f.node.spec.init!r}, it works only on its residual base")
-    residual.raise_if_any(
-        "PiSSA/OLoRA nodes need initial= to be written",
-        "Pass initial= (the params lorafy returned, before training): they are written as plain LoRA of rank 2r "
-        "for the original base (lorajax.to_plain_lora).",
+    config, tensors = _peft_dict(
+        params, CALLER, name_map, base_model_name_or_path, fan_in_fan_out, allow_nonfinite, initial
     )
-    problems = Problems(CALLER)
-    _dora_all_or_none(factors, problems)
-    modules = _modules(factors, namer, problems)
-    problems.raise_if_any("cannot name every LoRA node as a PEFT module")
-    if not allow_nonfinite:
-        _nonfinite(factors, nonfinite := Problems(CALLER))
-        nonfinite.raise_if_any(
-            "factors hold NaN/Inf",
-            "Nothing was written. Find where training diverged, or pass allow_nonfinite=True to write them anyway.",
-        )
-    config = _config(modules, base_model_name_or_path, fan_in_fan_out)
-    files = {
-        WEIGHTS_NAME: save(_tensors(modules), metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
-    }
-    atomic_folder(path, files, caller=CALLER)
+    atomic_folder(path, peft_files(config, tensors), caller=CALLER)
     return config
