@@ -23,8 +23,9 @@ Where things live: ``_names`` (parameter paths <-> module names, pattern keys),
 :func:`lorajax._targets.pattern_key`.
 """
 
+from lorajax.peft._conventions import name_map_from_key_mapping
 from lorajax.peft._load import load_peft
 from lorajax.peft._read import read_peft
 from lorajax.peft._write import save_peft
 
-__all__ = ["load_peft", "read_peft", "save_peft"]
+__all__ = ["load_peft", "name_map_from_key_mapping", "read_peft", "save_peft"]
