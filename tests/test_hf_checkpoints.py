@@ -198,3 +198,25 @@ def test_tunix_convention_agrees_with_tunix_key_mappings():
     )
     for p in ["layers/0/attn/attn_vec_einsum/w", "layers/0/mlp/up_proj/kernel", "embedder/input_embedding"]:
         assert tunix(p) == gemma3(p) is not None, p
+
+
+@pytest.mark.examples
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_hf_roundtrip_example_runs(family, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "hf_roundtrip.py"), "--family", family, "--steps", "3"],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    diff = float(proc.stdout.split("max |diff| ")[1].split()[0])
+    largest = float(proc.stdout.split("largest logit ")[1].rstrip(")\n").split(")")[0])
+    assert diff <= 1e-5 * largest, proc.stdout
