@@ -40,7 +40,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax.inits import eva_init, to_plain_lora
-from lorajax.peft import load_peft, read_peft, save_peft
+from lorajax.peft import load_peft, name_map_from_key_mapping, read_peft, save_peft
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "memory_plan",
     "merge",
     "mlp",
+    "name_map_from_key_mapping",
     "partition",
     "partition_specs",
     "path_str",

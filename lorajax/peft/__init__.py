@@ -19,7 +19,9 @@ kernel's layout. GPT-2's ``Conv1D`` (``fan_in_fan_out``) stores the same
 Where things live: ``_names`` (parameter paths <-> module names, pattern keys),
 ``_convert`` (one module's factors between the two layouts), ``_read``
 (:func:`read_peft` and the config checks), ``_load`` (:func:`load_peft`),
-``_write`` (:func:`save_peft`). The one rank/alpha pattern rule is
+``_write`` (:func:`save_peft`), ``_conventions`` (built-in ``name_map`` conventions: tunix, gemma, MaxText),
+``_fused`` (tuple names: a fused kernel's slices as modules), ``_teach`` (the error of a name map that matches
+nothing). The one rank/alpha pattern rule is
 :func:`lorajax._targets.pattern_key`.
 """
 
