@@ -242,3 +242,24 @@ def test_name_map_from_a_library_key_mapping():
     namer = name_map_from_key_mapping(mapping)
     assert namer("layers/5/mlp/experts/7/down_proj/kernel") == "model.layers.5.mlp.experts.7.down_proj"
     assert namer("layers/5/attn/q_proj/w") is None
+
+
+def test_qkv_einsum_takes_three_modules(tmp_path):
+    """Gemma with as many key/value heads as query heads: one (3, N, D, H) kernel for q, k and v."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, N, D, H)).astype(np.float32)
+    base = {"layers": [{"attn": {"qkv_einsum": {"w": jnp.asarray(w)}}}]}
+    d = tmp_path / "a"
+    d.mkdir()
+    tensors, want = {}, w.astype(np.float64).copy()
+    for j, m in enumerate(("q_proj", "k_proj", "v_proj")):
+        A, B = rng.normal(size=(R, D)).astype(np.float32), rng.normal(size=(N * H, R)).astype(np.float32)
+        tensors[f"base_model.model.{ATTN.format(0)}{m}.lora_A.weight"] = A
+        tensors[f"base_model.model.{ATTN.format(0)}{m}.lora_B.weight"] = B
+        want[j] += (B.astype(np.float64) @ A).T.reshape(D, N, H).transpose(1, 0, 2)  # scale alpha/r = 1
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": R}))
+    loaded = lorajax.load_peft(d, base, name_map="tunix")
+    assert loaded["layers"][0]["attn"]["qkv_einsum"]["w"].layout == lorajax.Layout("soio")
+    got = lorajax.merge(loaded)["layers"][0]["attn"]["qkv_einsum"]["w"]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
