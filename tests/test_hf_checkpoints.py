@@ -185,19 +185,21 @@ def test_tunix_convention_agrees_with_tunix_key_mappings():
             return 1
 
     tunix = convention_namer("tunix", "test")
-    qwen3 = lorajax.peft.name_map_from_key_mapping(
-        _tunix("tunix.models.qwen3.params")._get_key_and_transform_mapping(Anything())
-    )
     paths = [f"layers/3/attn/{p}/w" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    paths += [f"layers/3/mlp/{p}/kernel" for p in ("gate_proj", "up_proj", "down_proj", "router")]
+    paths += [f"layers/3/mlp/{p}/kernel" for p in ("gate_proj", "up_proj", "down_proj")]
     paths += ["embedder/input_embedding", "lm_head/w"]
-    for p in paths:
-        assert tunix(p) == qwen3(p) is not None, p
-    gemma3 = lorajax.peft.name_map_from_key_mapping(
-        _tunix("tunix.models.gemma3.params_safetensors")._get_key_and_transform_mapping(Anything())
-    )
-    for p in ["layers/0/attn/attn_vec_einsum/w", "layers/0/mlp/up_proj/kernel", "embedder/input_embedding"]:
-        assert tunix(p) == gemma3(p) is not None, p
+    gemma = ["layers/0/attn/attn_vec_einsum/w", "layers/0/mlp/up_proj/kernel", "embedder/input_embedding"]
+    for module, kernels in (
+        ("qwen3.params", [*paths, "layers/3/mlp/router/kernel"]),
+        ("qwen2.params", paths),
+        ("llama3.params", paths),
+        ("gemma3.params_safetensors", gemma),
+        ("gemma.params_safetensors", gemma),
+    ):
+        mapping = _tunix(f"tunix.models.{module}")._get_key_and_transform_mapping(Anything())
+        theirs = lorajax.name_map_from_key_mapping(mapping)
+        for p in kernels:
+            assert tunix(p) == theirs(p) is not None, (module, p)
 
 
 @pytest.mark.examples
