@@ -41,7 +41,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax.inits import eva_init, to_plain_lora
-from lorajax.peft import load_peft, read_peft, save_peft, to_peft_dict
+from lorajax.peft import load_peft, name_map_from_key_mapping, read_peft, save_peft, to_peft_dict
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "memory_plan",
     "merge",
     "mlp",
+    "name_map_from_key_mapping",
     "partition",
     "partition_specs",
     "path_str",

@@ -7,13 +7,14 @@ PEFT stores ``A`` as ``(r, in)`` (convs: ``(r, in, *window)``) and ``B`` as ``(o
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import numpy as np
 
-from lorajax._layout import Layout, infer_layout
-from lorajax._paths import KeyPath, path_parts
+from lorajax._layout import AmbiguousLayout, AttentionShapes, Layout, infer_layout
+from lorajax._paths import KeyPath, path_parts, path_str
 
 
 def _conv_perm(layout: Layout) -> list[int]:
@@ -101,15 +102,80 @@ def _dense_layout(torch_style: bool, shape: tuple[int, ...], n_in: int, n_out: i
     return Layout("io") if fan_in_fan_out else Layout("oi")
 
 
+def file_readings(shape: tuple[int, ...], n_in: int, n_out: int) -> list[str]:
+    """Every fan-in/fan-out reading of a multi-axis kernel whose sizes are PEFT's ``(in, out)``, in kernel order.
+
+    >>> file_readings((8, 32, 2), 32, 16)  # gemma's q_einsum (heads, d_model, head_dim), d_model != heads * head_dim
+    ['oio']
+    >>> file_readings((8, 32, 4), 32, 32)  # d_model == heads * head_dim: the file alone does not tell
+    ['ioi', 'oio']
+    """
+    out = []
+    for codes in itertools.product("io", repeat=len(shape)):
+        if "i" in codes and "o" in codes:
+            fan_in = math.prod(d for d, c in zip(shape, codes) if c == "i")
+            fan_out = math.prod(d for d, c in zip(shape, codes) if c == "o")
+            if (fan_in, fan_out) == (n_in, n_out):
+                out.append("".join(codes))
+    return out
+
+
+def _settle(
+    path: KeyPath,
+    shape: tuple[int, ...],
+    readings: list[str],
+    torch_style: bool,
+    caller: str,
+    attention: AttentionShapes | None,
+) -> Layout:
+    """One of the readings the file allows: the one names and sibling kernels give, else the contiguous split."""
+    try:
+        named = infer_layout(path, shape, caller, attention).axes
+    except ValueError:
+        named = None
+    if named in readings:
+        return Layout(named)
+    n = len(shape)
+    split = [
+        r
+        for r in readings
+        if r in {("o" * k + "i" * (n - k)) if torch_style else ("i" * k + "o" * (n - k)) for k in range(1, n)}
+    ]
+    if len(split) == 1:  # the DenseGeneral convention: (*fan_in, *fan_out), PyTorch's (*fan_out, *fan_in)
+        return Layout(split[0])
+    where = path_str(path)
+    raise AmbiguousLayout(
+        f"the adapter's factors fit kernel {where} with shape {shape} in more than one way: readings "
+        f"{' and '.join(map(repr, readings))} give the same (in, out) sizes and the names do not pick one; state it "
+        f"with layout={{{where!r}: ...}}",
+        caller,
+    )
+
+
 def guess_layout(
-    kind: str, path: KeyPath, shape: tuple[int, ...], A: Any, B: Any, fan_in_fan_out: bool, caller: str
+    kind: str,
+    path: KeyPath,
+    shape: tuple[int, ...],
+    A: Any,
+    B: Any,
+    fan_in_fan_out: bool,
+    caller: str,
+    attention: AttentionShapes | None = None,
 ) -> Layout:
     """The layout of a base kernel that a PEFT module of ``kind`` with factors ``A``, ``B`` adapts.
+
+    A multi-axis kernel takes the one reading whose fan-in and fan-out sizes are the adapter's ``A (r, in)`` and
+    ``B (out, r)``; where several fit, the names and the sibling kernels (``attention``, from
+    :func:`lorajax._layout.attention_shapes`) pick one, else the contiguous split; else it raises, naming the
+    kernel and the readings.
 
     >>> from jax.tree_util import DictKey
     >>> guess_layout("dense", (DictKey("fc"), DictKey("weight")), (3, 4), np.ones((2, 4)), np.ones((3, 2)),
     ...              False, "load_peft")
     Layout('oi')
+    >>> guess_layout("dense", (DictKey("q_einsum"), DictKey("w")), (8, 32, 4), np.ones((2, 32)), np.ones((32, 2)),
+    ...              False, "load_peft")
+    Layout('oio')
     """
     torch_style = path_parts(path)[-1] == "weight"
     n = len(shape)
@@ -121,11 +187,10 @@ def guess_layout(
     n_in, n_out = A.shape[1], B.shape[0]
     if n == 2:
         return _dense_layout(torch_style, shape, n_in, n_out, fan_in_fan_out)
-    # Multi-axis kernels (DenseGeneral): the split of the axes that PEFT's (in, out) sizes allow.
-    for k in range(1, n):
-        left, right = math.prod(shape[:k]), math.prod(shape[k:])
-        if torch_style and (left, right) == (n_out, n_in):
-            return Layout("o" * k + "i" * (n - k))
-        if not torch_style and (left, right) == (n_in, n_out):
-            return Layout("i" * k + "o" * (n - k))
-    return infer_layout(path, shape, caller)
+    # Multi-axis kernels (DenseGeneral, einsums): the readings PEFT's (in, out) sizes allow.
+    readings = file_readings(shape, n_in, n_out)
+    if len(readings) == 1:
+        return Layout(readings[0])
+    if readings:
+        return _settle(path, shape, readings, torch_style, caller, attention)
+    return infer_layout(path, shape, caller, attention)  # no reading fits: the shape check names the mismatch

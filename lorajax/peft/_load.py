@@ -13,14 +13,24 @@ import numpy as np
 
 from lorajax import _boxes
 from lorajax._dora import magnitude_entries, magnitude_shape
-from lorajax._layout import Layout, LayoutArg, factor_names, layout_spec, parse_layout
+from lorajax._layout import (
+    AttentionShapes,
+    Layout,
+    LayoutArg,
+    attention_shapes,
+    factor_names,
+    layout_spec,
+    parse_layout,
+)
 from lorajax._node import LoRA, LoRASpec, fold_scale, is_lora, lora_scale
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
 from lorajax._targets import is_kernel, pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours, unstack
-from lorajax.peft._names import NameMap, Namer, is_template, module_namer, template_regex
+from lorajax.peft._fused import block_factors
+from lorajax.peft._names import NameMap, Namer, fused_slot, is_template, module_namer, template_regex
 from lorajax.peft._read import read_files
+from lorajax.peft._teach import names_any, no_match_message
 
 CALLER = "load_peft"
 Modules = dict[str, dict[str, Any]]
@@ -78,11 +88,13 @@ def _assign(
     A module no parameter maps to is a problem, unless ``partial``.
     """
     owners: dict[str, list[int]] = collections.defaultdict(list)
-    templates = []
+    templates, fused = [], []
     for n, (kpath, leaf) in enumerate(leaves):
         candidate = is_lora(leaf) or is_kernel(kpath, leaf)
         name = namer(path_str(kpath), candidate)
-        if name is not None and is_template(name):  # a stacked kernel: one module per layer index
+        if isinstance(name, tuple):  # a fused kernel: one module per slice of its leading axis
+            fused.append((n, name))
+        elif name is not None and is_template(name):  # a stacked kernel: one module per layer index
             templates.append((n, template_regex(name)))
         elif name is not None and name in modules:
             owners[name].append(n)
@@ -95,6 +107,8 @@ def _assign(
             problems.add(f"module {name!r}: several parameters map to it ({paths}); pass name_map to pick one")
         elif hits:
             direct[hits[0]] = name
+        elif (slot := fused_slot(fused, name)) is not None:
+            stacked[slot[0]][slot[1]] = name
         elif found := next(((n, m) for n, rx in templates if (m := rx.fullmatch(name))), None):
             if (twin := stacked[found[0]].get(int(found[1].group(1)))) is not None:
                 problems.add(f"modules {twin!r} and {name!r} are both layer {int(found[1].group(1))} of one kernel")
@@ -109,7 +123,13 @@ def _assign(
 
 
 def _kernel_layout(
-    kpath: KeyPath, leaf: Any, entry: dict[str, Any], is_stacked: bool, layout: LayoutArg, fan_in_fan_out: bool
+    kpath: KeyPath,
+    leaf: Any,
+    entry: dict[str, Any],
+    is_stacked: bool,
+    layout: LayoutArg,
+    fan_in_fan_out: bool,
+    attention: AttentionShapes | None = None,
 ) -> Layout:
     """A LoRA node's own layout, else the user's ``layout=`` spec, else a guess from names and PEFT's shapes."""
     if is_lora(leaf):
@@ -121,8 +141,8 @@ def _kernel_layout(
         return parse_layout(spec, kpath, shape, caller=CALLER)
     kind, A, B = entry["kind"], entry["A"], entry["B"]
     if is_stacked:  # a name template means one leading layer axis
-        return Layout("s" + guess_layout(kind, kpath, shape[1:], A, B, fan_in_fan_out, CALLER).axes)
-    return guess_layout(kind, kpath, shape, A, B, fan_in_fan_out, CALLER)
+        return Layout("s" + guess_layout(kind, kpath, shape[1:], A, B, fan_in_fan_out, CALLER, attention).axes)
+    return guess_layout(kind, kpath, shape, A, B, fan_in_fan_out, CALLER, attention)
 
 
 def _module_factors(
@@ -214,14 +234,21 @@ def _load_kernel(
     scaling: _Scaling,
     layout: LayoutArg,
     fan_in_fan_out: bool,
+    attention: AttentionShapes | None = None,
 ) -> LoRA:
     """The node for one kernel the adapter names: as one ``module`` or as stacked ``layers``."""
     where = path_str(kpath)
     if is_lora(leaf) and leaf.per_example:
         raise ValueError(f"{where}: holds per-example factors (lorajax.select); load onto the plain params")
     entry = modules[module if module is not None else next(iter(layers.values()))]
-    lay = _kernel_layout(kpath, leaf, entry, module is None, layout, fan_in_fan_out)
+    lay = _kernel_layout(kpath, leaf, entry, module is None, layout, fan_in_fan_out, attention)
     shape = tuple(_boxes.unbox(leaf.base if is_lora(leaf) else leaf).shape)
+    if module is None and not lay.stack and lay.axes[0] == "o":  # a fused kernel whose node shares a: block form
+        inner = Layout(lay.axes[1:])
+        got = {j: _module_factors(m, modules, scaling, inner, shape[1:], f"{where}[{j}]") for j, m in layers.items()}
+        parts = {j: (f.a, f.b, lora_scale(f.alpha, f.rank, f.rslora), f.magnitude) for j, f in got.items()}
+        blk = block_factors(where, lay, shape, parts)
+        return _loaded_node(leaf, lay, _Factors(blk.a, blk.b, blk.rank, float(blk.rank), False, blk.magnitude))
     if module is None:
         return _loaded_node(leaf, lay, _stacked_factors(layers, modules, scaling, lay, shape, where))
     if lay.stack:
@@ -301,12 +328,15 @@ def load_peft(
     leaves = tree_paths(params, is_leaf=is_lora)
     problems = Problems(CALLER)
     direct, stacked = _assign(leaves, modules, namer, problems, partial=partial)
+    if not direct and not stacked and not names_any(leaves, list(modules), namer):
+        raise ValueError(no_match_message(leaves, list(modules), name_map, CALLER))  # and what would match
+    attention = attention_shapes(leaves)  # sibling kernels settle a query kernel's layout where sizes do not
     replaced: dict[int, LoRA] = {}
     for n in sorted(set(direct) | set(stacked)):
         kpath, leaf = leaves[n]
         try:
             replaced[n] = _load_kernel(
-                kpath, leaf, direct.get(n), stacked.get(n, {}), modules, scaling, layout, fan_in_fan_out
+                kpath, leaf, direct.get(n), stacked.get(n, {}), modules, scaling, layout, fan_in_fan_out, attention
             )
         except ValueError as e:  # the next kernel still loads: the error lists every problem at once
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)

@@ -19,6 +19,7 @@ from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
+from lorajax.peft._fused import fused_slices
 from lorajax.peft._names import (
     CONFIG_NAME,
     PREFIX,
@@ -69,9 +70,13 @@ def _nonfinite(factors: Iterable[_Factors], problems: Problems) -> None:
             problems.add(f"{f.path}: {', '.join(found)}")
 
 
-def _split(f: _Factors, name: str) -> list[tuple[str, _Module]]:
-    """The PEFT modules of one node: itself, or one per layer of a stacked kernel (``name`` has ``{}``)."""
+def _split(f: _Factors, name: str | tuple[str, ...]) -> list[tuple[str, _Module]]:
+    """The PEFT modules of one node: itself, one per layer of a stacked kernel (``name`` has ``{}``), or one per
+    slice of a fused kernel (``name`` is a tuple)."""
     node = f.node
+    if isinstance(name, tuple):
+        parts = fused_slices(f.path, node.layout, node.shape, f.a, f.b, f.magnitude, name)
+        return [(n, _Module(f.path, node, *part)) for n, part in parts]
     if not node.layout.stack:
         return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b, f.magnitude))]
     if not is_template(name):
