@@ -19,6 +19,7 @@ from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
 from lorajax._targets import is_kernel, pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours, unstack
+from lorajax.peft._modules_to_save import loaded_leaves, split_saved
 from lorajax.peft._names import NameMap, Namer, is_template, module_namer, template_regex
 from lorajax.peft._read import read_files
 
@@ -261,10 +262,17 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
     Returns:
         ``params`` with a :class:`lorajax.LoRA` node at each adapted kernel.
 
+    ``modules_to_save`` (modules PEFT trained whole, such as a classifier head or a norm) load as
+    :class:`lorajax.Trainable` leaves, so they keep training: each PyTorch parameter goes to the leaf of
+    the module ``name_map`` names (``weight`` to a Flax ``kernel`` transposed from PyTorch's order, to an
+    ``embedding`` or a norm's ``scale`` as it is; ``bias`` to ``bias``), in the file's dtype, placed like
+    the leaf it replaces.
+
     Raises:
-        ValueError: an unsupported PEFT feature (``modules_to_save``, ``lora_bias``,
-            ``target_parameters``...), or one message listing every module without a
-            kernel, every shape mismatch and every ambiguous name.
+        ValueError: an unsupported PEFT feature (``lora_bias``, ``target_parameters``...), or
+            one message listing every module without a kernel, every shape mismatch, every
+            ambiguous name, every module to save without matching leaves, and every
+            ``Trainable`` leaf of ``params`` the adapter does not carry.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -276,6 +284,7 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
         (2, Layout('io'), (4, 2), (2, 3))
     """
     config, modules = read_files(path, CALLER)
+    saved, modules = split_saved(modules)  # modules_to_save: Trainable leaves (peft/_modules_to_save.py)
     scaling, fan_in_fan_out = _Scaling.of(config), bool(config.get("fan_in_fan_out", False))
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
@@ -291,5 +300,6 @@ def load_peft(path: str | os.PathLike, params: Any, *, name_map: NameMap = None,
         except ValueError as e:  # the next kernel still loads: the error lists every problem at once
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)
             problems.add(message if where in message else f"{where}: {message}")
+    trained = loaded_leaves(saved, params, leaves, namer, problems, CALLER)
     problems.raise_if_any(f"cannot load {path}")
-    return rebuild(params, leaves, replaced, is_lora)
+    return rebuild(params, leaves, {**replaced, **trained}, is_lora)

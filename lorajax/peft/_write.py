@@ -19,6 +19,7 @@ from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax.inits import is_residual, plain_lora
 from lorajax.peft._convert import to_torch, unstack
+from lorajax.peft._modules_to_save import saved_modules
 from lorajax.peft._names import (
     CONFIG_NAME,
     PREFIX,
@@ -203,7 +204,11 @@ def save_peft(
     majority is saved with the ``alpha`` that gives the same scale under the
     majority rule, so outputs are unchanged. DoRA nodes (all of the adapter's, as
     PEFT's ``use_dora`` is one setting) write ``use_dora: true`` and each
-    magnitude as ``<module>.lora_magnitude_vector`` in PEFT's shape.
+    magnitude as ``<module>.lora_magnitude_vector`` in PEFT's shape. Leaves trained beside the factors
+    (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``) are written as PEFT writes ``modules_to_save``:
+    each module whose leaves all train is listed there and its parameters stored whole as
+    ``base_model.model.<module>.<param>`` in PyTorch's names and axis order (``kernel`` -> ``weight``,
+    transposed; a norm's ``scale`` -> ``weight``).
 
     Args:
         path: output directory (created; files in an existing one are replaced).
@@ -225,8 +230,10 @@ def save_peft(
 
     Raises:
         ValueError: no LoRA nodes; one message listing every node without a module name, every
-            clash of names and every stacked node without a ``{}`` name; or (unless
-            ``allow_nonfinite``) one listing every node whose factors hold NaN/Inf. Nothing is written.
+            clash of names and every stacked node without a ``{}`` name; one listing every trained
+            leaf PEFT cannot hold as a whole module (a bias whose kernel stays frozen or has LoRA),
+            with the closest PEFT form; or (unless ``allow_nonfinite``) one listing every node whose
+            factors (or trained leaves) hold NaN/Inf. Nothing is written.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -273,9 +280,11 @@ def save_peft(
             "factors hold NaN/Inf",
             "Nothing was written. Find where training diverged, or pass allow_nonfinite=True to write them anyway.",
         )
+    saved = saved_modules(params, namer, set(modules), allow_nonfinite, CALLER)  # also= leaves: modules_to_save
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
+    config["modules_to_save"] = saved.names or None
     files = {
-        WEIGHTS_NAME: save(_tensors(modules), metadata={"format": "pt"}),
+        WEIGHTS_NAME: save({**_tensors(modules), **saved.tensors}, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
     }
     atomic_folder(path, files, caller=CALLER)
