@@ -53,3 +53,26 @@ def fresh_logits(kind: str, adapter: str, base: str, x: str, out: str) -> None:
     load = lorajax.load_adapter if kind == "native" else lorajax.load_peft
     lorafied = load(adapter, params)
     np.save(out, np.asarray(apply(lorajax.merge(lorafied), jnp.asarray(np.load(x)))))
+
+
+def placed_specs(kind: str, adapter: str, base: str, out: str) -> None:
+    """Load ``adapter`` onto the base with head/kernel and norm/scale sharded over 2 devices; save the loaded
+    trained leaves' ``PartitionSpec``s (as lists) to ``out`` (JSON). Needs 2 devices (XLA_FLAGS)."""
+    import json
+
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lorajax
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+    params = load_tree(base)
+    params["head"]["kernel"] = jax.device_put(params["head"]["kernel"], NamedSharding(mesh, P("d", None)))
+    params["norm"]["scale"] = jax.device_put(params["norm"]["scale"], NamedSharding(mesh, P("d")))
+    load = lorajax.load_adapter if kind == "native" else lorajax.load_peft
+    loaded = load(adapter, params)
+    specs = {
+        f"{m}/{leaf}": list(loaded[m][leaf].value.sharding.spec) for m, leaf in (("head", "kernel"), ("norm", "scale"))
+    }
+    with open(out, "w") as fh:
+        json.dump(specs, fh)

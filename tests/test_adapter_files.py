@@ -66,15 +66,22 @@ def fresh(tmp_path, files, base, x):
     save_tree(tmp_path / "base.npz", base)
     np.save(tmp_path / "x.npy", np.asarray(x))
     outs = [tmp_path / f"logits{k}.npy" for k in range(len(files))]
+    specs = [tmp_path / f"specs{k}.json" for k in range(len(files))]
+    base_file = str(tmp_path / "base.npz")
     code = f"import sys; sys.path.insert(0, {TESTS!r}); import _tiny_classifier as m\n" + "".join(
-        f"m.fresh_logits({kind!r}, {str(f)!r}, {str(tmp_path / 'base.npz')!r}, {str(tmp_path / 'x.npy')!r}, "
-        f"{str(out)!r})\n"
-        for (kind, f), out in zip(files, outs)
+        f"m.fresh_logits({kind!r}, {str(f)!r}, {base_file!r}, {str(tmp_path / 'x.npy')!r}, {str(out)!r})\n"
+        f"m.placed_specs({kind!r}, {str(f)!r}, {base_file!r}, {str(spec)!r})\n"
+        for (kind, f), out, spec in zip(files, outs, specs)
     )
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [np.load(out) for out in outs]
+    return [np.load(out) for out in outs], [json.loads(spec.read_text()) for spec in specs]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +110,10 @@ def test_both_formats_restore_head_norm_and_bias_in_a_fresh_process(data, traine
     lorajax.save_adapter(tmp_path / "task.safetensors", trained_all)
     cfg = lorajax.save_peft(tmp_path / "peft", trained_whole)
     assert cfg["modules_to_save"] == ["head", "norm"] and cfg["target_modules"] == ["fc1"]
-    native, peft = fresh(tmp_path, [("native", tmp_path / "task.safetensors"), ("peft", tmp_path / "peft")], base, x)
+    files = [("native", tmp_path / "task.safetensors"), ("peft", tmp_path / "peft")]
+    (native, peft), specs = fresh(tmp_path, files, base, x)
+    for placed in specs:  # each trained leaf is sharded like the base leaf it replaces
+        assert placed == {"head/kernel": ["d", None], "norm/scale": ["d"]}
     np.testing.assert_allclose(native, want_all, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(peft, want_whole, rtol=1e-6, atol=1e-6)
     attached = np.asarray(apply(lorajax.merge(lorajax.attach(base, lorajax.adapter(trained_all))), x))
