@@ -230,7 +230,31 @@ def test_save_peft_refuses_leaves_that_are_no_whole_module(data, tmp_path):
     lora_bias = lorajax.lorafy(base, rank=2, where=["fc1"], also=r"fc1/bias")
     with pytest.raises(ValueError, match=r"fc1/bias: trained beside the LoRA node fc1/kernel.*bias='lora_only'"):
         lorajax.save_peft(tmp_path / "p", lora_bias)
+    # PEFT wraps every module whose name ends with a modules_to_save entry: "head" would also catch "lm_head".
+    suffix = lorajax.lorafy({**base, "lm_head": base["head"]}, rank=2, where=["lm_head"], also=["head"])
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' also matches the LoRA module 'lm_head'"):
+        lorajax.save_peft(tmp_path / "p", suffix)
     assert not (tmp_path / "p").exists()
+
+
+def test_peft_modules_to_save_of_stacked_layers_and_kernels_pytorch_lacks(tmp_path):
+    rng = np.random.default_rng(0)
+    w = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    base = {"layers": {"fc": {"kernel": w(2, 4, 4)}, "norm": {"scale": w(2, 4), "bias": w(2, 4)}}}
+    params = lorajax.lorafy(base, rank=2, where=["fc"], layout={"fc": "sio"}, also=["norm"])
+    norm = {"scale": w(2, 4), "bias": w(2, 4)}  # as trained
+    params["layers"]["norm"] = {k: lorajax.Trainable(v) for k, v in norm.items()}
+    names = {"layers/fc": "model.layers.{}.fc", "layers/norm": "model.layers.{}.norm"}
+    cfg = lorajax.save_peft(tmp_path / "p", params, name_map=names)
+    assert cfg["modules_to_save"] == ["model.layers.0.norm", "model.layers.1.norm"]
+    _, modules = lorajax.read_peft(tmp_path / "p")
+    np.testing.assert_array_equal(modules["model.layers.1.norm"]["params"]["weight"], norm["scale"][1])
+    loaded = lorajax.load_peft(tmp_path / "p", base, name_map=names)["layers"]["norm"]
+    for leaf in ("scale", "bias"):
+        np.testing.assert_array_equal(loaded[leaf].value, norm[leaf])
+    heads = {"fc": {"kernel": w(4, 4)}, "attn": {"query": {"kernel": w(8, 2, 4)}}}
+    with pytest.raises(ValueError, match=r"attn/query/kernel: a 3-axis kernel \(8, 2, 4\): no PyTorch module"):
+        lorajax.save_peft(tmp_path / "q", lorajax.lorafy(heads, rank=2, where=["fc"], also=["query"]))
 
 
 def test_load_peft_checks_modules_to_save_against_the_base(data, trained_whole, tmp_path):

@@ -244,16 +244,20 @@ def loaded_leaves(
                 continue
             n = mine.pop(param)
             kpath, leaf = leaves[n]
-            base = np.asarray(_boxes.unbox(leaf))
-            shape = tuple(base.shape) if layer is None else tuple(base.shape[1:])
-            got = _as_ours(kpath, shape, tensor, caller)
+            base = _boxes.unbox(leaf)
+            shape = tuple(int(d) for d in (base.shape if layer is None else base.shape[1:]))
+            try:
+                got = _as_ours(kpath, shape, tensor, caller)
+            except ValueError as e:  # a weight no PyTorch module holds
+                got = str(e)
             if isinstance(got, str):
                 problems.add(f"module to save {module!r}: {param} has shape {tuple(tensor.shape)}; {got}")
             elif layer is None:
                 values[n] = got
             else:  # one layer of a stacked leaf: the other layers keep their values until theirs come
-                whole = values.setdefault(n, base.astype(np.result_type(base.dtype, got.dtype)))
-                whole[layer] = got
+                if n not in values:
+                    values[n] = np.array(base, dtype=np.result_type(base.dtype, got.dtype))
+                values[n][layer] = got
         problems.extend(
             [f"module to save {module!r}: the file has no tensor for {path_str(leaves[n][0])}" for n in mine.values()]
         )
