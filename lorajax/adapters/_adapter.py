@@ -155,8 +155,9 @@ def adapter(params: Any, metadata: Mapping[str, Any] | None = None) -> Adapter:
             :func:`save_adapter`).
 
     Returns:
-        An :class:`Adapter`: ``{path: AdapterFactors}``. The factor arrays are the
-        caller's own (unboxed), not copies.
+        An :class:`Adapter`: ``{path: AdapterFactors}``, plus in ``trainables`` every leaf
+        declared trainable (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``). The arrays
+        are the caller's own (unboxed), not copies.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
