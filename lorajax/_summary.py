@@ -13,6 +13,7 @@ from lorajax import _boxes, _paths
 from lorajax._merge import unlorafy
 from lorajax._node import is_lora
 from lorajax._train import mask, partition, reject_also
+from lorajax._trainable import is_node, is_trainable
 from lorajax.quant import dense_shapes, is_quantized
 
 
@@ -40,6 +41,9 @@ class Summary:
         total_bytes: bytes of all parameters.
         targets: one :class:`TargetRow` per LoRA node.
         memory: the :class:`MemoryPlan` when ``summary`` was given an ``optimizer``.
+        trained_leaves: paths of the :class:`lorajax.Trainable` leaves (``lorafy(..., also=...)``), which
+            train whole. ``save_adapter`` carries them with the factors; ``save_peft`` writes them as PEFT's
+            ``modules_to_save`` where they make up whole modules, and refuses them otherwise.
     """
 
     trainable: int
@@ -48,6 +52,7 @@ class Summary:
     total_bytes: int
     targets: tuple[TargetRow, ...]
     memory: MemoryPlan | None = None
+    trained_leaves: tuple[str, ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -75,6 +80,11 @@ class Summary:
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {100 * self.trainable_fraction:.4f}"
         )
+        if self.trained_leaves:
+            lines.append(
+                f"trained whole (also=): {', '.join(self.trained_leaves)}; saved with the factors by save_adapter, "
+                "and by save_peft as modules_to_save (whole modules only)"
+            )
         if self.memory is not None:
             lines += ["", str(self.memory)]
         return "\n".join(lines)
@@ -118,8 +128,10 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
     reject_also(also, "summary")
     flags = [not is_quantized(f) and f for f in jax.tree.leaves(mask(params), is_leaf=is_quantized)]
     sizes = [_size(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)]
-    rows = []
-    for path, node in _paths.tree_paths(params, is_leaf=is_lora):
+    rows, trained = [], []
+    for path, node in _paths.tree_paths(params, is_leaf=is_node):
+        if is_trainable(node):
+            trained.append(_paths.path_str(path))
         if is_lora(node):
             n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude)))
             rows.append(
@@ -132,6 +144,7 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
         total_bytes=sum(s[1] for s in sizes),
         targets=tuple(rows),
         memory=None if optimizer is None else memory_plan(params, optimizer, devices=devices),
+        trained_leaves=tuple(trained),
     )
 
 
@@ -206,6 +219,10 @@ class MemoryPlan:
         fmt = lambda r: "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
         lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
         lines.append(f"LoRA keeps {self.saving:.1f}x less training state (activations not included).")
+        lines.append(
+            f"An adapter file (save_adapter or save_peft) holds about {_human(self.lora.trainable)} of tensors: every "
+            "trainable leaf, LoRA factors and also= leaves alike."
+        )
         return "\n".join(lines)
 
 
@@ -219,7 +236,8 @@ def memory_plan(params: Any, optimizer: Any, *, also: Any = None, devices: int =
     counted in the dtype of their parameters.
 
     * LoRA: frozen = every non-trainable leaf (the base model), trainable = the
-      factors (and :class:`lorajax.Trainable` leaves), gradients = one per trainable leaf,
+      factors (and :class:`lorajax.Trainable` leaves: exactly what an adapter file,
+      ``save_adapter``'s or ``save_peft``'s, holds), gradients = one per trainable leaf,
       optimizer = ``optimizer.init`` on the trainable leaves only (what
       :func:`lorajax.masked` keeps).
     * Full fine-tuning: ``lorajax.unlorafy(params)`` all trainable, with its

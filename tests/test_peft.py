@@ -375,7 +375,6 @@ def _copy_fixture(tmp_path: Path, case: str = "linear") -> Path:
     ("change", "feature"),
     [
         ({"use_dora": True}, "use_dora"),
-        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
         ({"lora_bias": True}, "lora_bias"),
         ({"target_parameters": ["experts.weight"]}, "target_parameters"),
         ({"bias": "all"}, "bias='all'"),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._node import HasSpec, LoRASpec, is_lora
 from lorajax._paths import path_str, tree_paths
+from lorajax._trainable import is_node, is_trainable
 
 
 @jax.tree_util.register_dataclass
@@ -46,9 +47,14 @@ class AdapterFactors(HasSpec):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """A LoRA adapter on its own: ``{path: AdapterFactors}`` plus JSON metadata.
+    """A LoRA adapter on its own: ``{path: AdapterFactors}``, the trained ``also=`` leaves, and JSON metadata.
 
-    A plain pytree whose only leaves are the factor arrays, so it can be
+    ``trainables`` holds every :class:`lorajax.Trainable` leaf of the params it was taken
+    from (a head, a norm, a bias trained beside the factors): ``{path: array}``, unboxed, so
+    that attaching the adapter to the base restores them (as ``Trainable`` nodes that keep
+    training) and :func:`lorajax.save_adapter` writes them.
+
+    A plain pytree whose only leaves are the factor and trainable arrays, so it can be
     jitted, ``device_put``, sharded or checkpointed with Orbax like any other
     tree. Paths are '/'-joined parameter paths (``"params/Dense_0/kernel"``).
     ``metadata`` is user metadata (JSON-serialisable); it is kept as static
@@ -64,6 +70,8 @@ class Adapter:
 
     factors: dict[str, AdapterFactors]
     metadata_json: str = dataclasses.field(default="{}", metadata=dict(static=True))
+    #: ``{path: array}``: the leaves declared trainable (``lorafy(..., also=...)``), as trained.
+    trainables: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -77,8 +85,8 @@ class Adapter:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the targets' paths, base shapes and base dtypes."""
-        return fingerprint(self.factors)
+        """sha256 over the targets' paths, base shapes and base dtypes (and the trainable leaves' where any)."""
+        return fingerprint(self.factors, self.trainables)
 
     def __getitem__(self, path: str) -> AdapterFactors:
         return self.factors[path]
@@ -89,13 +97,31 @@ class Adapter:
     def with_metadata(self, metadata: Mapping[str, Any] | None) -> Adapter:
         """A copy whose metadata is updated with ``metadata``."""
         merged = {**self.metadata, **dict(metadata or {})}
-        return Adapter(dict(self.factors), dump_metadata(merged))
+        return Adapter(dict(self.factors), dump_metadata(merged), dict(self.trainables))
 
 
-def fingerprint(factors: Mapping[str, AdapterFactors]) -> str:
-    """sha256 over ``[path, base shape, base dtype]`` of every target: which base an adapter belongs to."""
-    spec = [[p, list(f.shape), f.dtype] for p, f in sorted(factors.items())]
+def fingerprint(factors: Mapping[str, AdapterFactors], trainables: Mapping[str, Any] | None = None) -> str:
+    """sha256 over ``[path, base shape, base dtype]`` of every target: which base an adapter belongs to.
+
+    Trainable leaves add ``["trainable", path, shape, dtype]`` entries; an adapter without them
+    keeps the fingerprint it had before they were carried (format 1 files).
+    """
+    spec: list[Any] = [[p, list(f.shape), f.dtype] for p, f in sorted(factors.items())]
+    spec += [
+        ["trainable", p, [int(d) for d in x.shape], jnp.dtype(x.dtype).name]
+        for p, x in sorted((trainables or {}).items())
+    ]
     return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
+
+
+def reject_trainables(ads: Any, caller: str, why: str, todo: str) -> None:
+    """Raise a ValueError naming every trainable (``also=``) leaf the adapters ``ads`` carry (``None`` skipped)."""
+    found = sorted({path for ad in ads if ad is not None for path in ad.trainables})
+    if found:
+        raise ValueError(
+            f"{caller}: the adapters carry trained leaves besides their factors ({', '.join(found)}, declared with "
+            f"lorafy(..., also=...)): {why}. {todo}"
+        )
 
 
 def reject_dora(ads: Any, caller: str, why: str, todo: str) -> None:
@@ -129,8 +155,9 @@ def adapter(params: Any, metadata: Mapping[str, Any] | None = None) -> Adapter:
             :func:`save_adapter`).
 
     Returns:
-        An :class:`Adapter`: ``{path: AdapterFactors}``. The factor arrays are the
-        caller's own (unboxed), not copies.
+        An :class:`Adapter`: ``{path: AdapterFactors}``, plus in ``trainables`` every leaf
+        declared trainable (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``). The arrays
+        are the caller's own (unboxed), not copies.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -147,7 +174,10 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
     if isinstance(params, Adapter):
         return params.with_metadata(metadata) if metadata else params
     factors: dict[str, AdapterFactors] = {}
-    for path, leaf in tree_paths(params, is_leaf=is_lora):
+    trainables: dict[str, Any] = {}
+    for path, leaf in tree_paths(params, is_leaf=is_node):
+        if is_trainable(leaf):
+            trainables[path_str(path)] = _boxes.unbox(leaf.value)
         if not is_lora(leaf):
             continue
         name = path_str(path)
@@ -165,6 +195,6 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
             dtype=jnp.dtype(base.dtype).name,
             magnitude=_boxes.unbox(leaf.magnitude) if leaf.spec.variant == "dora" else None,
         )
-    if not factors:
+    if not factors and not trainables:
         raise ValueError(f"{caller}: params hold no LoRA node; call lorajax.lorafy (or lorajax.load_adapter) first.")
-    return Adapter(factors, dump_metadata(metadata))
+    return Adapter(factors, dump_metadata(metadata), trainables)

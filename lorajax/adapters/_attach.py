@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes
@@ -18,6 +19,7 @@ from lorajax._layout import factor_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
+from lorajax._trainable import Trainable, is_trainable
 from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter
 from lorajax.quant import is_quantized
 
@@ -73,8 +75,63 @@ def base_problems(name: str, f: AdapterFactors, leaf: Any, check_dtype: bool) ->
 
 
 def _unit(x: Any) -> bool:
-    """LoRA nodes and quantized kernels (a base to attach to) are single leaves of a params tree."""
-    return is_lora(x) or is_quantized(x)
+    """LoRA nodes, Trainable nodes and quantized kernels (a base to attach to) are single leaves of a params tree."""
+    return is_lora(x) or is_trainable(x) or is_quantized(x)
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    x = _boxes.unbox(x)
+    return tuple(int(d) for d in x.shape) if hasattr(x, "shape") else None
+
+
+def place_like(base: Any, value: Any) -> Any:
+    """``value`` as a JAX array placed like the (unboxed) ``base`` leaf: on its sharding where it has one."""
+    sharding = getattr(_boxes.unbox(base), "sharding", None)
+    if isinstance(value, jax.core.Tracer) or not isinstance(sharding, jax.sharding.Sharding):
+        return jnp.asarray(value)
+    return jax.device_put(value, sharding)
+
+
+def trainable_problems(
+    trainables: dict[str, Any], leaves: list[tuple[KeyPath, Any]], index: dict[str, int], *, expect: bool
+) -> list[str]:
+    """Whether the base has each trained leaf ``trainables`` carries, of its shape (and, with ``expect``, no
+    :class:`lorajax.Trainable` node the adapter lacks: params that declare a leaf trainable expect its value)."""
+    out = []
+    for name, x in sorted(trainables.items()):
+        want = tuple(int(d) for d in x.shape)
+        if name not in index:
+            near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.75)
+            out.append(
+                f"missing: {name}: the adapter carries a trained leaf of shape {want} (declared with "
+                f"lorafy(..., also=...)) but the base has no such parameter"
+                + (f" (similar: {', '.join(near)})" if near else "")
+            )
+            continue
+        leaf = leaves[index[name]][1]
+        if is_lora(leaf):
+            out.append(f"lora: {name}: the adapter carries it as a trained leaf, the params hold a LoRA node there")
+        elif (got := _shape(leaf.value if is_trainable(leaf) else leaf)) != want:
+            out.append(f"shape: {name}: the adapter carries a trained leaf of shape {want}, this base has {got}")
+    if expect:
+        out += [
+            f"trainable: {path_str(p)}: the params declare it trainable (a Trainable node, lorafy(..., also=...)) "
+            "but the adapter carries no trained value for it"
+            for p, leaf in leaves
+            if is_trainable(leaf) and path_str(p) not in trainables
+        ]
+    return out
+
+
+def with_trainables(
+    trainables: dict[str, Any], leaves: list[tuple[KeyPath, Any]], index: dict[str, int], replaced: dict[int, Any]
+) -> None:
+    """Put each trained leaf into ``replaced`` as a :class:`lorajax.Trainable` node, boxed and placed like its base."""
+    for name, x in trainables.items():
+        n = index[name]
+        leaf = leaves[n][1]
+        box = leaf.value if is_trainable(leaf) else leaf
+        replaced[n] = Trainable(_boxes.rebox(box, place_like(box, x)))
 
 
 def index_paths(tree: Any) -> tuple[list[tuple[KeyPath, Any]], dict[str, int]]:
@@ -128,12 +185,17 @@ def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> 
             bfloat16 base is normal).
 
     Returns:
-        Params with a :class:`lorajax.LoRA` node at every target of the adapter.
+        Params with a :class:`lorajax.LoRA` node at every target of the adapter, and a
+        :class:`lorajax.Trainable` node holding each trained leaf the adapter carries
+        (``adapter.trainables``: heads, norms, biases trained with ``lorafy(..., also=...)``),
+        boxed and placed (sharded) like the base leaf it replaces, so it keeps training.
 
     Raises:
         ValueError: listing every mismatch at once: targets missing from the base,
             kernels of another shape or rank of axes than the adapter was made for,
-            factors inconsistent with their rank or layout.
+            factors inconsistent with their rank or layout, trained leaves the base lacks
+            or has in another shape, and ``Trainable`` nodes of ``base_params`` the adapter
+            carries no value for.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -159,11 +221,20 @@ def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str,
             )
         else:
             problems.extend(base_problems(name, f, leaves[index[name]][1], check_dtype))
+    declared = trainable_problems(ad.trainables, leaves, index, expect=True)
+    problems.extend(declared)
     problems.raise_if_any(
         f"{what}the adapter does not fit these base params",
-        "Attach an adapter only to the base model it was trained on (compare adapter.targets with the base's paths).",
+        "Attach an adapter only to the base model it was trained on (compare adapter.targets with the base's paths)."
+        + (
+            " An adapter without the trained leaves the params declare comes from a save that lost them: attach it "
+            "onto lorajax.unlorafy(params) to run it with the base's values there."
+            if any(p.startswith("trainable:") for p in declared)
+            else ""
+        ),
     )
     replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
+    with_trainables(ad.trainables, leaves, index, replaced)
     for name, f in ad.factors.items():
         n = index[name]
         leaf = leaves[n][1]

@@ -16,7 +16,7 @@ from lorajax._factored._banked import FORMS, BankedLoRA, Gains, Rows
 from lorajax._factored._base import in_turn
 from lorajax._node import HasSpec, LoRA, LoRASpec, compute_dtype, fold_scale, is_lora
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import Adapter, as_adapter
+from lorajax.adapters._adapter import Adapter, as_adapter, reject_trainables
 from lorajax.adapters._attach import base_problems, group_targets, index_paths, rebuild_params
 from lorajax.quant import dense_base
 
@@ -112,6 +112,18 @@ def with_dora_rows(node: BankNode, adapters: Mapping[int, Any]) -> BankNode:
     return dataclasses.replace(node, magnitude=jnp.stack(rows), dora=jnp.asarray(flags))
 
 
+def refuse_trainables(ads: Sequence[Adapter], caller: str) -> None:
+    """A bank holds factors per adapter, not whole leaves: refuse adapters that carry trained leaves."""
+    reject_trainables(
+        ads,
+        caller,
+        "a bank shares one base between its adapters and holds only their factors per row; each adapter would need "
+        "its own copy of these leaves (a per-example head or norm), which a bank cannot select per row",
+        "Serve such adapters one at a time (lorajax.attach onto the base params, then lorajax.merge), or bank "
+        "adapters without trained leaves.",
+    )
+
+
 def stack_adapters(
     adapters: Sequence[Any] | Mapping[str, Any], *, base: Any = None, dtype: Any = None, rank: int = 0
 ) -> AdapterBank:
@@ -142,7 +154,8 @@ def stack_adapters(
     Raises:
         ValueError: listing every target that is missing from the base, has another
             shape there, has different layouts in different adapters, or is a DoRA entry whose
-            magnitude does not fit the kernel.
+            magnitude does not fit the kernel; or naming the trained leaves (``lorafy(..., also=...)``,
+            ``Adapter.trainables``) an adapter carries: a bank cannot give each row its own head or norm.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -169,6 +182,7 @@ def stack_adapters(
         if base is None:
             raise ValueError("stack_adapters: all entries are Adapter objects; pass the base params as base=...")
     ads = [as_adapter(x, caller="stack_adapters") for x in items]
+    refuse_trainables(ads, "stack_adapters")
     groups = group_targets(ads, "stack_adapters")
     leaves, index = index_paths(base)
     problems = Problems("stack_adapters")

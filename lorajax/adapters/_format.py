@@ -4,6 +4,10 @@ Format 1: tensor keys are ``"<path>.a"`` / ``"<path>.b"`` (DoRA adds ``"<path>.m
 header holds per target its rank, alpha, rsLoRA flag, scale, layout, base shape
 and base dtype, plus a fingerprint of the base shapes, a sha256 of the tensor
 bytes, the lorajax version and user metadata.
+
+Format 2 adds the trained ``also=`` leaves (:class:`lorajax.Trainable`): each under the tensor key
+``"<path>"`` in its own dtype, and ``header["trainables"] = {path: {"shape": [...], "dtype": ...}}``.
+A file without trainable leaves is still written as format 1, so older lorajax versions read it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from lorajax.adapters._attach import attach_as, factor_problems
 from lorajax.inits import residual_problems
 
 FORMAT = "lorajax-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this lorajax reads and writes
+#: The format of a file that carries no trainable leaves (what format 1 readers read).
+PLAIN_FORMAT_VERSION = 1
 
 # safetensors' numpy loader lacks bfloat16 and float8; map its dtype codes ourselves so bf16 round-trips bit-exactly.
 ST_DTYPES: dict[str, Any] = {
@@ -78,7 +84,10 @@ def save_adapter(
     """Write an adapter to one safetensors file, atomically.
 
     Tensor keys are the '/'-joined parameter path plus ``".a"`` / ``".b"`` (and ``".magnitude"`` for DoRA),
-    stored in their own dtype (bfloat16 included, bit-exact). The safetensors
+    stored in their own dtype (bfloat16 included, bit-exact). Every leaf trained beside
+    the factors (a :class:`lorajax.Trainable` node: ``lorafy(..., also=...)`` heads, norms,
+    biases) is stored whole under its path, in its own dtype, and listed in the header
+    (format 2; a file without such leaves stays format 1). The safetensors
     header carries JSON under ``"lorajax"``: per target its rank, alpha, rsLoRA
     flag, scale, layout and the base kernel's shape and dtype; a fingerprint of
     those base shapes; a sha256 of the tensor bytes; the lorajax version; and
@@ -90,12 +99,12 @@ def save_adapter(
         path: destination file (conventionally ``*.safetensors``).
         params_or_adapter: lorafied params or an :class:`Adapter`.
         metadata: JSON-serialisable user metadata, merged over the adapter's own.
-        allow_nonfinite: write factors that hold NaN or Inf anyway. By default such an
-            adapter (the trace of a diverged run) is refused.
+        allow_nonfinite: write factors (and trained leaves) that hold NaN or Inf anyway. By
+            default such an adapter (the trace of a diverged run) is refused.
 
     Raises:
-        ValueError: naming every target whose ``a`` or ``b`` holds NaN or Inf (unless
-            ``allow_nonfinite=True``); nothing is written then.
+        ValueError: naming every target whose ``a`` or ``b`` (or trained leaf) holds NaN or
+            Inf (unless ``allow_nonfinite=True``); nothing is written then.
         OSError: the file cannot be written (the message names ``path``); an old file stays as it was.
 
     Example:
@@ -106,6 +115,12 @@ def save_adapter(
         >>> lorajax.save_adapter(f, lora, metadata={"task": "demo"})
         >>> lorajax.load_adapter(f, base)["dense"]["kernel"].rank
         2
+        >>> base = {"fc1": {"kernel": jnp.ones((8, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+        >>> lora = lorajax.lorafy(base, rank=2, where=["fc1"], also=["head"])  # the head trains too
+        >>> lorajax.save_adapter(f, lora)
+        >>> head = lorajax.load_adapter(f, base)["head"]["kernel"]  # comes back as a Trainable node: it trains on
+        >>> type(head).__name__, head.value.shape
+        ('Trainable', (4, 2))
     """
     from safetensors.numpy import save
 
@@ -146,19 +161,32 @@ def save_adapter(
             targets[name]["variant"] = f.spec.variant
         if f.spec.init != "default":  # a PiSSA/OLoRA adapter fits only its residual base: say so in the file
             targets[name]["init"] = f.spec.init
+    trainables: dict[str, Any] = {}
+    for name, x in sorted(ad.trainables.items()):
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(f"save_adapter: {name} holds traced arrays; call save_adapter outside jax.jit.")
+        if name in tensors:
+            raise ValueError(f"save_adapter: the trained leaf {name} has the tensor name of a factor; rename it.")
+        value = np.ascontiguousarray(jax.device_get(x))
+        if n_bad := _nonfinite(value):
+            problems.add(f"non-finite: {name}: the trained leaf holds {n_bad} NaN/Inf of {value.size} entries")
+        tensors[name] = value
+        trainables[name] = {"shape": list(value.shape), "dtype": value.dtype.name}
     if not allow_nonfinite:
         problems.raise_if_any(
             "the factors hold NaN or Inf",
             "Such an adapter comes from a diverged run; save an earlier checkpoint, or pass allow_nonfinite=True.",
         )
     header = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if trainables else PLAIN_FORMAT_VERSION,
         "lorajax_version": __version__,
         "targets": targets,
         "fingerprint": ad.fingerprint,
         "sha256": tensor_digest(tensors),
         "metadata": user,
     }
+    if trainables:
+        header["trainables"] = trainables
     data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
     atomic_write(path, data, caller="save_adapter")
 
@@ -167,8 +195,9 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read an adapter file written by :func:`save_adapter`, without any base.
 
     Everything is validated before anything is returned: the safetensors
-    structure, the lorajax header, the tensor checksum, and that every target
-    has exactly its ``.a`` and ``.b`` tensors of the recorded shapes.
+    structure, the lorajax header, the tensor checksum, that every target
+    has exactly its ``.a`` and ``.b`` tensors of the recorded shapes, and that every
+    trained leaf the header lists (format 2) is there in its recorded shape and dtype.
 
     Args:
         path: the adapter file.
@@ -220,6 +249,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
         header = json.loads(meta["lorajax"])
         targets = header["targets"]
         version = int(header["format_version"])
+        declared = dict(header.get("trainables") or {})
     except Exception as e:
         raise bad(f"has a corrupted lorajax header ({e}).") from None
     if version > FORMAT_VERSION:
@@ -266,15 +296,33 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
             if "scale" in t and not math.isclose(float(t["scale"]), spec.scale, rel_tol=1e-6):  # a flipped byte
                 problems.add(f"scale: {name}: recorded scale {t['scale']} but rank/alpha/rslora give {spec.scale}")
             factors[name] = f
+        trainables = _read_trainables(declared, tensors, problems)
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None
-    known = {name + s for name in targets for s in (".a", ".b")}
+    known = {name + s for name in targets for s in (".a", ".b")} | set(declared)
     known |= {name + ".magnitude" for name, t in targets.items() if t.get("variant") == "dora"}
     problems.extend([f"extra: tensor {k!r} belongs to no target in the header" for k in sorted(set(tensors) - known)])
-    if not problems and header.get("fingerprint") != fingerprint(factors):
+    if not problems and header.get("fingerprint") != fingerprint(factors, trainables):
         problems.add("fingerprint: the base-shape fingerprint does not match the targets in the header")
     problems.raise_if_any(f"{fname} is inconsistent", "The file is corrupted; save it again.")
-    return Adapter(factors, dump_metadata(header.get("metadata") or {}))
+    return Adapter(factors, dump_metadata(header.get("metadata") or {}), trainables)
+
+
+def _read_trainables(declared: dict[str, Any], tensors: dict[str, np.ndarray], problems: Problems) -> dict[str, Any]:
+    """The trained leaves the header lists, each checked against its tensor's shape and dtype."""
+    out = {}
+    for name, t in sorted(declared.items()):
+        x = tensors.get(name)
+        shape, dtype = tuple(int(d) for d in t["shape"]), str(t["dtype"])
+        if x is None:
+            problems.add(f"missing: {name}: a trained leaf in the header but its tensor is not in the file")
+        elif tuple(x.shape) != shape or x.dtype.name != dtype:
+            problems.add(
+                f"shape: {name}: the header says {dtype}{list(shape)}, the tensor is {x.dtype.name}{list(x.shape)}"
+            )
+        else:
+            out[name] = jnp.asarray(x)
+    return out
 
 
 def load_adapter(path: str | os.PathLike[str], base_params: Any, *, check_dtype: bool = False) -> Any:
@@ -286,8 +334,11 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any, *, check_dtype:
         check_dtype: see :func:`attach`.
 
     Returns:
-        Lorafied params. Nothing is returned unless the whole file was valid and fits
-        the base; a wrong base raises a ValueError naming each path with both shapes.
+        Lorafied params, with a :class:`lorajax.Trainable` node (placed like the base leaf)
+        for every trained leaf the file carries. Nothing is returned unless the whole file
+        was valid and fits the base; a wrong base raises a ValueError naming each path with
+        both shapes, as does a file whose trained leaves the base lacks, or ``base_params``
+        that declare leaves trainable (``Trainable`` nodes) the file does not carry.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile, os

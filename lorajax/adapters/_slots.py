@@ -19,6 +19,7 @@ from lorajax.adapters._bank import (
     bank_row,
     is_bank_node,
     is_dora,
+    refuse_trainables,
     stack_adapters,
     with_dora_rows,
 )
@@ -78,8 +79,9 @@ class AdapterSlots:
 
         Raises:
             ValueError: no free slot; the adapter targets a kernel that has no slot, has a rank above the
-                slot rank, another layout or base shape there; or it is a DoRA adapter and the slots were
-                built without DoRA rows.
+                slot rank, another layout or base shape there; it is a DoRA adapter and the slots were
+                built without DoRA rows; or it carries trained leaves (``lorafy(..., also=...)``), which
+                slots cannot hold per adapter.
 
         >>> import jax, jax.numpy as jnp, lorajax
         >>> base = {"q": {"kernel": jnp.ones((4, 4))}}
@@ -90,6 +92,7 @@ class AdapterSlots:
         """
         caller = "AdapterSlots.put"
         ad = as_adapter(adapter, caller=caller)
+        refuse_trainables([ad], caller)
         slot = (
             self.names.index(name)
             if name in self.names

@@ -12,7 +12,14 @@ from lorajax import _boxes
 from lorajax._node import LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._problems import Problems
 from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora
-from lorajax.adapters._attach import base_problems, factor_problems, index_paths, rebuild_params
+from lorajax.adapters._attach import (
+    base_problems,
+    factor_problems,
+    index_paths,
+    place_like,
+    rebuild_params,
+    trainable_problems,
+)
 
 # One term of a swap: (a, b, scale) with the scale traced, or None when that adapter does not target the kernel.
 Term = tuple[Any, Any, Any] | None
@@ -52,6 +59,11 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
     computation with a single cast back to the kernel's dtype (no intermediate
     rounding to a bf16 base). Targets of only one adapter get only its term.
 
+    Trained leaves (``adapter.trainables``: heads, norms, biases trained with ``lorafy(..., also=...)``)
+    are values, not updates: each of ``new_adapter``'s replaces the merged params' leaf (boxed and
+    placed like it). A leaf only ``old_adapter`` trained cannot be put back, since the merged params
+    keep no copy of its base value: that is refused.
+
     Args:
         merged: plain params with ``old_adapter`` merged in (``lorajax.merge`` output).
         old_adapter: the adapter merged now (:class:`Adapter` or lorafied params), or
@@ -66,7 +78,8 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
 
     Raises:
         ValueError: listing every target missing from ``merged``, of the wrong
-            shape, or still a LoRA node.
+            shape, or still a LoRA node, and every leaf ``old_adapter`` trained that
+            ``new_adapter`` does not carry.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -102,6 +115,15 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
         "linearly",
         "Keep the params lorafied and swap with lorajax.attach on the base params (lorajax.unlorafy), then merge.",
     )
+    trained = dict(new.trainables) if new else {}
+    problems.extend(trainable_problems(trained, leaves, index, expect=False))
+    problems.extend(
+        [
+            f"trainable: {name}: old_adapter trained this leaf and new_adapter carries no value for it; the merged "
+            "params keep no copy of its base value (attach the new adapter to the base params instead: lorajax.attach)"
+            for name in sorted(set(old.trainables if old else ()) - set(trained))
+        ]
+    )
     problems.raise_if_any("the adapters do not fit these merged params", "Swap only adapters of this base model.")
 
     def term(ad: Adapter | None, name: str) -> tuple[Term, LoRASpec | None]:
@@ -117,4 +139,7 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
         (old_t, old_spec), (new_t, new_spec) = term(old, name), term(new, name)
         w = _swap_kernel(_boxes.unbox(leaf), old_t, new_t, old_spec=old_spec, new_spec=new_spec)
         replaced[n] = _boxes.rebox(leaf, w)
+    for name, x in trained.items():
+        leaf = leaves[index[name]][1]
+        replaced[index[name]] = _boxes.rebox(leaf, place_like(leaf, x))
     return rebuild_params(merged, leaves, replaced)

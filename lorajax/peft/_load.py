@@ -28,6 +28,7 @@ from lorajax._problems import Problems
 from lorajax._targets import is_kernel, pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours, unstack
 from lorajax.peft._fused import block_factors
+from lorajax.peft._modules_to_save import loaded_leaves, split_saved
 from lorajax.peft._names import NameMap, Namer, fused_slot, is_template, module_namer, template_regex
 from lorajax.peft._read import read_files
 from lorajax.peft._teach import names_any, no_match_message
@@ -306,12 +307,19 @@ def load_peft(
     Returns:
         ``params`` with a :class:`lorajax.LoRA` node at each adapted kernel.
 
+    ``modules_to_save`` (modules PEFT trained whole, such as a classifier head or a norm) load as
+    :class:`lorajax.Trainable` leaves, so they keep training: each PyTorch parameter goes to the leaf of
+    the module ``name_map`` names (``weight`` to a Flax ``kernel`` transposed from PyTorch's order, to an
+    ``embedding`` or a norm's ``scale`` as it is; ``bias`` to ``bias``), in the file's dtype, placed like
+    the leaf it replaces.
+
     Raises:
-        ValueError: an unsupported PEFT feature (``modules_to_save``, ``lora_bias``,
-            ``target_parameters``...); one listing every tensor that is not a float or
-            (unless ``allow_nonfinite``) holds NaN/Inf; or one message listing every module
-            without a kernel (unless ``partial``), every shape mismatch and every ambiguous name.
-            The caller's ``params`` are never changed.
+        ValueError: an unsupported PEFT feature (``lora_bias``, ``target_parameters``...); one
+            listing every tensor that is not a float or (unless ``allow_nonfinite``) holds NaN/Inf;
+            or one message listing every module without a kernel (unless ``partial``), every shape
+            mismatch, every ambiguous name, every module to save without matching leaves, and every
+            ``Trainable`` leaf of ``params`` the adapter does not carry. The caller's ``params`` are
+            never changed.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax, tempfile
@@ -323,6 +331,7 @@ def load_peft(
         (2, Layout('io'), (4, 2), (2, 3))
     """
     config, modules = read_files(path, CALLER, allow_nonfinite=allow_nonfinite)
+    saved, modules = split_saved(modules)  # modules_to_save: Trainable leaves (peft/_modules_to_save.py)
     scaling, fan_in_fan_out = _Scaling.of(config), bool(config.get("fan_in_fan_out", False))
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
@@ -341,9 +350,10 @@ def load_peft(
         except ValueError as e:  # the next kernel still loads: the error lists every problem at once
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)
             problems.add(message if where in message else f"{where}: {message}")
+    trained = loaded_leaves(saved, params, leaves, namer, problems, CALLER)
     unmatched = any("no parameter maps to it" in p for p in problems.items)
     problems.raise_if_any(
         f"cannot load {path}",
         "Fix name_map, or pass partial=True to load only the modules that match a kernel." if unmatched else "",
     )
-    return rebuild(params, leaves, replaced, is_lora)
+    return rebuild(params, leaves, {**replaced, **trained}, is_lora)

@@ -11,6 +11,7 @@ import numpy as np
 
 from lorajax._files import clean_stale
 from lorajax._problems import Problems
+from lorajax.peft._modules_to_save import take_saved
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
 #: Tensor-name suffix -> (factor, module kind).
@@ -34,8 +35,6 @@ _SUPPORTED = (
 
 def _unsupported_features(config: dict[str, Any]) -> list[str]:
     found = []
-    if config.get("modules_to_save"):
-        found.append(f"modules_to_save={config['modules_to_save']!r} (fully trained module copies)")
     if config.get("lora_bias"):
         found.append("lora_bias=True (a trained bias on lora_B)")
     if config.get("target_parameters"):
@@ -174,6 +173,7 @@ def read_files(
         raise ValueError(f"{caller}: cannot read {w_file} (truncated or not a safetensors file?): {e}") from None
     problems = Problems(caller)
     problems.extend(_value_problems(tensors, allow_nonfinite))
+    saved = take_saved(config, tensors, problems)  # modules_to_save: whole modules (peft/_modules_to_save.py)
     dora = bool(config.get("use_dora", False))
     modules = _group(tensors, problems, dora)
     for name, entry in modules.items():
@@ -183,7 +183,7 @@ def read_files(
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
     if not modules:
         raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")
-    return config, modules
+    return config, {**modules, **saved}
 
 
 def read_peft(
@@ -192,7 +192,9 @@ def read_peft(
     """The config and per-module factors of a PEFT adapter directory, as NumPy arrays.
 
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
-    in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape.
+    in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape. Each module
+    of ``modules_to_save`` (trained whole) is ``{"kind": "saved", "params": {"weight": ..., "bias": ...}}``,
+    its parameters as PEFT wrote them (PyTorch's names and axis order).
     Checks the same things as :func:`lorajax.load_peft` (unsupported features,
     factor pairs, float factors, and NaN/Inf unless ``allow_nonfinite``).
 

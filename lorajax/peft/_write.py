@@ -20,6 +20,7 @@ from lorajax._problems import Problems
 from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
 from lorajax.peft._fused import fused_slices
+from lorajax.peft._modules_to_save import saved_modules
 from lorajax.peft._names import (
     CONFIG_NAME,
     PREFIX,
@@ -262,7 +263,10 @@ def _peft_dict(
             "factors hold NaN/Inf",
             "Nothing was written. Find where training diverged, or pass allow_nonfinite=True to write them anyway.",
         )
-    return _config(modules, base_model_name_or_path, fan_in_fan_out), _tensors(modules)
+    saved = saved_modules(params, namer, set(modules), allow_nonfinite, caller)  # also= leaves: modules_to_save
+    config = _config(modules, base_model_name_or_path, fan_in_fan_out)
+    config["modules_to_save"] = saved.names or None
+    return config, {**_tensors(modules), **saved.tensors}
 
 
 def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -298,7 +302,11 @@ def save_peft(
     majority is saved with the ``alpha`` that gives the same scale under the
     majority rule, so outputs are unchanged. DoRA nodes (all of the adapter's, as
     PEFT's ``use_dora`` is one setting) write ``use_dora: true`` and each
-    magnitude as ``<module>.lora_magnitude_vector`` in PEFT's shape.
+    magnitude as ``<module>.lora_magnitude_vector`` in PEFT's shape. Leaves trained beside the factors
+    (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``) are written as PEFT writes ``modules_to_save``:
+    each module whose leaves all train is listed there and its parameters stored whole as
+    ``base_model.model.<module>.<param>`` in PyTorch's names and axis order (``kernel`` -> ``weight``,
+    transposed; a norm's ``scale`` -> ``weight``).
 
     Args:
         path: output directory (created; files in an existing one are replaced).
@@ -323,10 +331,11 @@ def save_peft(
 
     Raises:
         ValueError: no LoRA nodes; one message listing every node without a module name, every
-            clash of names and every stacked node without a ``{}`` name; or (unless
-            ``allow_nonfinite``) one listing every node whose factors hold NaN/Inf; or one listing
-            every node where ``initial`` is not this adapter's start (another path, spec, shape or
-            base). Nothing is written then.
+            clash of names and every stacked node without a ``{}`` name; one listing every trained
+            leaf PEFT cannot hold as a whole module (a bias whose kernel stays frozen or has LoRA),
+            with the closest PEFT form; or (unless ``allow_nonfinite``) one listing every node whose
+            factors (or trained leaves) hold NaN/Inf; or one listing every node where ``initial`` is
+            not this adapter's start (another path, spec, shape or base). Nothing is written then.
         OSError: the folder cannot be written (the message names ``path``); the folder is unchanged.
 
     Example:
