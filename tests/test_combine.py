@@ -397,3 +397,10 @@ def test_where_peft_rescales_by_rslora_we_do_not(peft_side):
     rank = 6  # PEFT's merged r for "cat": the sum of the configs' r (2 + 2 + 2), the same for every module
     for path, want in theirs.items():
         assert rel(ours[path] * math.sqrt(rank), want) < 1e-5, path
+
+
+def test_combine_refuses_adapters_with_trained_leaves():
+    base = {"fc": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+    ad = lorajax.adapter(lorajax.lorafy(base, rank=2, where=["fc"], also=["head"]))
+    with pytest.raises(ValueError, match=r"combine_adapters: the adapters carry trained leaves .*head/kernel"):
+        lorajax.combine_adapters([ad, ad], [0.5, 0.5], method="linear")

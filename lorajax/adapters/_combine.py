@@ -24,7 +24,14 @@ import numpy as np
 from lorajax._node import LoRASpec, fold_scale, lora_delta
 from lorajax._problems import Problems
 from lorajax.adapters import _merging as merging
-from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, reject_dora
+from lorajax.adapters._adapter import (
+    Adapter,
+    AdapterFactors,
+    as_adapter,
+    dump_metadata,
+    reject_dora,
+    reject_trainables,
+)
 from lorajax.adapters._attach import group_targets
 
 Members = list[tuple[int, AdapterFactors]]
@@ -324,6 +331,12 @@ def combine_adapters(
         "of their factors gives the weighted sum of their effects",
         "Merge each DoRA adapter into its own copy of the base (lorajax.merge) and combine the merged weights, or "
         "combine plain LoRA adapters.",
+    )
+    reject_trainables(
+        ads,
+        "combine_adapters",
+        "the combination methods merge low-rank factors, and a whole trained leaf has no factors to merge",
+        "Combine adapters without also= leaves, or average those leaves yourself and attach them after combining.",
     )
     weights = [float(w) for w in weights]
     if not ads:
