@@ -8,6 +8,7 @@
 (8, 8)
 """
 
+from lorajax._checkpoint import Checkpoints, Restored
 from lorajax._factored import FallbackWarning, factored
 from lorajax._infer import TracedLayouts, infer_layouts
 from lorajax._layout import Layout, infer_layout
@@ -50,6 +51,7 @@ __all__ = [
     "AdapterFactors",
     "AdapterSlots",
     "BankNode",
+    "Checkpoints",
     "FallbackWarning",
     "Layout",
     "LoRA",
@@ -57,6 +59,7 @@ __all__ = [
     "MemoryPlan",
     "Preset",
     "QuantizedKernel",
+    "Restored",
     "StateBytes",
     "Summary",
     "TargetRow",

@@ -262,3 +262,57 @@ def shardings_of(params: Any) -> Any:
         True
     """
     return jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+
+
+def _put(x: Any, sharding: Any) -> Any:
+    """``x`` (a host or device array) on ``sharding``, in any process of a multi-process job.
+
+    Every process holds the same value (it was read from one file), so each fills the shards its own devices hold:
+    nothing is sent between processes. Boxes keep their metadata; tracers and abstract values are left alone.
+    """
+    if x is None or sharding is None:
+        return x
+    value = _boxes.unbox(x)
+    if isinstance(value, (jax.core.Tracer, jax.ShapeDtypeStruct)) or getattr(value, "sharding", None) == sharding:
+        return x
+    if sharding.is_fully_addressable:
+        placed = jax.device_put(value, sharding)
+    else:
+        host = value if not isinstance(value, jax.Array) else jax.device_get(value)
+        placed = jax.make_array_from_callback(value.shape, sharding, lambda index: host[index])
+    return _boxes.rebox(x, placed)
+
+
+def place_factors(params: Any) -> Any:
+    """Put every node's factors (and DoRA magnitude) on the shardings its base implies.
+
+    Factors read from a file are host arrays; without this, the first jitted step would reshard them (on a pod, by
+    gathering). A base with a ``NamedSharding`` (a quantized one: the sharding of the dense kernel its codes stand
+    for) places ``a`` and ``b`` as :func:`factor_specs` says and the magnitude as :func:`magnitude_sharding` says.
+    Nodes on one device or unsharded bases are returned as they are.
+
+    Example:
+        >>> import dataclasses, jax, jax.numpy as jnp, numpy as np, lorajax
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.make_mesh((1,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
+        >>> base = jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P(None, "tp")))
+        >>> node = lorajax.lorafy({"q": {"kernel": base}}, rank=2, where=["q"])["q"]["kernel"]
+        >>> node = dataclasses.replace(node, a=np.ones((4, 2), np.float32), b=np.zeros((2, 8), np.float32))
+        >>> place_factors(node).b.sharding.spec
+        P(None, 'tp')
+    """
+
+    def place(node: Any) -> Any:
+        if not is_lora(node):
+            return node
+        base = node.base
+        sharding = dense_sharding(base) if is_quantized(base) else getattr(_boxes.unbox(base), "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return node
+        sa, sb = _factor_shardings(sharding, node.layout)
+        magnitude = node.magnitude
+        if magnitude is not None:
+            magnitude = _put(magnitude, magnitude_sharding(sharding, node.layout))
+        return dataclasses.replace(node, a=_put(node.a, sa), b=_put(node.b, sb), magnitude=magnitude)
+
+    return jax.tree.map(place, params, is_leaf=is_lora)

@@ -1,0 +1,147 @@
+"""One process of a (possibly multi-process) training job on CPU devices, run by tests/test_pods.py.
+
+The test launches this script as 1 process with 8 devices or as 2 processes with 4 devices each (JAX's own
+distributed runtime over gloo on localhost), on one `data x model` mesh whose `data` axis spans the processes. It
+trains a small LoRA model (sharded base, masked AdamW through `merge`, dropout-like noise drawn from the run's
+key), checkpoints with `lorajax.Checkpoints`, and can SIGKILL itself right after a save completes, so that a
+second launch resumes. Process 0 writes what the test compares as JSON (`--out`). Run by hand to debug:
+
+    python tests/_pod_worker.py --procs 1 --dir /tmp/ck --steps 6 --out /tmp/out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # only as a script: pytest's doctest collection imports this file too
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--pid", type=int, default=0)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL this process once step K is saved")
+    ap.add_argument("--out", default=None)
+    ARGS = ap.parse_args()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={8 // ARGS.procs}"
+    )
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import hashlib
+import json
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lorajax
+
+D, H, BATCH = 16, 32, 8
+
+
+def start(procs: int, pid: int, port: int) -> None:
+    if procs > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=procs, process_id=pid)
+
+
+def placed(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    # Every process holds the same host value; each fills the shards its own devices hold.
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def build(mesh: jax.sharding.Mesh) -> dict:
+    rng = np.random.default_rng(0)
+    base = {
+        "fc1": {"kernel": rng.normal(size=(D, H)).astype(np.float32), "bias": np.zeros(H, np.float32)},
+        "fc2": {"kernel": rng.normal(size=(H, D)).astype(np.float32) / 4, "bias": np.zeros(D, np.float32)},
+        "head": {"kernel": rng.normal(size=(D, 4)).astype(np.float32)},
+    }
+    specs = {
+        "fc1": {"kernel": P(None, "model"), "bias": P("model")},
+        "fc2": {"kernel": P("model", None), "bias": P()},
+        "head": {"kernel": P()},
+    }
+    base = jax.tree.map(lambda x, s: placed(x, NamedSharding(mesh, s)), base, specs)
+    return lorajax.lorafy(base, rank=4, where=["fc1", "fc2"], also=["head"], key=jax.random.key(1))
+
+
+def apply(p: dict, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    h = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    return h @ p["head"]["kernel"]
+
+
+def batch(step: int, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(100 + step)
+    x = rng.normal(size=(BATCH, D)).astype(np.float32)
+    y = rng.integers(0, 4, size=BATCH).astype(np.int32)
+    return placed(x, NamedSharding(mesh, P("data", None))), placed(y, NamedSharding(mesh, P("data")))
+
+
+def digest(params: dict) -> dict[str, str]:
+    from jax.experimental import multihost_utils
+
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(lorajax.partition(params)[0]):
+        host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        out[lorajax.path_str(path)] = hashlib.sha256(host.tobytes()).hexdigest()
+    return out
+
+
+def main() -> None:
+    start(ARGS.procs, ARGS.pid, ARGS.port)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    params = build(mesh)
+    tx = optax.masked(optax.adamw(1e-2, weight_decay=0.1), lorajax.mask)
+    opt_state, key = tx.init(params), jax.random.key(42)
+
+    @jax.jit
+    def step(params, opt_state, key, x, y):
+        key, noise_key = jax.random.split(key)
+
+        def loss(p):
+            noisy = x + 0.1 * jax.random.normal(noise_key, x.shape)  # the RNG must resume too
+            logits = apply(lorajax.merge(p), noisy)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, key, value
+
+    ckpts = lorajax.Checkpoints(ARGS.dir, max_to_keep=2)
+    first = 0
+    if ckpts.latest_step is not None:
+        first, params, opt_state, key = ckpts.restore(params, opt_state, key)
+    losses = []
+    for i in range(first, ARGS.steps):
+        params, opt_state, key, value = step(params, opt_state, key, *batch(i, mesh))
+        losses.append(float(value))
+        ckpts.save(i + 1, params, opt_state, key)
+        if ARGS.kill_after == i + 1:
+            ckpts.wait()
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    steps = ckpts.all_steps()
+    ckpts.close()
+    # Every process takes part in the gathers; process 0 writes.
+    result = {
+        "first": first,
+        "losses": losses,
+        "digest": digest(params),
+        "steps": steps,
+        "b_spec": str(params["fc1"]["kernel"].b.sharding.spec),
+    }
+    if ARGS.out and jax.process_index() == 0:
+        with open(ARGS.out, "w") as fh:
+            json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()
