@@ -8,11 +8,15 @@ complete files. In a single process all of this reduces to the plain write.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
+
+from lorajax._node import is_lora
+from lorajax._trainable import is_node, is_trainable
 
 T = TypeVar("T")
 
@@ -69,3 +73,19 @@ def write_once(caller: str, target: str, write: Callable[[], T]) -> T | None:
     if failed:
         raise RuntimeError(f"{caller}: process 0 failed to write {target}; its error says why.")
     return result
+
+
+def gathered_trained(params: Any) -> Any:
+    """``params`` with what trains (factors, magnitudes, ``Trainable`` values) gathered by :func:`gathered`.
+
+    The frozen bases are left where they are: they are large, and writing an adapter never reads them.
+    """
+
+    def gather(x: Any) -> Any:
+        if is_lora(x):
+            return dataclasses.replace(x, a=gathered(x.a), b=gathered(x.b), magnitude=gathered(x.magnitude))
+        if is_trainable(x):
+            return dataclasses.replace(x, value=gathered(x.value))
+        return x
+
+    return jax.tree.map(gather, params, is_leaf=is_node)

@@ -25,6 +25,7 @@ if __name__ == "__main__":  # only as a script: pytest's doctest collection impo
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL this process once step K is saved")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--io", action="store_true", help="also save and load adapter files from every process")
     ARGS = ap.parse_args()
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={8 // ARGS.procs}"
@@ -95,10 +96,50 @@ def digest(params: dict) -> dict[str, str]:
     return out
 
 
+def file_io(folder: str, mesh: jax.sharding.Mesh, initial: dict, params: dict) -> dict:
+    """save_adapter/save_peft called by every process, 3 times to one path; read and loaded back in every process."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    lorajax.save_adapter(f"{folder}/initial.safetensors", initial)
+    for _ in range(3):
+        lorajax.save_adapter(f"{folder}/adapter.safetensors", params)
+        lorajax.save_peft(f"{folder}/peft", params)
+    trained = {
+        lorajax.path_str(p): whole(x) for p, x in jax.tree_util.tree_leaves_with_path(lorajax.partition(params)[0])
+    }
+    read = lorajax.read_adapter(f"{folder}/adapter.safetensors")
+    file_equal = all(
+        np.array_equal(read[t].a, trained[f"{t}/a"]) and np.array_equal(read[t].b, trained[f"{t}/b"])
+        for t in read.factors
+    ) and np.array_equal(read.trainables["head/kernel"], trained["head/kernel"])
+    base = lorajax.unlorafy(initial)  # the sharded base, as a fresh process would load it
+    out = {"file_equal": bool(file_equal)}
+    for name, loaded in [
+        ("adapter", lorajax.load_adapter(f"{folder}/adapter.safetensors", base)),
+        ("peft", lorajax.load_peft(f"{folder}/peft", base)),
+    ]:
+        node = loaded["fc1"]["kernel"]
+        out[f"{name}_b_spec"] = str(node.b.sharding.spec)
+        out[f"{name}_equal"] = bool(np.allclose(whole(node.b), trained["fc1/kernel/b"], rtol=1e-6, atol=0))
+    # The content, canonically: safetensors orders its header's metadata map differently in each process.
+    from safetensors import safe_open
+
+    with safe_open(f"{folder}/initial.safetensors", "np") as fh:
+        content = hashlib.sha256(json.dumps(fh.metadata(), sort_keys=True).encode())
+        for k in sorted(fh.keys()):
+            content.update(k.encode() + fh.get_tensor(k).tobytes())
+    out["initial_content"] = content.hexdigest()
+    out["litter"] = sorted(n for n in os.listdir(folder) if n.startswith("."))
+    return out
+
+
 def main() -> None:
     start(ARGS.procs, ARGS.pid, ARGS.port)
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    params = build(mesh)
+    params = initial = build(mesh)
     tx = optax.masked(optax.adamw(1e-2, weight_decay=0.1), lorajax.mask)
     opt_state, key = tx.init(params), jax.random.key(42)
 
@@ -138,6 +179,8 @@ def main() -> None:
         "steps": steps,
         "b_spec": str(params["fc1"]["kernel"].b.sharding.spec),
     }
+    if ARGS.io:
+        result["io"] = file_io(ARGS.dir + "-io", mesh, initial, params)
     if ARGS.out and jax.process_index() == 0:
         with open(ARGS.out, "w") as fh:
             json.dump(result, fh)

@@ -27,7 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def job(procs: int, folder: Path, steps: int, *, kill_after: int | None = None, out: Path | None = None) -> list[int]:
+def job(
+    procs: int, folder: Path, steps: int, *, kill_after: int | None = None, out: Path | None = None, io: bool = False
+) -> list[int]:
     """Run one job of ``procs`` processes to the end (or to its SIGKILL); the exit codes."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
@@ -48,6 +50,8 @@ def job(procs: int, folder: Path, steps: int, *, kill_after: int | None = None, 
         cmd += ["--kill-after", str(kill_after)]
     if out is not None:
         cmd += ["--out", str(out)]
+    if io:
+        cmd += ["--io"]
     runs = [
         subprocess.Popen([*cmd, "--pid", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(procs)
@@ -69,7 +73,7 @@ def job(procs: int, folder: Path, steps: int, *, kill_after: int | None = None, 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_a_killed_run_resumes_bit_for_bit(tmp_path, procs):
     steps, k = 6, 3
-    job(procs, tmp_path / "whole", steps, out=tmp_path / "whole.json")
+    job(procs, tmp_path / "whole", steps, out=tmp_path / "whole.json", io=True)
     codes = job(procs, tmp_path / "killed", steps, kill_after=k)
     assert codes == [-signal.SIGKILL] * procs  # the job really died after step k was saved
     job(procs, tmp_path / "killed", steps, out=tmp_path / "resumed.json")
@@ -80,3 +84,18 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, procs):
     assert resumed["digest"] == whole["digest"]  # every trained leaf (factors and the also= head), bit for bit
     assert resumed["steps"] == whole["steps"] == [steps - 1, steps]  # keep-last-2
     assert resumed["b_spec"] == whole["b_spec"] == "P(None, 'model')"  # restored onto the base's sharding
+
+
+def test_every_process_saves_and_loads_adapter_files(tmp_path):
+    """save_adapter/save_peft called by each of 2 processes, repeatedly, to one path: files equal one process's."""
+    results = {}
+    for procs in (1, 2):
+        job(procs, tmp_path / f"p{procs}", 1, out=tmp_path / f"p{procs}.json", io=True)
+        results[procs] = json.loads((tmp_path / f"p{procs}.json").read_text())["io"]
+    for io in results.values():
+        assert io["file_equal"]  # the file holds the job's trained factors and head, gathered whole
+        assert io["adapter_equal"] and io["peft_equal"]
+        # loaded factors are placed as the base's factor_specs say (fc1's kernel is sharded P(None, 'model'))
+        assert io["adapter_b_spec"] == io["peft_b_spec"] == "P(None, 'model')"
+        assert io["litter"] == []
+    assert results[1]["initial_content"] == results[2]["initial_content"]  # the same content as one process writes

@@ -26,8 +26,10 @@ import numpy as np
 
 from lorajax._files import atomic_write, clean_stale
 from lorajax._layout import Layout
+from lorajax._multihost import gathered, write_once
 from lorajax._node import LoRASpec
 from lorajax._problems import Problems
+from lorajax._sharding import place_factors
 from lorajax._version import __version__
 from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, fingerprint
 from lorajax.adapters._attach import attach_as, factor_problems
@@ -124,7 +126,7 @@ def save_adapter(
     """
     from safetensors.numpy import save
 
-    ad = as_adapter(params_or_adapter, caller="save_adapter")
+    ad = gathered(as_adapter(params_or_adapter, caller="save_adapter"))  # whole factors, in every process
     user = {**ad.metadata, **json.loads(dump_metadata(metadata))}
     tensors: dict[str, np.ndarray] = {}
     targets: dict[str, Any] = {}
@@ -188,7 +190,7 @@ def save_adapter(
     if trainables:
         header["trainables"] = trainables
     data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
-    atomic_write(path, data, caller="save_adapter")
+    write_once("save_adapter", os.fspath(path), lambda: atomic_write(path, data, caller="save_adapter"))
 
 
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:
@@ -356,4 +358,5 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any, *, check_dtype:
         "Load it onto lorajax.lorafy(base, init=..., rank=..., alpha=...) as it was made (the residual is recomputed), "
         "or save it as plain LoRA for the original base with lorajax.to_plain_lora(trained, initial).",
     )
-    return attach_as(base_params, ad, check_dtype=check_dtype, caller="load_adapter", what=f"{os.fspath(path)}: ")
+    loaded = attach_as(base_params, ad, check_dtype=check_dtype, caller="load_adapter", what=f"{os.fspath(path)}: ")
+    return place_factors(loaded)  # sharded like the base says, so the first step does not reshard them

@@ -25,6 +25,7 @@ from lorajax._layout import (
 from lorajax._node import LoRA, LoRASpec, fold_scale, is_lora, lora_scale
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
+from lorajax._sharding import place_factors
 from lorajax._targets import is_kernel, pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours, unstack
 from lorajax.peft._fused import block_factors
@@ -356,4 +357,4 @@ def load_peft(
         f"cannot load {path}",
         "Fix name_map, or pass partial=True to load only the modules that match a kernel." if unmatched else "",
     )
-    return rebuild(params, leaves, {**replaced, **trained}, is_lora)
+    return place_factors(rebuild(params, leaves, {**replaced, **trained}, is_lora))  # sharded as the bases say

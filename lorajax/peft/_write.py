@@ -14,6 +14,7 @@ import numpy as np
 from lorajax import _boxes
 from lorajax._files import atomic_folder
 from lorajax._layout import Layout
+from lorajax._multihost import gathered_trained, write_once
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
@@ -229,6 +230,7 @@ def _peft_dict(
     initial: Any,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     namer = module_namer(name_map, caller)
+    params = gathered_trained(params)  # whole factors in every process of a multi-process job
     if initial is not None:
         params = weight_conversion(params, initial, caller=caller)
     factors = [
@@ -349,5 +351,5 @@ def save_peft(
     config, tensors = _peft_dict(
         params, CALLER, name_map, base_model_name_or_path, fan_in_fan_out, allow_nonfinite, initial
     )
-    atomic_folder(path, peft_files(config, tensors), caller=CALLER)
+    write_once(CALLER, os.fspath(path), lambda: atomic_folder(path, peft_files(config, tensors), caller=CALLER))
     return config
