@@ -130,6 +130,9 @@ def saved_modules(params: Any, namer: Namer, lora_modules: set[str], allow_nonfi
         if name is None:
             problems.add(f"{shown}: name_map gives no module name for {module or 'the root module'}")
             continue
+        if isinstance(name, tuple):  # a fused kernel's slices are LoRA modules; a module saved whole has one name
+            problems.add(f"{shown}: name_map gives several module names {name}; a module saved whole needs one")
+            continue
         try:
             written = _module_tensors(name, trained, caller)
         except ValueError as e:
@@ -224,6 +227,8 @@ def loaded_leaves(
     templates = []
     for n, (kpath, leaf) in enumerate(leaves):
         name = None if is_lora(leaf) else namer(path_str(kpath), True)
+        if isinstance(name, tuple):  # fused LoRA kernels only; a saved module has one name
+            name = None
         if name is not None and is_template(name):
             templates.append((n, template_regex(name)))
         elif name is not None:
