@@ -24,7 +24,8 @@ Where things live: ``_names`` (parameter paths <-> module names, pattern keys),
 """
 
 from lorajax.peft._load import load_peft
+from lorajax.peft._merge_folder import merge_peft
 from lorajax.peft._read import read_peft
 from lorajax.peft._write import save_peft
 
-__all__ = ["load_peft", "read_peft", "save_peft"]
+__all__ = ["load_peft", "merge_peft", "read_peft", "save_peft"]
