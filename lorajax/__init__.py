@@ -40,7 +40,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax.inits import eva_init, to_plain_lora
-from lorajax.peft import load_peft, read_peft, save_peft
+from lorajax.peft import load_peft, merge_peft, read_peft, save_peft
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "masked",
     "memory_plan",
     "merge",
+    "merge_peft",
     "mlp",
     "partition",
     "partition_specs",
