@@ -174,6 +174,32 @@ def test_merged_folder_gives_peft_merge_and_unload(tmp_path, dtype_name, dora):
         )
 
 
+@pytest.mark.torch
+def test_gpt2_conv1d_fan_in_fan_out_single_file(tmp_path):
+    """GPT-2 stores its Conv1D weights (in, out); PEFT's fan_in_fan_out adapters merge into them as they are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, n_inner=64)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    merge_peft(tmp_path / "adapter", tmp_path / "base", tmp_path / "out")
+    assert shard_files(tmp_path / "out") == ["model.safetensors"]
+    tokens = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = pm.merge_and_unload()(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(tokens).logits
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def bf16_ulps(x, y) -> np.ndarray:
     """How many bfloat16 steps apart two bf16 tensors are, elementwise (same-sign values)."""
     import torch

@@ -67,6 +67,9 @@ def _shards(base: Path) -> tuple[list[str], dict[str, str]]:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{CALLER}: {base / INDEX} is not a safetensors index (no weight_map): {e}") from None
         shards = sorted(set(weight_map.values()))
+        odd = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s.startswith(".")]
+        if odd:
+            raise ValueError(f"{CALLER}: {base / INDEX} names shards that are not file names in {base}: {odd[:3]}")
         missing = [s for s in shards if not (base / s).is_file()]
         if missing:
             raise FileNotFoundError(
