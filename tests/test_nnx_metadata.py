@@ -170,3 +170,55 @@ def test_a_merged_model_runs_sharded_like_the_original(model):
         assert nnx.get_partition_spec(nnx.state(merged_net)) == nnx.get_partition_spec(state)
     want = lorajax.factored(lambda s, x: nnx.merge(graphdef, s)(x))(lora, x)
     np.testing.assert_allclose(merged_net(x), want, rtol=1e-5, atol=1e-5)
+
+
+_MESH = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import json, sys
+import jax, jax.numpy as jnp
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+from test_nnx_metadata import Net, TARGETS
+import lorajax
+mesh = jax.make_mesh((2, 2), ("embed", "mlp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+out = {}
+for donate in (False, True):
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+        specs = nnx.get_partition_spec(state)
+        lora = lorajax.lorafy(state, rank=2, where=TARGETS, key=jax.random.key(1), init="gaussian")
+        want = lorajax.factored(lambda s, x: nnx.merge(graphdef, s)(x))(lora, jnp.ones((4, 16)))
+        merged = lorajax.merge(lora, donate=donate)
+        # What a user of a mesh does with the merged state: place it by its own annotations, then run.
+        placed = jax.device_put(merged, nnx.get_named_sharding(merged, mesh))
+        got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(placed, jnp.ones((4, 16)))
+        out[str(donate)] = {
+            "specs": nnx.get_partition_spec(merged) == specs,
+            "kernel": list(placed["fc1"]["kernel"].get_value().sharding.spec),
+            "donated": list(merged["fc2"]["kernel"].get_value().sharding.spec),
+            "err": float(jnp.abs(got - want).max()),
+        }
+print(json.dumps(out))
+"""
+
+
+def test_a_model_on_a_4_device_mesh_keeps_its_sharding_after_merge():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MESH, here], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for donate, r in results.items():
+        assert r["specs"], donate
+        assert r["kernel"] == ["embed", "mlp"], donate
+        assert r["err"] < 1e-5, donate
+    assert results["True"]["donated"] == ["mlp", "embed"]  # written into the base's own buffer
