@@ -42,7 +42,7 @@ from lorajax.adapters import (
     swap,
 )
 from lorajax.inits import eva_init, to_plain_lora
-from lorajax.peft import load_peft, name_map_from_key_mapping, read_peft, save_peft, to_peft_dict
+from lorajax.peft import load_peft, merge_peft, name_map_from_key_mapping, read_peft, save_peft, to_peft_dict
 from lorajax.quant import QuantizedKernel, dequantize, is_quantized, load_bnb_4bit, quantize, requantize
 
 __all__ = [
@@ -94,6 +94,7 @@ __all__ = [
     "masked",
     "memory_plan",
     "merge",
+    "merge_peft",
     "mlp",
     "name_map_from_key_mapping",
     "partition",

@@ -53,21 +53,22 @@ def names(x: Any) -> tuple[Any, ...] | None:
 
 
 def rebox(box: Any, value: Any, axis_names: tuple[Any, ...] | None = None) -> Any:
-    """``value`` in a box like ``box`` (or bare if ``box`` is no box).
+    """``value`` in a box like ``box`` (or bare if ``box`` is no box), with all of the box's metadata.
 
-    ``axis_names`` replaces the box's per-axis sharding names, for a value whose
-    rank differs from the box's (the LoRA factors).
+    An NNX Variable comes back of the same type with every metadata entry of ``box`` (sharding names, mesh, any
+    custom key); a linen box keeps its fields. ``axis_names`` replaces the box's per-axis sharding names, for a
+    value whose rank differs from the box's (the LoRA factors); ``None`` keeps them, for a value of the box's
+    shape (a merged or quantized kernel).
     """
     if not is_box(box):
         return value
     from flax import nnx
 
     if isinstance(box, nnx.Variable):
-        updates = {}
         meta = box.get_metadata()
-        for key in _NNX_NAME_KEYS:
-            if isinstance(meta.get(key), tuple):
-                updates[key] = axis_names
+        updates = {}
+        if axis_names is not None:
+            updates = {key: axis_names for key in _NNX_NAME_KEYS if isinstance(meta.get(key), tuple)}
         return box.replace(value, **updates)
     if axis_names is not None and hasattr(box, "names"):
         return dataclasses.replace(box, value=value, names=axis_names)

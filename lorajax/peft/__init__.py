@@ -21,13 +21,15 @@ Where things live: ``_names`` (parameter paths <-> module names, pattern keys),
 (:func:`read_peft` and the config checks), ``_load`` (:func:`load_peft`),
 ``_write`` (:func:`to_peft_dict`, :func:`save_peft`), ``_conventions`` (built-in ``name_map`` conventions: tunix,
 gemma, MaxText), ``_fused`` (tuple names: a fused kernel's slices as modules), ``_teach`` (the error of a name map
-that matches nothing). The one rank/alpha pattern rule is
+that matches nothing), ``_modules_to_save`` (``also=`` leaves as PEFT's ``modules_to_save``), ``_merge_folder``
+(:func:`merge_peft`: an adapter merged into a Hugging Face folder). The one rank/alpha pattern rule is
 :func:`lorajax._targets.pattern_key`.
 """
 
 from lorajax.peft._conventions import name_map_from_key_mapping
 from lorajax.peft._load import load_peft
+from lorajax.peft._merge_folder import merge_peft
 from lorajax.peft._read import read_peft
 from lorajax.peft._write import save_peft, to_peft_dict
 
-__all__ = ["load_peft", "name_map_from_key_mapping", "read_peft", "save_peft", "to_peft_dict"]
+__all__ = ["load_peft", "merge_peft", "name_map_from_key_mapping", "read_peft", "save_peft", "to_peft_dict"]
