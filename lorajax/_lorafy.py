@@ -71,9 +71,10 @@ def lorafy(
             ``mlp``, ``all_linear``), a regex (full match on the '/'-joined path, e.g.
             ``r".*/query/kernel"``), a list of module names (PEFT's ``target_modules``
             rule), or a callable ``(path, leaf) -> bool`` over JAX key paths.
-        key: PRNG key; each target's key is folded from its path. ``None`` (the default) means
-            ``jax.random.key(0)``: the same call always gives the same factors. Pass a key for
-            other draws.
+        key: PRNG key (typed or raw) or an integer seed; each target's key is folded from its path.
+            ``None`` (the default) means ``jax.random.key(0)``: the same call always gives the same
+            factors. Pass a key or seed for other draws. Ranks, alphas, their patterns and the key are
+            checked first, every bad value listed in one ``ValueError``.
         also: extra leaves to train beside the factors (biases, norms, a head), as a ``where``
             (a module list picks every leaf of those modules); they are wrapped in
             :class:`lorajax.Trainable`, see :func:`lorajax.trainable`. Every other leaf is frozen.
