@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes, _paths, _sharding, _targets
+from lorajax._config import check_config, prng_key, target_config
 from lorajax._dora import with_magnitude
 from lorajax._layout import (
     LAYOUT_HINT,
@@ -24,12 +25,9 @@ from lorajax._layout import (
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
-from lorajax._trainable import is_node, is_trainable, trainable
+from lorajax._trainable import declare_trainable, is_node, is_trainable
 from lorajax.inits import check_init, init_factors, init_problem, is_residual, residual_base
 from lorajax.quant import is_quantized, kernel_view, walk_stop
-
-#: The seed of the key ``lorafy`` uses when none is given.
-DEFAULT_SEED = 0
 
 InitFn: TypeAlias = Callable[[jax.Array, jax.Array, Layout, int, Any], tuple[jax.Array, jax.Array]]
 
@@ -73,9 +71,10 @@ def lorafy(
             ``mlp``, ``all_linear``), a regex (full match on the '/'-joined path, e.g.
             ``r".*/query/kernel"``), a list of module names (PEFT's ``target_modules``
             rule), or a callable ``(path, leaf) -> bool`` over JAX key paths.
-        key: PRNG key; each target's key is folded from its path. ``None`` (the default) means
-            ``jax.random.key(0)``: the same call always gives the same factors. Pass a key for
-            other draws.
+        key: PRNG key (typed or raw) or an integer seed; each target's key is folded from its path.
+            ``None`` (the default) means ``jax.random.key(0)``: the same call always gives the same
+            factors. Pass a key or seed for other draws. Ranks, alphas, their patterns and the key are
+            checked first, every bad value listed in one ``ValueError``.
         also: extra leaves to train beside the factors (biases, norms, a head), as a ``where``
             (a module list picks every leaf of those modules); they are wrapped in
             :class:`lorajax.Trainable`, see :func:`lorajax.trainable`. Every other leaf is frozen.
@@ -115,9 +114,9 @@ def lorafy(
         >>> bool((lorajax.merge(lora)["query"]["kernel"] == params["query"]["kernel"]).all())
         True
     """
-    _check_rank(rank, "rank")
+    check_config("lorafy", rank=rank, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, key=key)
     check_init(init)
-    key = jax.random.key(DEFAULT_SEED) if key is None else key
+    key = prng_key(key)
     leaves = _paths.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
     # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
     known = known_kernels(layout, leaves)
@@ -142,8 +141,7 @@ def lorafy(
         except AmbiguousLayout as e:  # every unresolved kernel in one error, not one per run
             unresolved.add(e.item)
             continue
-        r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
-        _check_rank(r, f"rank for {name}")
+        r, a_alpha = target_config(path, rank, alpha, rank_pattern, alpha_pattern)
         problem = init_problem(init, array, lay)
         if problem:
             unfit.add(f"{name} with shape {shape}: {problem}")
@@ -154,9 +152,7 @@ def lorafy(
                 f"lorafy: rank {r} for {name} with shape {shape} (layout {lay.axes!r}, fan-in {fan_in}, fan-out "
                 f"{fan_out}) exceeds min(fan_in, fan_out) = {min(fan_in, fan_out)}; use a smaller rank or rank_pattern."
             )
-        a_alpha = _targets.match_pattern(dict(alpha_pattern or {}), path)
-        a_alpha = a_alpha if a_alpha is not None else (alpha if alpha is not None else r)
-        spec = LoRASpec(rank=int(r), alpha=float(a_alpha), layout=lay, rslora=rslora)
+        spec = LoRASpec(rank=r, alpha=a_alpha, layout=lay, rslora=rslora)
         # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
         args = (init, path_key(key, path), kernel_view(array), lay, r, dtype, spec.scale)
         a, b = _sharding.init_placed(init_factors, args, array, lay)
@@ -182,15 +178,10 @@ def lorafy(
             + (mutable_variable_hint(leaves) or ("" if known else _BARE_HINT))
         )
     out = rebuild(params, leaves, chosen, walk_stop)
-    return out if also is None else trainable(out, also)
+    return out if also is None else declare_trainable(out, also, caller="lorafy", arg="also")
 
 
 _BARE_HINT = (
     " Weights stored as bare arrays under other names are found by tracing the model: "
     "layout=lorajax.infer_layouts(apply_fn, params, *inputs)."
 )
-
-
-def _check_rank(rank: Any, what: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lorafy: {what} must be an integer >= 1, got {rank!r}.")

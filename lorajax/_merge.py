@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._dora import node_kernel as dora_kernel
 from lorajax._dora import node_update as dora_update
+from lorajax._fit import check_tree
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
@@ -120,6 +121,7 @@ def merge(params: Any, *, donate: bool = False, check_finite: bool = False) -> A
         >>> lorajax.merge(p, donate=True)["q"]["kernel"].shape  # p's LoRA buffers are consumed
         (4, 4)
     """
+    check_tree("merge", params)  # factors that do not fit their base: named here, not deep inside einsum
     if check_finite:
         _check_finite(params)
     if donate:

@@ -248,8 +248,11 @@ def pattern_key(keys: Any, module: str) -> str | None:
     return None
 
 
-def match_pattern(pattern: dict[str, Any] | None, path: KeyPath) -> Any:
-    """The value of the first key of ``pattern`` that names this parameter, or None.
+def match_pattern(pattern: dict[str, Any] | None, path: KeyPath, default: Any = None) -> Any:
+    """The value of the first key of ``pattern`` that names this parameter, or ``default`` where none does.
+
+    A matched value is returned as it is, falsy or not (``{"query": 0}`` gives 0): pass a ``default``
+    that no value can be to tell "no key names it" from a matched value.
 
     PEFT's rule (:func:`pattern_key`) on the module path, with '/' written as '.'
     (so ``"layers_0/q"`` and ``"layers_0.q"`` are the same key); failing that, a key
@@ -257,7 +260,7 @@ def match_pattern(pattern: dict[str, Any] | None, path: KeyPath) -> Any:
     e.g. ``r".*/query/kernel"``).
     """
     if not pattern:
-        return None
+        return default
     dotted = {key.replace("/", r"\."): key for key in pattern}
     hit = pattern_key(list(dotted), module_path(path).replace("/", "."))
     if hit is not None:
@@ -266,4 +269,4 @@ def match_pattern(pattern: dict[str, Any] | None, path: KeyPath) -> Any:
     for key, value in pattern.items():
         if re.fullmatch(key, full):
             return value
-    return None
+    return default

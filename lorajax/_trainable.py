@@ -79,6 +79,11 @@ def trainable(params: Any, where: Any) -> Any:
         >>> lorajax.mask(p)["dense"]["bias"].value, lorajax.mask(p)["dense"]["kernel"]
         (True, False)
     """
+    return declare_trainable(params, where)
+
+
+def declare_trainable(params: Any, where: Any, *, caller: str = "trainable", arg: str = "where") -> Any:
+    """:func:`trainable`, with errors that name the public function called and its argument (``lorafy``'s ``also``)."""
     match = _targets.compile_where(where)
     if isinstance(where, (list, tuple)):
         # A module list picks every leaf of the named modules, not only their kernels.
@@ -91,10 +96,40 @@ def trainable(params: Any, where: Any) -> Any:
             continue
         if match(path, _boxes.unbox(leaf)):
             chosen[n] = Trainable(leaf)
-    if not chosen:
-        shown = ", ".join(_paths.path_str(p) for p, x in leaves[:8] if not is_node(x))
-        raise ValueError(f"trainable: where={where!r} matched no leaf. Paths available include: {shown or 'none'}.")
+    _check_picks(where, leaves, chosen, caller, arg)
     return _paths.rebuild(params, leaves, chosen, is_node)
+
+
+def _check_picks(where: Any, leaves: list, chosen: dict, caller: str, arg: str) -> None:
+    """Raise where ``where`` (or one module name of a list) picks nothing, or only kernels already adapted.
+
+    A kernel that ``lorafy``'s ``where=`` adapted is a LoRA node: its factors train, and it cannot also be
+    declared trainable whole. Saying "matched no leaf" there would be wrong: the leaf exists.
+    """
+    specs = list(where) if isinstance(where, (list, tuple)) else [where]
+    problems = []
+    for spec in specs:
+        if isinstance(where, (list, tuple)):
+            name = [spec.replace(".", "/")]
+            match = lambda path, leaf: _targets.module_matches(_paths.module_path(path), name)
+        else:
+            match = _targets.compile_where(spec)
+        plain = [n for n, (path, leaf) in enumerate(leaves) if n in chosen and match(path, _boxes.unbox(leaf))]
+        adapted = [
+            _paths.path_str(path) for path, leaf in leaves if is_lora(leaf) and match(path, _boxes.unbox(leaf.base))
+        ]
+        if adapted and not plain:
+            problems.append(f"{spec!r} names {', '.join(adapted)}")
+    if problems:
+        listed = "; ".join(problems)
+        raise ValueError(
+            f"{caller}: {arg}={where!r}: {listed}, already adapted by lorafy's where= (a LoRA node: its factors a "
+            f"and b train). Drop it from {arg}= to train its adapter only, or leave it out of lorafy's where= to "
+            "train the whole kernel (then it trains through this declaration)."
+        )
+    if not chosen:
+        shown = ", ".join([_paths.path_str(p) for p, x in leaves if not is_node(x)][:8])
+        raise ValueError(f"{caller}: {arg}={where!r} matched no leaf. Paths available include: {shown or 'none'}.")
 
 
 def _stop(x: Any) -> Any:

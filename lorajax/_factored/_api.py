@@ -27,6 +27,7 @@ from lorajax._factored._cache import TraceCache, static_key
 from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
 from lorajax._factored._ref import KernelRef, NodeInfo, is_array
+from lorajax._fit import check_nodes
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
@@ -123,6 +124,7 @@ def factored(
         args = tuple(_prepare(a) for a in args)
         kwargs = {k: _prepare(v) for k, v in kwargs.items()}
         leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora)
+        check_nodes("lorajax.factored", ((p, x) for p, x in leaves if is_lora(x)), _node_name)  # before tracing
         dyn: list[Any] = []
         factors: list[Any] = []
         spec: list[Any] = []

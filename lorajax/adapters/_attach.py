@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes
-from lorajax._dora import magnitude_entries, magnitude_shape
+from lorajax._dora import magnitude_entries
+from lorajax._fit import fit_problems
 from lorajax._layout import factor_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
@@ -26,30 +27,8 @@ from lorajax.quant import is_quantized
 
 def factor_problems(name: str, f: AdapterFactors) -> list[str]:
     """Inconsistencies inside one entry: its layout against its recorded base shape against its factor shapes."""
-    if f.layout.ndim != len(f.shape):
-        return [
-            f"layout: {name}: layout {f.layout.axes!r} has {f.layout.ndim} axes, "
-            f"the kernel shape {f.shape} has {len(f.shape)}"
-        ]
-    out = []
-    for which, got, want in (
-        ("a", f.a.shape, f.layout.a_shape(f.shape, f.rank)),
-        ("b", f.b.shape, f.layout.b_shape(f.shape, f.rank)),
-    ):
-        if tuple(got) != want:
-            out.append(
-                f"shape: {name}: factor {which} has shape {tuple(got)}, expected {want} "
-                f"(rank {f.rank}, layout {f.layout.axes!r})"
-            )
-    if f.spec.variant == "dora":
-        got_m = None if f.magnitude is None else tuple(f.magnitude.shape)
-        want_m = magnitude_shape(f.layout, f.shape)
-        if got_m != want_m:
-            out.append(
-                f"shape: {name}: a DoRA entry needs a magnitude of shape {want_m} (one per output feature, "
-                f"layout {f.layout.axes!r}), got {'none' if got_m is None else got_m}"
-            )
-    return out
+    m = None if f.magnitude is None else tuple(f.magnitude.shape)
+    return fit_problems(name, f.spec, f.shape, tuple(f.a.shape), tuple(f.b.shape), m)
 
 
 def base_problems(name: str, f: AdapterFactors, leaf: Any, check_dtype: bool) -> list[str]:

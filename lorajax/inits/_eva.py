@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from lorajax import _boxes, _targets
+from lorajax import _boxes
+from lorajax._config import check_config, target_config
 from lorajax._layout import Layout, LayoutArg, factor_names
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import path_str, rebuild, tree_paths
@@ -229,6 +230,7 @@ def eva_init(
     """
     from lorajax._lorafy import lorafy
 
+    check_config(CALLER, rank=rank, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     probe = lorafy(params, rank=1, where=where, layout=layout, alpha=alpha, rslora=rslora, dtype=dtype)
     leaves = tree_paths(probe, is_leaf=is_node)
     nodes = {path_str(p): (n, x) for n, (p, x) in enumerate(leaves) if is_lora(x)}
@@ -236,8 +238,8 @@ def eva_init(
     ranks, caps = {}, {}
     for name, (n, x) in nodes.items():
         path = leaves[n][0]
-        r = _targets.match_pattern(dict(rank_pattern or {}), path) or rank
-        ranks[name] = int(r)
+        r, _ = target_config(path, rank, alpha, rank_pattern, alpha_pattern)
+        ranks[name] = r
         caps[name] = min(round(r * rho), x.layout.sizes(x.shape)[0])
     budget = sum(ranks.values())
     problems = Problems(CALLER)
@@ -278,8 +280,7 @@ def eva_init(
         a = jnp.asarray(rows.T, dtype).reshape(x.layout.a_shape(x.shape, k))
         b = jnp.zeros(x.layout.b_shape(x.shape, k), dtype)
         path = leaves[n][0]
-        a_alpha = _targets.match_pattern(dict(alpha_pattern or {}), path)
-        a_alpha = float(a_alpha if a_alpha is not None else (alpha if alpha is not None else ranks[name]))
+        _, a_alpha = target_config(path, ranks[name], alpha, None, alpha_pattern)
         if adjust_scaling_factors:
             a_alpha *= k / ranks[name]
         spec = LoRASpec(rank=k, alpha=a_alpha, layout=x.layout, rslora=rslora)
