@@ -67,9 +67,14 @@ def cached_lm(config: Any) -> serve.CachedLM:
     )
 
 
+@functools.lru_cache
+def _jitted(model: Any) -> Any:
+    return jax.jit(model.apply)
+
+
 def greedy(model: Any, params: Any, prompt: str, n: int) -> str:
     """Reference: greedy decoding with ``textlm.make_generate``'s sliding window and no cache (tests)."""
-    apply = jax.jit(model.apply)
+    apply = _jitted(model)
     toks = textlm.encode(prompt).tolist()
     for _ in range(n):
         w, last = serve.window(toks, model.config.seq_len)

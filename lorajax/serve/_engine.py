@@ -274,7 +274,7 @@ class Engine:
                 self.active = []
                 self.cache = self.model.init_cache(self.max_batch)  # a failed call may have consumed it
                 continue
-            for r in advanced:
+            for r in list(advanced):  # advanced may be self.active itself, which this loop shrinks
                 assert r.text is not None
                 delta, stopped = r.text.feed(r.out[-1])
                 if stopped or len(r.out) >= r.max_tokens or r.cancelled:
