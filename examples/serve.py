@@ -98,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection is kept")
     ap.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its request")
     ap.add_argument("--max-connections", type=int, default=1024, help="more get 503")
+    ap.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
     return ap
 
 
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     names = engine.names()
     print(f"serving base + {len(names)} adapters ({', '.join(names[:8])}{' ...' if len(names) > 8 else ''}) "
           f"on http://{args.host}:{sock.getsockname()[1]}/v1 ({args.mode} mode, {args.slots} slots); "
-          "the first request compiles (a few seconds)", flush=True)  # fmt: skip
+          "Ctrl-C stops", flush=True)  # fmt: skip
+    if not args.no_warmup:  # the socket listens already: requests arriving meanwhile wait in its backlog
+        print(f"compiled the prefill and decode steps in {engine.warmup():.1f} s; ready", flush=True)
     serve.serve(app, sock, keep_alive=args.keep_alive, header_timeout=args.header_timeout,
                 max_connections=args.max_connections)  # fmt: skip
 

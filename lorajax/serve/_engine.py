@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -221,6 +222,26 @@ class Engine:
             if req in self.pending:
                 self.pending.remove(req)
             self.lock.notify()
+
+    def warmup(self) -> float:
+        """Compile every step shape the engine will run (prefills of 1, 2, 4, ... rows; the decode step or, in
+        loop mode, each power of two of rows) on dropped rows, so no request waits for a compile. Returns seconds.
+        """
+        t0 = time.perf_counter()
+        params = self.base if self.mode == "loop" else self.pager.slots.bank  # type: ignore[union-attr]
+        drop = lambda n: np.full(n, self.max_batch, np.int32)  # row max_batch: every write is dropped
+        sizes = lambda cap: sorted({_pad_to(n, cap) for n in range(1, cap + 1)})
+        ids = lambda n: np.full(n, -1, np.int32)
+        for n in sizes(self.prefill_chunk):
+            windows, last = np.zeros((n, self.seq_len), np.int32), np.zeros(n, np.int32)
+            out, self.cache = self._prefill(
+                params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
+            )
+        for n in sizes(self.max_batch) if self.mode == "loop" else [self.max_batch]:
+            tokens, pos = np.zeros(n, np.int32), np.full(n, self.seq_len, np.int32)
+            out, self.cache = self._decode(params, ids(n), self.cache, drop(n), tokens, pos, self._sample([None] * n))
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0
 
     def start(self) -> None:
         self._thread.start()
