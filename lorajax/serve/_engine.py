@@ -98,7 +98,7 @@ def _pad_to(n: int, cap: int) -> int:
 class Engine:
     """Continuous batching over a KV cache for one base model and many LoRA adapters.
 
-    ``mode="bank"``: every decode step is ONE jitted call over all ``max_batch`` cache rows, each row running its
+    ``mode="bank"``: every decode step is ONE jitted call over the busy prefix of the cache rows, each row running its
     own adapter's slot (:func:`lorajax.select` + :func:`lorajax.factored`); adapters are paged into ``slots``
     device slots by a :class:`SlotPager` (least recently used out). ``mode="loop"`` (a baseline): each step runs
     the rows of one adapter with its merged weights. The engine thread owns the cache; :meth:`submit` and
@@ -132,7 +132,7 @@ class Engine:
         self.lock = threading.Condition()
         self.pending: collections.deque[Request] = collections.deque()
         self.cache = model.init_cache(max_batch)
-        self.free_rows = list(range(max_batch))
+        self.free_rows = list(range(max_batch - 1, -1, -1))  # popped lowest first: busy rows stay in a prefix
         self.traces: collections.Counter[str] = collections.Counter()
         self.steps = 0
         self.active: list[Request] = []
@@ -152,8 +152,11 @@ class Engine:
             return pick(logits[jnp.arange(b), last], *sample), cache
 
         def bank_decode(bank: Any, ids: Any, cache: Any, rows: Any, tokens: Any, pos: Any, sample: Any) -> Any:
-            self.traces["decode"] += 1
-            return decode(with_bank(bank, ids), cache, tokens, pos, sample)
+            self.traces["decode"] += 1  # the first len(tokens) rows (rows are handed out lowest first)
+            n = tokens.shape[0]
+            sub = jax.tree.map(lambda c: c[:n], cache)
+            nxt, sub = decode(with_bank(bank, ids), sub, tokens, pos, sample)
+            return nxt, jax.tree.map(lambda c, s: c.at[:n].set(s), cache, sub)
 
         def bank_prefill(bank: Any, ids: Any, cache: Any, rows: Any, windows: Any, last: Any, sample: Any) -> Any:
             self.traces["prefill"] += 1
@@ -224,8 +227,8 @@ class Engine:
             self.lock.notify()
 
     def warmup(self) -> float:
-        """Compile every step shape the engine will run (prefills of 1, 2, 4, ... rows; the decode step or, in
-        loop mode, each power of two of rows) on dropped rows, so no request waits for a compile. Returns seconds.
+        """Compile every step shape the engine will run (prefills and decode steps of 1, 2, 4, ... rows) on dropped
+        rows, so no request waits for a compile. Returns seconds.
         """
         t0 = time.perf_counter()
         params = self.base if self.mode == "loop" else self.pager.slots.bank  # type: ignore[union-attr]
@@ -237,7 +240,7 @@ class Engine:
             out, self.cache = self._prefill(
                 params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
             )
-        for n in sizes(self.max_batch) if self.mode == "loop" else [self.max_batch]:
+        for n in sizes(self.max_batch):
             tokens, pos = np.zeros(n, np.int32), np.full(n, self.seq_len, np.int32)
             out, self.cache = self._decode(params, ids(n), self.cache, drop(n), tokens, pos, self._sample([None] * n))
         jax.block_until_ready(out)
@@ -275,6 +278,7 @@ class Engine:
     def _retire(self, r: Request) -> None:
         with self.lock:
             self.free_rows.append(r.row)
+            self.free_rows.sort(reverse=True)
             if r.adapter is not None and self.mode == "bank" and self.pager is not None:
                 self.pager.release(r.adapter)
 
@@ -330,8 +334,8 @@ class Engine:
                 params = self.merged.get(rows[0].adapter, self.base)  # type: ignore[arg-type]
         nxt: dict[int, int] = {}
         if decode:
-            if self.mode == "bank":  # every cache row, every step: one shape, one compile
-                n = self.max_batch
+            if self.mode == "bank":  # the prefix of rows up to the last busy one, padded to a power of two
+                n = _pad_to(max(r.row for r in decode) + 1, self.max_batch)
                 members: list[Request | None] = [None] * n
                 for r in decode:
                     members[r.row] = r
