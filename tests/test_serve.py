@@ -186,6 +186,12 @@ def test_load_and_unload_while_other_requests_run(served):
         assert "extra" in [m.id for m in client.models.list().data]
         text = client.completions.create(model="extra", prompt="for i in", max_tokens=4, temperature=0).choices[0].text
         assert text == example.greedy(example.tiny, lorajax.merge(extra), "for i in", 4)
+        folder = os.path.join(os.path.dirname(path), "peft")  # the same adapter as a PEFT folder
+        lorajax.save_peft(folder, extra)
+        assert post(port, "/v1/load_lora_adapter", {"lora_name": "extra-peft", "lora_path": folder})[0] == 200
+        assert client.completions.create(model="extra-peft", prompt="for i in", max_tokens=4,
+                                         temperature=0).choices[0].text == text  # fmt: skip
+        assert post(port, "/v1/unload_lora_adapter", {"lora_name": "extra-peft"})[0] == 200
         assert post(port, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 200
         assert post(port, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 404
         assert running.result() == reference(example, engine, "demo5", LONG, 12)

@@ -263,6 +263,10 @@ class Engine:
             for r in list(self.pending):
                 if not self.free_rows:
                     break
+                if r.adapter is not None and (self.pager is None or r.adapter not in self.pager.store):
+                    self.pending.remove(r)  # unloaded between the request's check and now
+                    r.emit("", "error: the adapter was unloaded")
+                    continue
                 if r.adapter is not None and self.mode == "bank":
                     assert self.pager is not None
                     slot = self.pager.acquire(r.adapter)
