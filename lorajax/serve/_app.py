@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -52,6 +53,8 @@ async def _read_body(request: HttpRequest, limit: int, timeout: float) -> bytes:
         await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before sending its whole body") from None
     return b"".join(chunks)
 
 

@@ -35,7 +35,8 @@ class GuardedH11(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         body = ApiError(400, f"malformed HTTP request: {msg}").body()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   (b"connection", b"close")]  # fmt: skip
         try:
             self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
             self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
