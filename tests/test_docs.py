@@ -373,11 +373,22 @@ def test_the_serving_guides_commands_run_against_the_server(tmp_path: Path) -> N
             answer = json.loads(http(argv))
             answers.append((argv, answer, time.perf_counter() - t0))
             assert "error" not in answer, (argv, answer)
-        generated = [a for argv, a, _ in answers if argv[2].endswith("/generate")]
-        assert [a["adapter"] for a in generated] == ["demo3", "mine"]
-        assert all(len(a["tokens"]) == 32 and isinstance(a["text"], str) for a in generated)
-        loaded = [a for argv, a, _ in answers if argv[2].endswith("/adapters")]
-        assert loaded == [{"loaded": "mine", "slots": loaded[0]["slots"]}] and "mine" in loaded[0]["slots"]
+        by_endpoint = [(argv[2].rsplit("/v1/", 1)[1], a) for argv, a, _ in answers]
+        assert [e for e, _ in by_endpoint] == [
+            "models",
+            "completions",
+            "load_lora_adapter",
+            "completions",
+            "unload_lora_adapter",
+        ]
+        models = {m["id"] for m in by_endpoint[0][1]["data"]}
+        assert {"base", "demo3"} <= models
+        completions = [a for e, a in by_endpoint if e == "completions"]
+        assert [a["model"] for a in completions] == ["demo3", "mine"]
+        assert all(
+            a["usage"]["completion_tokens"] == 32 and isinstance(a["choices"][0]["text"], str) for a in completions
+        )
+        assert by_endpoint[2][1]["lora_name"] == "mine" and by_endpoint[2][1]["status"] == "loaded"
     finally:
         server.terminate()
         server.wait(timeout=30)
