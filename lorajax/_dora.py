@@ -30,7 +30,8 @@ import numpy as np
 from lorajax import _boxes
 from lorajax._layout import Layout
 from lorajax._node import LoRA, LoRASpec, compute_dtype, lora_delta
-from lorajax.quant import dense_base, is_quantized
+from lorajax.quant._api import dense_base
+from lorajax.quant._kernel import is_quantized
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

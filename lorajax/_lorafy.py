@@ -26,7 +26,7 @@ from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import declare_trainable, is_node, is_trainable
-from lorajax.inits import check_init, init_factors, init_problem, is_residual, residual_base
+from lorajax.inits._factors import check_init, init_factors, init_problem, is_residual, residual_base
 from lorajax.quant import is_quantized, kernel_view, walk_stop
 
 InitFn: TypeAlias = Callable[[jax.Array, jax.Array, Layout, int, Any], tuple[jax.Array, jax.Array]]

@@ -9,15 +9,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax import _boxes
-from lorajax._dora import node_kernel as dora_kernel
-from lorajax._dora import node_update as dora_update
+from lorajax import _boxes, _dora  # _dora as a module: docs/architecture.md, "Import order"
 from lorajax._fit import check_tree
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable, stop_frozen
-from lorajax.quant import dense_base, dequantize, walk_stop
+from lorajax.quant._api import dense_base, dequantize, walk_stop
 
 
 def delta(node: LoRA, dtype: Any = None) -> jax.Array:
@@ -58,7 +56,7 @@ def delta(node: LoRA, dtype: Any = None) -> jax.Array:
         )
     dt = dtype or compute_dtype(node.dtype)
     if node.spec.variant == "dora":
-        return dora_update(node, dt)
+        return _dora.node_update(node, dt)
     return lora_delta(_boxes.unbox(node.a), _boxes.unbox(node.b), node.spec, dt)
 
 
@@ -68,7 +66,7 @@ def merged_kernel(node: LoRA) -> jax.Array:
     A DoRA node gives ``(m / n) ⊙ (base + delta)`` (``lorajax/_dora.py``).
     """
     if node.spec.variant == "dora":
-        return dora_kernel(node)
+        return _dora.node_kernel(node)
     base = jax.lax.stop_gradient(dense_base(_boxes.unbox(node.base)))  # a quantized base: dense in float32
     dt = compute_dtype(base.dtype)
     return (base.astype(dt) + delta(node, dt)).astype(node.dtype)

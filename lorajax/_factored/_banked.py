@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._factored._consumers import DotPlan
+from lorajax._factored._products import DotPlan
 from lorajax._factored._ref import KernelRef, NodeInfo
 from lorajax._node import LoRA
 

@@ -27,7 +27,7 @@ from lorajax._dora import factored_norm, magnitude_axes
 from lorajax._factored import _banked
 from lorajax._factored._banked import Gains
 from lorajax._factored._base import base_conv, base_dot, base_gather, in_turn
-from lorajax._factored._consumers import DotPlan, conv_lora, dot_lora_einsum, gather_lora
+from lorajax._factored._products import DotPlan, conv_lora, dot_lora_einsum, gather_lora
 from lorajax._factored._ref import KernelRef
 from lorajax._node import LoRASpec, compute_dtype
 from lorajax.quant import dense_base

@@ -16,8 +16,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from lorajax._factored._consumers import DotPlan, first_matmul
 from lorajax._factored._dora import lora_part
+from lorajax._factored._products import DotPlan, first_matmul
 from lorajax._factored._ref import KernelRef
 
 

@@ -13,12 +13,11 @@ and warns. Supporting a new primitive is one function::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lorajax._factored._interpreter import Interpreter
-
-Rule = Callable[["Interpreter", Any, list], "list | None"]
+#: ``rule(interp, eqn, invals)``: ``interp`` is the running :class:`~lorajax._factored._interpreter.Interpreter`
+#: (typed ``Any`` here: the registry sits below the interpreter and the rules, and imports neither).
+Rule = Callable[[Any, Any, list], "list | None"]
 
 RULES: dict[str, Rule] = {}
 

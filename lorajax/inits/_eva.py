@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from lorajax import _boxes
+from lorajax import _boxes, _lorafy  # _lorafy as a module: docs/architecture.md, "Import order"
 from lorajax._config import check_config, target_config
 from lorajax._layout import Layout, LayoutArg, factor_names
 from lorajax._node import LoRA, LoRASpec, is_lora
@@ -228,10 +228,8 @@ def eva_init(
         >>> lora["fc"]["kernel"].a.shape, float(jnp.abs(lora["fc"]["kernel"].b).max())
         ((6, 2), 0.0)
     """
-    from lorajax._lorafy import lorafy
-
     check_config(CALLER, rank=rank, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    probe = lorafy(params, rank=1, where=where, layout=layout, alpha=alpha, rslora=rslora, dtype=dtype)
+    probe = _lorafy.lorafy(params, rank=1, where=where, layout=layout, alpha=alpha, rslora=rslora, dtype=dtype)
     leaves = tree_paths(probe, is_leaf=is_node)
     nodes = {path_str(p): (n, x) for n, (p, x) in enumerate(leaves) if is_lora(x)}
     layouts = {name: x.layout for name, (_, x) in nodes.items()}

@@ -34,8 +34,7 @@ import numpy as np
 from lorajax._layout import Layout
 from lorajax._node import LoRASpec, lora_delta
 from lorajax.inits._matrix import as_matrix, replicated
-from lorajax.quant import QuantizedKernel, is_quantized
-from lorajax.quant._kernel import dense, quantize_kernel
+from lorajax.quant._kernel import QuantizedKernel, dense, is_quantized, quantize_kernel
 
 #: ``loftq`` or ``loftq_iter_<k>`` (k >= 1), then optionally the storage: ``_nodq`` (NF4 without double
 #: quantization, PEFT's ``loftq_bits=4``), ``_int8`` (PEFT's ``loftq_bits=8``) or ``_fp8``.

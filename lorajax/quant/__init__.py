@@ -10,11 +10,11 @@ from lorajax.quant._api import (
     kernel_view,
     quantize,
     quantized_bytes,
-    requantize,
     walk_stop,
 )
 from lorajax.quant._bnb import load_bnb_4bit
 from lorajax.quant._kernel import QuantizedKernel, is_quantized, layer_slices
+from lorajax.quant._requantize import requantize
 
 __all__ = [
     "QuantizedKernel",

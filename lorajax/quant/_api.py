@@ -131,7 +131,7 @@ def _placed_program(lay: Layout, kind: str, block: int, dq: bool, out: Quantized
     return jax.jit(lambda x: quantize_kernel(x, lay, kind, block, dq), out_shardings=out)
 
 
-def _quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -> QuantizedKernel:
+def quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -> QuantizedKernel:
     """One kernel quantized, its codes and scales placed after the kernel's sharding (abstract ones described)."""
     run = lambda x: quantize_kernel(x, lay, kind, block, dq)
     if isinstance(array, jax.core.Tracer):
@@ -151,7 +151,7 @@ def _quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -
 
 
 def _one(leaf: Any, array: Any, lay: Any, kind: str, block: int, dq: bool) -> Any:
-    q = _quantize_placed(array, lay, kind, block, dq)
+    q = quantize_placed(array, lay, kind, block, dq)
     if is_lora(leaf):
         return LoRA(base=_boxes.rebox(leaf.base, q), a=leaf.a, b=leaf.b, spec=leaf.spec, per_example=leaf.per_example)
     return _boxes.rebox(leaf, q)
@@ -211,43 +211,3 @@ def dense_shapes(tree: Any) -> Any:
 def quantized_bytes(x: Any) -> int | None:
     """Bytes a quantized kernel occupies (codes and scales), or None for anything else."""
     return x.nbytes if is_quantized(x) else None
-
-
-def requantize(params: Any) -> Any:
-    """Merge for serving: each LoRA node on a quantized base becomes a quantized kernel again.
-
-    ``dequantize(base) + s·A·B`` is computed in float32 (as :func:`lorajax.merge` does) and quantized with the
-    base's own format: kind, block size, double quantization and layout. Other LoRA nodes merge to dense
-    kernels as in ``merge``; quantized kernels that no adapter trains stay as they are. Runs eagerly (it checks
-    values): a merged kernel holding NaN or Inf raises, naming every such path.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, lorajax
-        >>> q = lorajax.quantize({"fc": {"kernel": jnp.ones((64, 8))}}, where=["fc"], dtype="int8")
-        >>> served = lorajax.requantize(lorajax.lorafy(q, rank=2, where=["fc"]))
-        >>> served["fc"]["kernel"].kind, served["fc"]["kernel"].shape
-        ('int8', (64, 8))
-    """
-    from lorajax._merge import merge_nodes, merged_kernel  # _merge imports this package: import at call time
-
-    leaves = _paths.tree_paths(params, is_leaf=walk_stop)
-    problems = Problems("requantize")
-    chosen: dict[int, Any] = {}
-    for n, (path, leaf) in enumerate(leaves):
-        base = _boxes.unbox(leaf.base) if is_lora(leaf) else None
-        if not isinstance(base, QuantizedKernel):
-            continue
-        kernel = merged_kernel(leaf)
-        if isinstance(kernel, jax.core.Tracer):
-            raise ValueError("requantize reads the merged values; call it outside jax.jit.")
-        bad = int(kernel.size - jnp.isfinite(kernel).sum())
-        if bad:
-            problems.add(f"{path_str(path)} ({base.kind}): {bad} of {kernel.size} merged weights are NaN or Inf")
-            continue
-        q = _quantize_placed(kernel, base.layout, base.kind, base.block_size or 64, base.double_quant)
-        chosen[n] = _boxes.rebox(leaf.base, q)
-    problems.raise_if_any(
-        "cannot quantize merged kernels that hold NaN or Inf",
-        "Check the adapter's factors (lorajax.adapter(params)) and the training run that produced them.",
-    )
-    return merge_nodes(rebuild(params, leaves, chosen, walk_stop), keep_quantized=True)
