@@ -21,6 +21,7 @@ from lorajax._problems import Problems
 from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
 from lorajax.peft._fused import fused_slices
+from lorajax.peft._layers import model_modules, target_fields
 from lorajax.peft._modules_to_save import saved_modules
 from lorajax.peft._names import (
     CONFIG_NAME,
@@ -268,6 +269,7 @@ def _peft_dict(
     saved = saved_modules(params, namer, set(modules), allow_nonfinite, caller)  # also= leaves: modules_to_save
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
     config["modules_to_save"] = saved.names or None
+    config.update(target_fields(sorted(modules), model_modules(params, namer), config["modules_to_save"]))
     return config, {**_tensors(modules), **saved.tensors}
 
 
