@@ -106,7 +106,7 @@ def _field_problems(config: dict[str, Any]) -> list[str]:
 def check_targets(config: dict[str, Any], modules: Iterable[str], problems: Problems) -> None:
     """Add a problem for each module of the tensors the config's target fields would not let PEFT adapt."""
     bad = _field_problems(config)
-    problems.extend(f"adapter_config.json: {p}" for p in bad)
+    problems.extend([f"adapter_config.json: {p}" for p in bad])
     if bad:
         return
     for module in sorted(modules):
