@@ -295,7 +295,8 @@ def save_peft(
 ) -> dict[str, Any]:
     """Write the LoRA nodes of ``params`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
 
-    Writes ``adapter_config.json`` (``target_modules``, ``r`` and ``lora_alpha``
+    Writes ``adapter_config.json`` (``target_modules``, with ``layers_to_transform``/``layers_pattern``
+    where the adapter covers some layers only, ``exclude_modules`` where PEFT would catch more; ``r`` and ``lora_alpha``
     set to the most common values, ``rank_pattern``/``alpha_pattern`` for the
     modules that differ, ``use_rslora``, ``fan_in_fan_out``) and
     ``adapter_model.safetensors`` (factors transposed into PyTorch's layout, in
