@@ -234,3 +234,56 @@ def test_a_regex_target_or_an_unlisted_one_loads(tmp_path, fields):
     lorajax.save_peft(tmp_path, _partial_adapter())
     _edit_config(tmp_path, **fields)
     assert _adapted(lorajax.load_peft(tmp_path, _base())) == ["layers.0.q", "layers.0.v", "layers.2.q", "layers.2.v"]
+
+
+#: Module names (nested layer stacks, MoE experts, a name with no index) against configs of every field's form.
+RULE_NAMES = [
+    "layers.0.q",
+    "model.layers.1.q",
+    "model.layers.2.attn.v",
+    "model.h.1.q",
+    "model.layers.3.experts.0.q",
+    "model.layers.1.inner.layers.3.q",
+    "enc.fc",
+    "fc",
+    "q",
+]
+RULE_CONFIGS = [
+    {"target_modules": ["q", "v"]},
+    {"target_modules": ["q", "attn.v"], "layers_to_transform": [1, 2]},
+    {"target_modules": ["q"], "layers_to_transform": 3, "layers_pattern": "layers"},
+    {"target_modules": ["q", "v"], "layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]},
+    {"target_modules": ["q", "fc"], "exclude_modules": ["enc.fc", "model.h.1.q"]},
+    {"target_modules": ["fc", "q"], "exclude_modules": r".*layers\.[13]\..*"},
+    {"target_modules": r".*\.(q|v)"},
+    {"target_modules": r"(model\.)?layers\.\d+\.q", "exclude_modules": ["layers.0.q"]},
+    {"target_modules": ["q"], "modules_to_save": ["experts"]},
+]
+
+
+def _refused(folder, fields):
+    """The modules read_peft refuses for ``fields``, on an adapter with a rank-1 pair for each of RULE_NAMES."""
+    from safetensors.numpy import save_file
+
+    pair = {"lora_A.weight": np.ones((1, 2), np.float32), "lora_B.weight": np.ones((2, 1), np.float32)}
+    tensors = {f"base_model.model.{n}.{k}": v for n in RULE_NAMES for k, v in pair.items()}
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, **fields}))
+    try:
+        lorajax.read_peft(folder)
+    except ValueError as e:
+        return {line.split(":")[0].strip(" -") for line in str(e).splitlines() if "the tensors adapt it" in line}
+    return set()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("fields", RULE_CONFIGS, ids=range(len(RULE_CONFIGS)))
+def test_the_matching_rule_is_peft_check_target_module_exists(tmp_path, fields):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    config = LoraConfig(**fields)
+    theirs = {n for n in RULE_NAMES if isinstance(m := check_target_module_exists(config, n), _ExcludedModule) or not m}
+    assert _refused(tmp_path, fields) == theirs
+    assert 0 < len(theirs) < len(RULE_NAMES) or fields == RULE_CONFIGS[0]
