@@ -162,6 +162,12 @@ def test_save_peft_excludes_what_a_name_suffix_would_also_catch():
     )
 
 
+def test_a_name_map_for_the_adapted_kernels_only_still_saves():
+    table = {f"layers/{i}/{m}/kernel": f"model.layers.{i}.{m}" for i in (0, 2) for m in "qv"}
+    config, _ = lorajax.to_peft_dict(_partial_adapter(), name_map=lambda path: table[path])  # KeyError elsewhere
+    assert config["target_modules"] == sorted(table.values()) and config["layers_to_transform"] is None
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("which", ["layers", "exclude"])
 def test_peft_loads_our_partial_adapters_and_adapts_exactly_our_modules(tmp_path, which):

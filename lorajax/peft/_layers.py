@@ -124,7 +124,12 @@ def model_modules(params: Any, namer: Namer) -> set[str]:
     for kpath, leaf in tree_paths(params, is_leaf=is_lora):
         if not (is_lora(leaf) or is_kernel(kpath, leaf)):
             continue
-        name = namer(path_str(kpath), True)
+        try:
+            name = namer(path_str(kpath), True)
+        except (LookupError, TypeError, ValueError):
+            if is_lora(leaf):
+                raise
+            continue  # a name_map callable written for the adapted kernels only: what it cannot name stays out
         if isinstance(name, tuple):
             out.update(name)
         elif is_template(name):
