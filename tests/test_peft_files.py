@@ -180,6 +180,9 @@ def test_two_modules_for_one_layer_of_a_stacked_kernel_are_refused(tmp_path):
     t = load_file(f)
     t |= {k.replace("h.1.", "h.01."): v for k, v in t.items() if "h.1." in k}  # "01" and "1": the same layer
     save_file(t, f)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())  # the config names it too
+    config["target_modules"].append("h.01.fc")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"modules 'h.01.fc' and 'h.1.fc' are both layer 1|'h.1.fc' and 'h.01.fc'"):
         lorajax.load_peft(tmp_path / "a", stacked, name_map=name_map)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from lorajax._files import clean_stale
 from lorajax._problems import Problems
+from lorajax.peft._layers import check_targets
 from lorajax.peft._modules_to_save import take_saved
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
@@ -180,6 +181,7 @@ def read_files(
         problem = _check_pair(name, entry, dora)
         if problem is not None:
             problems.add(problem)
+    check_targets(config, modules, problems)  # target_modules, layers_to_transform, exclude_modules (_layers.py)
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
     if not modules:
         raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")

@@ -21,6 +21,7 @@ from lorajax._problems import Problems
 from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
 from lorajax.peft._fused import fused_slices
+from lorajax.peft._layers import model_modules, target_fields
 from lorajax.peft._modules_to_save import saved_modules
 from lorajax.peft._names import (
     CONFIG_NAME,
@@ -268,6 +269,7 @@ def _peft_dict(
     saved = saved_modules(params, namer, set(modules), allow_nonfinite, caller)  # also= leaves: modules_to_save
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
     config["modules_to_save"] = saved.names or None
+    config.update(target_fields(sorted(modules), model_modules(params, namer), config["modules_to_save"]))
     return config, {**_tensors(modules), **saved.tensors}
 
 
@@ -293,7 +295,8 @@ def save_peft(
 ) -> dict[str, Any]:
     """Write the LoRA nodes of ``params`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
 
-    Writes ``adapter_config.json`` (``target_modules``, ``r`` and ``lora_alpha``
+    Writes ``adapter_config.json`` (``target_modules``, with ``layers_to_transform``/``layers_pattern``
+    where the adapter covers some layers only, ``exclude_modules`` where PEFT would catch more; ``r`` and ``lora_alpha``
     set to the most common values, ``rank_pattern``/``alpha_pattern`` for the
     modules that differ, ``use_rslora``, ``fan_in_fan_out``) and
     ``adapter_model.safetensors`` (factors transposed into PyTorch's layout, in
