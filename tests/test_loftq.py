@@ -136,7 +136,17 @@ def test_fixtures_regenerate(tmp_path):
         got, want = load_file(tmp_path / f"{name}.safetensors"), load_file(FIXTURES / f"{name}.safetensors")
         assert sorted(got) == sorted(want)
         for key in want:
+            if "lora_A" in key or "lora_B" in key:
+                continue  # compared as products below
             np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=0, err_msg=f"{name}: {key}")
+        # A and B come out of a truncated SVD that LAPACK computes in a machine-dependent order: entries move by a
+        # few float32 ulps of the largest singular value (3.3e-6 seen on one CPU). Their product B @ A is what the
+        # model uses and what the test pins: to 1e-5 of its norm (float32 SVD error ~ n * eps * sigma_max).
+        for key in [k for k in want if "lora_A" in k]:
+            other = key.replace("lora_A", "lora_B")
+            got_ba, want_ba = got[other] @ got[key], want[other] @ want[key]
+            err = np.linalg.norm(got_ba - want_ba) / np.linalg.norm(want_ba)
+            assert err < 1e-5, f"{name}: {other} @ {key}: relative error {err:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------ the algorithm
