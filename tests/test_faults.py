@@ -365,7 +365,7 @@ B = "base_model.model.fc1.lora_B.weight"
             lambda t: t.update(
                 {"base_model.model.fc9.lora_A.weight": t[A], "base_model.model.fc9.lora_B.weight": t[B]}
             ),
-            r"module 'fc9': no parameter maps to it",
+            r"fc9: the tensors adapt it but target_modules=\['fc1', 'fc2'\] does not name it",
         ),
     ],
     ids=["int", "bool", "nan", "shape", "rank", "missing", "extra-tensor", "extra-module"],

@@ -36,6 +36,17 @@ TOKENS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]])
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _flax_config_given_back():
+    """tunix's model modules set flax's global `flax_always_shard_variable` to False when imported; NNX models built
+    by later tests in this process would silently stop being placed by their sharding names. Give it back."""
+    import flax
+
+    before = flax.config.flax_always_shard_variable
+    yield
+    flax.config.update("flax_always_shard_variable", before)
+
+
 def _tunix(module: str):
     """A tunix model module. tunix/__init__ imports its trainers (grain, metrax, ...); where those are absent, the
     models are imported without it (they need only jax, flax, einops and safetensors)."""
