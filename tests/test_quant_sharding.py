@@ -72,3 +72,15 @@ def test_qlora_through_an_fsdp_sharded_base_matches_one_device(report, path):
     assert r["partition_specs_match"], "partition_specs describes other shardings than the arrays have"
     # relative errors (float32 partial sums over 8 fan-in shards in another order)
     assert r[path]["forward_err"] < 1e-6 and r[path]["loss_rel"] < 1e-6 and r[path]["grad_err"] < 1e-6, r[path]
+
+
+@pytest.mark.parametrize("name", ["nf4_dq_fan_in", "nf4_plain_fan_in"])
+def test_memory_analysis_counts_one_nth_of_the_fsdp_codes(report, name):
+    r = report["kernels"][name]
+    small = sum(r["total"].get(f, 0) for f in ("nested", "offset"))  # double-quantization stats: replicated
+    assert r["argument_bytes"] == (r["total"]["codes"] + r["total"]["scales"]) // 8 + small
+
+
+def test_merge_step_on_the_explicit_mesh_matches_one_device(report):
+    rel = report["explicit_merge_loss_rel"]
+    assert isinstance(rel, float) and rel < 1e-6, rel
