@@ -54,8 +54,11 @@ def quantize(
     A kernel sharded with a ``NamedSharding`` (or a ``ShapeDtypeStruct`` carrying
     one) gets codes and scales sharded like it: the stacked (layer) axis and the
     first axis in PyTorch order (fan-out; an embedding's rows) carry over where the
-    flattening keeps each device's share contiguous and whole blocks; other axes
-    of the codes are replicated (docs/guide/qlora.md, "Sharding"). Each device
+    flattening keeps each device's share contiguous and whole blocks. A kernel
+    sharded on its fan-in axes (FSDP) keeps its NF4 codes per row, ``(slices, out,
+    in / 2)``, sharded by columns where each device's share of a row is whole
+    blocks; other axes of the codes are replicated (docs/guide/qlora.md,
+    "Sharding"). Meshes with explicit axes work as automatic ones. Each device
     quantizes its own share; the codes are the same bits as on one device. Under
     ``jax.jit`` the placement is left to XLA: pass ``out_shardings`` from
     :func:`lorajax.partition_specs` to fix it.
@@ -74,8 +77,9 @@ def quantize(
     Raises:
         ValueError: an unknown ``dtype`` or ``block_size``; a chosen kernel that is not floating point, too small
             to quantize (fewer weights per matrix than ``block_size``, or under 2 axes) or holds NaN or Inf
-            (checked on concrete arrays): every such kernel is listed with its path and shape; or nothing
-            matched ``where``.
+            (checked on concrete arrays): every such kernel is listed with its path and shape; nothing
+            matched ``where``; or an NF4 kernel is sharded on its fan-in axes in shares that are not whole
+            blocks of ``block_size`` where another block size would be (the error names it).
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax

@@ -10,9 +10,13 @@ flattening keeps each device's share contiguous:
   blocks (whole 256-absmax blocks for the double-quantization scales, which are replicated otherwise);
 * int8 and fp8: the rows like that first axis, the columns like the next one when the later ones are unsharded.
 
-Anything else is replicated along that axis of the codes: a Dense kernel sharded on its fan-in axis (which
-PyTorch's order puts second, so each device's columns are strided through the flat codes) keeps its NF4 codes
-replicated, and its int8/fp8 codes sharded by columns. Quantizing and dequantizing give the same bits however the
+* NF4 of a kernel sharded on its fan-in axes (which PyTorch's order puts second, so each device's columns are
+  strided through the flat codes): :func:`lorajax.quantize` keeps the codes per row, ``(slices, rows, cols / 2)``
+  with absmaxes ``(slices, rows, cols / block)`` (:func:`wants_rows`), laid out like int8's, the columns sharded
+  like the fan-in axes where each device's share of a row is whole blocks; the double-quantization scales, whose
+  256-absmax blocks run across rows, stay replicated.
+
+Anything else is replicated along that axis of the codes. Quantizing and dequantizing give the same bits however the
 codes are placed; placement decides only what each device stores and whether dequantizing moves data.
 """
 
