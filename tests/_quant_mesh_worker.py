@@ -142,12 +142,34 @@ def explicit_merge(mesh, results) -> None:
         results["explicit_merge_loss_rel"] = f"{type(e).__name__}: {e}"[:2000]
 
 
+def requantized(mesh, results) -> None:
+    """requantize (merge for serving) of an FSDP-sharded QLoRA layer: codes sharded again, the one-device bits."""
+    w = {"fc": {"kernel": jnp.asarray(np.random.default_rng(3).standard_normal((256, 128), np.float32))}}
+
+    def build(p):
+        node = lorajax.lorafy(lorajax.quantize(p, where=["fc"], block_size=32), rank=4, where=["fc"])["fc"]["kernel"]
+        b = 0.1 * np.random.default_rng(0).standard_normal(node.b.shape, np.float32)
+        return {
+            "fc": {
+                "kernel": lorajax.LoRA(base=node.base, a=node.a, b=jax.device_put(b, node.b.sharding), spec=node.spec)
+            }
+        }
+
+    one = lorajax.requantize(build(w))["fc"]["kernel"]
+    q = lorajax.requantize(build(jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))))["fc"]["kernel"]
+    results["requantize"] = {
+        "codes_spec": str(q.codes.sharding.spec),
+        "equal": bool(np.array_equal(np.asarray(lorajax.dequantize(q)), np.asarray(lorajax.dequantize(one)))),
+    }
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("fsdp",))  # explicit axes: JAX's default
     results: dict = {"axis_types": [str(t) for t in mesh.axis_types]}
     kernels(mesh, results)
     explicit_merge(mesh, results)
+    requantized(mesh, results)
     # The factored path's custom VJP does not take explicit-axis types yet: the QLoRA step runs on automatic axes.
     qlora(jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,)), results)
     print(json.dumps(results))

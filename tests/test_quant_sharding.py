@@ -84,3 +84,8 @@ def test_memory_analysis_counts_one_nth_of_the_fsdp_codes(report, name):
 def test_merge_step_on_the_explicit_mesh_matches_one_device(report):
     rel = report["explicit_merge_loss_rel"]
     assert isinstance(rel, float) and rel < 1e-6, rel
+
+
+def test_requantize_of_an_fsdp_layer_shards_its_codes_again(report):
+    r = report["requantize"]
+    assert r["codes_spec"] == "P(None, None, 'fsdp')" and r["equal"], r
