@@ -359,14 +359,22 @@ _R = P(None, None)
 QUANT_MESH = {
     # name: (codes, scales, nested, offset); None where the format has no such array
     "fan_out_nf4": (P(None, "model"), P(None, "model"), P(None, "model"), P(None)),  # 32 x 512 weights a device
-    "fan_in_nf4": (_R, _R, _R, P(None)),
+    "fan_in_nf4": (P(None, None, "model"), P(None, None, "model"), _R, P(None)),  # row form, columns sharded
     "fan_in_int8": (P(None, None, "model"), _R, None, None),
     "fan_out_fp8": (P(None, "model", None), P(None, "model"), None, None),
     "stacked_nf4": (P("model", None), P("model", None), P("model", None), P("model")),
     "heads_nf4": (P(None, "model"), P(None, "model"), None, None),
-    "two_axes_nf4": (_R, _R, _R, P(None)),
+    "two_axes_nf4": (P(None, "model", "data"), P(None, "model", "data"), _R, P(None)),
 }
-KEPT = {"fan_out_nf4", "fan_in_int8", "fan_out_fp8", "stacked_nf4", "heads_nf4"}  # codes keep the whole spec
+KEPT = {
+    "fan_out_nf4",
+    "fan_in_int8",
+    "fan_out_fp8",
+    "stacked_nf4",
+    "heads_nf4",
+    "fan_in_nf4",
+    "two_axes_nf4",
+}  # codes keep the whole spec
 
 
 @pytest.mark.parametrize("name", list(QUANT_MESH))

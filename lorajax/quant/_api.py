@@ -16,7 +16,7 @@ from lorajax._paths import path_str, rebuild
 from lorajax._problems import Problems
 from lorajax._trainable import is_node, is_trainable
 from lorajax.quant._kernel import BLOCK_SIZES, KINDS, QuantizedKernel, dense, is_quantized, quantize_kernel
-from lorajax.quant._placement import code_shardings, dense_sharding
+from lorajax.quant._placement import code_shardings, dense_sharding, dense_spec, wants_rows
 
 
 def walk_stop(x: Any) -> bool:
@@ -54,8 +54,11 @@ def quantize(
     A kernel sharded with a ``NamedSharding`` (or a ``ShapeDtypeStruct`` carrying
     one) gets codes and scales sharded like it: the stacked (layer) axis and the
     first axis in PyTorch order (fan-out; an embedding's rows) carry over where the
-    flattening keeps each device's share contiguous and whole blocks; other axes
-    of the codes are replicated (docs/guide/qlora.md, "Sharding"). Each device
+    flattening keeps each device's share contiguous and whole blocks. A kernel
+    sharded on its fan-in axes (FSDP) keeps its NF4 codes per row, ``(slices, out,
+    in / 2)``, sharded by columns where each device's share of a row is whole
+    blocks; other axes of the codes are replicated (docs/guide/qlora.md,
+    "Sharding"). Meshes with explicit axes work as automatic ones. Each device
     quantizes its own share; the codes are the same bits as on one device. Under
     ``jax.jit`` the placement is left to XLA: pass ``out_shardings`` from
     :func:`lorajax.partition_specs` to fix it.
@@ -74,8 +77,9 @@ def quantize(
     Raises:
         ValueError: an unknown ``dtype`` or ``block_size``; a chosen kernel that is not floating point, too small
             to quantize (fewer weights per matrix than ``block_size``, or under 2 axes) or holds NaN or Inf
-            (checked on concrete arrays): every such kernel is listed with its path and shape; or nothing
-            matched ``where``.
+            (checked on concrete arrays): every such kernel is listed with its path and shape; nothing
+            matched ``where``; or an NF4 kernel is sharded on its fan-in axes in shares that are not whole
+            blocks of ``block_size`` where another block size would be (the error names it).
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -119,25 +123,49 @@ def quantize(
         if not isinstance(array, (jax.ShapeDtypeStruct, jax.core.Tracer)) and not bool(jnp.isfinite(array).all()):
             problems.add(f"{name} with shape {shape} holds NaN or Inf; quantizing it would spread them over its blocks")
             continue
-        chosen[n] = _one(leaf, array, lay, dtype, block_size, double_quant)
+        chosen[n] = _one(leaf, array, lay, dtype, block_size, double_quant, name)
     problems.raise_if_any("cannot quantize these kernels", "Fix them or leave them out of where.")
     if not chosen:
         raise ValueError(f"quantize: where={where!r} matched no float kernel.")
     return rebuild(params, leaves, chosen, walk_stop)
 
 
+def explicit_mesh(x: Any) -> Any:
+    """The mesh of ``x``'s sharding when it has explicit axes (sharding in types), else None."""
+    sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else jax.typeof(x).sharding
+    return explicit(getattr(sharding, "mesh", None))
+
+
+def explicit(mesh: Any) -> Any:
+    """``mesh`` when it has explicit axes, else None."""
+    types = getattr(mesh, "axis_types", ())
+    return mesh if any(t == jax.sharding.AxisType.Explicit for t in types) else None
+
+
 @functools.lru_cache(maxsize=256)
-def _placed_program(lay: Layout, kind: str, block: int, dq: bool, out: QuantizedKernel) -> Any:
-    return jax.jit(lambda x: quantize_kernel(x, lay, kind, block, dq), out_shardings=out)
+def _placed_program(lay: Layout, kind: str, block: int, dq: bool, rows: bool, out: QuantizedKernel) -> Any:
+    run = lambda x: quantize_kernel(x, lay, kind, block, dq, rows)
+    if explicit(out.codes.mesh) is not None:
+        # Sharding in types rejects the flattening reshapes and searchsorted; run them with automatic axes.
+        run = jax.sharding.auto_axes(run, out_sharding=out)
+    return jax.jit(run, out_shardings=out)
 
 
-def quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) -> QuantizedKernel:
+def quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool, name: str = "kernel") -> QuantizedKernel:
     """One kernel quantized, its codes and scales placed after the kernel's sharding (abstract ones described)."""
-    run = lambda x: quantize_kernel(x, lay, kind, block, dq)
-    if isinstance(array, jax.core.Tracer):
+    tracer = isinstance(array, jax.core.Tracer)
+    sharding: Any = getattr(array, "sharding", None) if not tracer else jax.typeof(array).sharding
+    named = isinstance(sharding, jax.sharding.NamedSharding) and (not tracer or explicit_mesh(array) is not None)
+    rows = bool(
+        named and kind == "nf4" and wants_rows(sharding.spec, tuple(array.shape), lay, block, sharding.mesh, name)
+    )
+    run = lambda x: quantize_kernel(x, lay, kind, block, dq, rows)
+    if tracer:
+        if named:  # under jit on an explicit mesh: placed as the codes of the kernel's type
+            out = code_shardings(sharding, jax.eval_shape(run, _plain(array)))
+            return jax.sharding.auto_axes(run, out_sharding=out)(array)
         return run(array)
-    template = jax.eval_shape(run, array)
-    sharding = getattr(array, "sharding", None)
+    template = jax.eval_shape(run, _plain(array))  # shapes only: an explicit mesh's types would reject the reshapes
     if isinstance(sharding, jax.sharding.SingleDeviceSharding) and not isinstance(array, jax.ShapeDtypeStruct):
         return run(array)  # one device: eager ops stay on it, no compile
     out = code_shardings(sharding, template)
@@ -147,11 +175,15 @@ def quantize_placed(array: Any, lay: Layout, kind: str, block: int, dq: bool) ->
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, out)
     if out is None:
         return run(array)  # a sharding lorajax cannot map: placement left to JAX
-    return _placed_program(lay, kind, block, dq, out)(array)
+    return _placed_program(lay, kind, block, dq, rows, out)(array)
 
 
-def _one(leaf: Any, array: Any, lay: Any, kind: str, block: int, dq: bool) -> Any:
-    q = quantize_placed(array, lay, kind, block, dq)
+def _plain(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _one(leaf: Any, array: Any, lay: Any, kind: str, block: int, dq: bool, name: str) -> Any:
+    q = quantize_placed(array, lay, kind, block, dq, name)
     if is_lora(leaf):
         return LoRA(base=_boxes.rebox(leaf.base, q), a=leaf.a, b=leaf.b, spec=leaf.spec, per_example=leaf.per_example)
     return _boxes.rebox(leaf, q)
@@ -179,9 +211,21 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
             return x
         if isinstance(x.codes, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype, sharding=dense_sharding(x))
-        return dense(x, dtype)
+        return dense_placed(x, dtype)
 
     return jax.tree.map(one, tree, is_leaf=is_quantized)
+
+
+def dense_placed(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
+    """:func:`dense`, run with automatic axes when the codes live on a mesh with explicit axes.
+
+    The result then carries the kernel's sharding (:func:`dense_spec` of the codes') in its type.
+    """
+    if explicit_mesh(q.codes) is None:
+        return dense(q, dtype)
+    sharding = jax.typeof(q.codes).sharding
+    out = jax.sharding.NamedSharding(sharding.mesh, dense_spec(sharding.spec, q))
+    return jax.sharding.auto_axes(lambda x: dense(x, dtype), out_sharding=out)(q)
 
 
 def dense_base(base: Any) -> Any:
@@ -192,7 +236,7 @@ def dense_base(base: Any) -> Any:
     """
     if not is_quantized(base):
         return base
-    return dense(base, compute_dtype(base.dtype))
+    return dense_placed(base, compute_dtype(base.dtype))
 
 
 def kernel_view(base: Any) -> Any:

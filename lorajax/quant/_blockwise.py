@@ -130,6 +130,18 @@ def dq_dequantize(codes: jax.Array, nested: jax.Array, offset: jax.Array, code: 
     return scale_blocks(table[codes.astype(jnp.int32)], nested, NESTED_BLOCK) + offset[..., None]
 
 
+def dq_dequantize_rows(codes: jax.Array, nested: jax.Array, offset: jax.Array) -> jax.Array:
+    """:func:`dq_dequantize` for absmax codes kept per row, ``(slices, rows, blocks_per_row)``.
+
+    The nested blocks run over the flat absmaxes (across rows), so each code finds its nested absmax by its flat
+    index: the same float32 products and sums as the flat form, and no reshape of a row-sharded array.
+    """
+    rows, per_row = codes.shape[-2:]
+    flat = np.arange(rows)[:, None] * per_row + np.arange(per_row)[None, :]
+    table = jnp.asarray(_codes.dynamic_map(), jnp.float32)
+    return table[codes.astype(jnp.int32)] * nested[..., flat // NESTED_BLOCK] + offset[..., None, None]
+
+
 def int8_quantize(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Row-wise absmax int8 (bitsandbytes' ``int8_vectorwise_quant``): ``round(127 * x / absmax)``, ties to even.
 

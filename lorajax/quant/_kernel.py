@@ -110,8 +110,15 @@ def _torch_view(x: jax.Array, layout: Layout) -> tuple[jax.Array, tuple[int, ...
     return t.reshape(math.prod(t.shape[:stacked]), rows, -1), t.shape
 
 
-def quantize_kernel(x: jax.Array, layout: Layout, kind: str, block_size: int, double_quant: bool) -> QuantizedKernel:
-    """Quantize one dense kernel (arguments already checked by :func:`lorajax.quantize`)."""
+def quantize_kernel(
+    x: jax.Array, layout: Layout, kind: str, block_size: int, double_quant: bool, rows: bool = False
+) -> QuantizedKernel:
+    """Quantize one dense kernel (arguments already checked by :func:`lorajax.quantize`).
+
+    With ``rows`` (NF4 whose blocks divide each row, see :func:`is_row_form`) the codes are kept as
+    ``(slices, rows, cols / 2)`` and the absmaxes as ``(slices, rows, cols / block_size)``: the same bits, reshaped so
+    that a fan-in sharding of the kernel can carry over to them.
+    """
     view, _ = _torch_view(x, layout)
     slices = view.shape[0]
     nested = offset = None
@@ -123,6 +130,9 @@ def quantize_kernel(x: jax.Array, layout: Layout, kind: str, block_size: int, do
         codes, scales = _blockwise.int8_quantize(view)
     else:
         codes, scales = _blockwise.fp8_quantize(view)
+    if rows and kind == "nf4":
+        codes = codes.reshape(slices, view.shape[1], -1)
+        scales = scales.reshape(slices, view.shape[1], -1)
     return QuantizedKernel(
         codes,
         scales,
@@ -136,10 +146,21 @@ def quantize_kernel(x: jax.Array, layout: Layout, kind: str, block_size: int, do
     )
 
 
+def is_row_form(q: QuantizedKernel) -> bool:
+    """Whether NF4 codes are kept per row, ``(slices, rows, cols / 2)``, rather than flat ``(slices, size / 2)``.
+
+    The row form holds the same bits (every block lies inside one row); :func:`lorajax.quantize` picks it for a
+    kernel sharded along its fan-in axes, so that each device's columns are a contiguous slice of each code row.
+    """
+    return q.kind == "nf4" and len(q.codes.shape) == 3
+
+
 def absmax(q: QuantizedKernel) -> jax.Array:
-    """The float32 NF4 absmaxes ``(slices, blocks)``, undoing double quantization."""
+    """The float32 NF4 absmaxes, shaped like ``q.scales``, undoing double quantization."""
     if q.nested is None:
         return jnp.asarray(q.scales, jnp.float32)
+    if is_row_form(q):
+        return _blockwise.dq_dequantize_rows(q.scales, q.nested, q.offset)
     return _blockwise.dq_dequantize(q.scales, q.nested, q.offset)
 
 
@@ -148,9 +169,8 @@ def dense(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
     perm = torch_axes(q.layout)
     torch_shape = tuple(q.shape[k] for k in perm)
     if q.kind == "nf4":
-        values = _blockwise.nf4_dequantize(
-            q.codes, absmax(q), math.prod(torch_shape[len(q.layout.stack) :]), q.block_size
-        )
+        k = len(q.layout.stack) + is_row_form(q)  # the row form dequantizes each row on its own
+        values = _blockwise.nf4_dequantize(q.codes, absmax(q), math.prod(torch_shape[k:]), q.block_size)
     elif q.kind == "int8":
         values = _blockwise.int8_dequantize(q.codes, q.scales)
     else:

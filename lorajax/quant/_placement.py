@@ -10,9 +10,13 @@ flattening keeps each device's share contiguous:
   blocks (whole 256-absmax blocks for the double-quantization scales, which are replicated otherwise);
 * int8 and fp8: the rows like that first axis, the columns like the next one when the later ones are unsharded.
 
-Anything else is replicated along that axis of the codes: a Dense kernel sharded on its fan-in axis (which
-PyTorch's order puts second, so each device's columns are strided through the flat codes) keeps its NF4 codes
-replicated, and its int8/fp8 codes sharded by columns. Quantizing and dequantizing give the same bits however the
+* NF4 of a kernel sharded on its fan-in axes (which PyTorch's order puts second, so each device's columns are
+  strided through the flat codes): :func:`lorajax.quantize` keeps the codes per row, ``(slices, rows, cols / 2)``
+  with absmaxes ``(slices, rows, cols / block)`` (:func:`wants_rows`), laid out like int8's, the columns sharded
+  like the fan-in axes where each device's share of a row is whole blocks; the double-quantization scales, whose
+  256-absmax blocks run across rows, stay replicated.
+
+Anything else is replicated along that axis of the codes. Quantizing and dequantizing give the same bits however the
 codes are placed; placement decides only what each device stores and whether dequantizing moves data.
 """
 
@@ -25,7 +29,7 @@ from typing import Any
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from lorajax.quant._blockwise import NESTED_BLOCK
-from lorajax.quant._kernel import QuantizedKernel, torch_axes
+from lorajax.quant._kernel import BLOCK_SIZES, QuantizedKernel, is_row_form, torch_axes
 
 
 def _axis_size(entry: Any, mesh: Mesh | AbstractMesh | None) -> int | None:
@@ -56,6 +60,53 @@ def _group(entries: list[Any], sizes: list[int], mesh: Mesh | AbstractMesh | Non
     return entries[0]
 
 
+def _entries(spec: PartitionSpec | None, ndim: int) -> tuple[Any, ...]:
+    entries = tuple(spec) if spec is not None else ()
+    return entries + (None,) * (ndim - len(entries))
+
+
+def wants_rows(
+    spec: PartitionSpec | None,
+    shape: tuple[int, ...],
+    layout: Any,
+    block_size: int,
+    mesh: Mesh | AbstractMesh | None,
+    name: str = "kernel",
+) -> bool:
+    """Whether NF4 codes of a kernel sharded by ``spec`` on ``mesh`` take the row form (see ``is_row_form``).
+
+    They do when the fan-in axes (those after the first in PyTorch's order) are sharded and each device's share of
+    a row is whole blocks. When it is not, but another of bitsandbytes' block sizes would make it so, the codes
+    could not be sharded as the kernel is: a ``ValueError`` names that block size. Otherwise (no block size fits,
+    or no mesh to check against) the flat form is kept and those axes of the codes are replicated.
+    """
+    if mesh is None:
+        return False
+    perm = torch_axes(layout)
+    entries = [None if _axis_size(e, mesh) == 1 else e for e in _entries(spec, len(shape))]  # one device: unsharded
+    te = [entries[k] for k in perm]
+    ts = [shape[k] for k in perm]
+    k = len(layout.stack)
+    if all(e is None for e in te[k + 1 :]):
+        return False
+    if _group(te[k + 1 :], ts[k + 1 :], mesh, block_size) is not None:
+        return True
+    if _group(te[k + 1 :], ts[k + 1 :], mesh) is None:
+        return False  # a later fan-in axis sharded: no contiguous share of a row to align blocks to
+    share = ts[k + 1] // (_axis_size(te[k + 1], mesh) or 1) * math.prod(ts[k + 2 :])
+    fits = [b for b in BLOCK_SIZES if share % b == 0]
+    if not fits:
+        return False
+    below = [b for b in fits if b < block_size]
+    use = max(below) if below else min(fits)  # the nearest size that aligns, finer blocks first
+    raise ValueError(
+        f"quantize: {name} with shape {tuple(shape)} is sharded {spec} along its fan-in axes, {share} weights of "
+        f"each row a device, which is not a whole number of blocks of block_size={block_size}; its NF4 codes "
+        f"would be replicated on every device. Use block_size={use} (any of {fits} aligns), or shard that kernel "
+        "on its fan-out axis."
+    )
+
+
 def code_specs(
     spec: PartitionSpec | None, q: QuantizedKernel, mesh: Mesh | AbstractMesh | None = None
 ) -> QuantizedKernel:
@@ -70,13 +121,22 @@ def code_specs(
     >>> s.codes, s.scales, s.nested, s.offset
     (P(None, 'tp'), P(None, 'tp'), P(None, None), P(None,))
     """
-    entries = tuple(spec) if spec is not None else ()
-    entries = entries + (None,) * (len(q.shape) - len(entries))
+    entries = _entries(spec, len(q.shape))
     perm = torch_axes(q.layout)
     te = [entries[k] for k in perm]
     ts = [q.shape[k] for k in perm]
     k = len(q.layout.stack)
     lead = _group(te[:k], ts[:k], mesh)
+    if is_row_form(q):  # (slices, rows, cols / 2): rows like the first axis, cols like the fan-in axes, whole blocks
+        rows = _group(te[k : k + 1], ts[k : k + 1], mesh)
+        if mesh is None:  # the row form itself says the blocks align with the fan-in shards (see wants_rows)
+            cols = te[k + 1] if all(e is None for e in te[k + 2 :]) else None
+        else:
+            cols = _group(te[k + 1 :], ts[k + 1 :], mesh, q.block_size)
+        out = dataclasses.replace(q, codes=PartitionSpec(lead, rows, cols), scales=PartitionSpec(lead, rows, cols))
+        if q.nested is None:
+            return out
+        return dataclasses.replace(out, nested=PartitionSpec(lead, None), offset=PartitionSpec(lead))
     if q.kind == "nf4":
         codes = _group(te[k:], ts[k:], mesh, 2)
         scales = _group(te[k:], ts[k:], mesh, q.block_size)
@@ -122,14 +182,15 @@ def dense_spec(codes_spec: PartitionSpec | None, q: QuantizedKernel) -> Partitio
     P(None, 'tp')
     """
     codes = tuple(codes_spec) if codes_spec is not None else ()
-    codes = codes + (None,) * ((2 if q.kind == "nf4" else 3) - len(codes))
+    flat = q.kind == "nf4" and not is_row_form(q)
+    codes = codes + (None,) * ((2 if flat else 3) - len(codes))
     perm = torch_axes(q.layout)
     k = len(q.layout.stack)
     entries: list[Any] = [None] * len(q.shape)
     if k:
         entries[perm[0]] = codes[0]
     entries[perm[k]] = codes[1]
-    if q.kind != "nf4" and len(perm) > k + 1:
+    if not flat and len(perm) > k + 1:
         entries[perm[k + 1]] = codes[2]
     return PartitionSpec(*entries)
 
