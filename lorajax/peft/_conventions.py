@@ -116,8 +116,8 @@ def _unescape(regex: str) -> str:
 def name_map_from_key_mapping(mapping: Mapping[str, Any]) -> Callable[[str], str | None]:
     r"""A ``name_map`` read from a model library's own Hugging Face key mapping.
 
-    ``mapping`` is ``{hf_key_regex: (path_template, ...)}`` as tunix's model ``params`` modules return from
-    ``_get_key_and_transform_mapping(config)``: a regex over Hugging Face weight names and the '.'-joined
+    ``mapping`` is ``{hf_key_regex: (path_template, ...)}`` as the key-mapping function of a tunix model's
+    ``params`` module returns it for a config: a regex over Hugging Face weight names and the '.'-joined
     parameter path it loads into, with ``\1``, ``\2`` for its groups. The name map inverts it: a kernel path
     that a template produces maps to the weight's module (the key less its ``.weight``). Paths the mapping
     renames on the way (tunix's Gemma fuses ``tmp...q``/``k``/``v`` into one einsum) are not in it: use
