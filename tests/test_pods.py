@@ -65,7 +65,10 @@ def job(
                 q.kill()
             raise
         codes.append(p.returncode)
-        if p.returncode not in (0, -signal.SIGKILL):
+        # In a killed job, a process whose leader died first is aborted by JAX's distributed runtime (SIGABRT)
+        # before it kills itself: dead either way, right after the same save.
+        dead = (-signal.SIGKILL, -signal.SIGABRT) if kill_after is not None else ()
+        if p.returncode not in (0, *dead):
             pytest.fail(f"worker exited {p.returncode}:\n{log.decode()[-3000:]}")
     return codes
 
@@ -75,7 +78,8 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, procs):
     steps, k = 6, 3
     job(procs, tmp_path / "whole", steps, out=tmp_path / "whole.json", io=True)
     codes = job(procs, tmp_path / "killed", steps, kill_after=k)
-    assert codes == [-signal.SIGKILL] * procs  # the job really died after step k was saved
+    assert codes[0] == -signal.SIGKILL  # the job really died after step k was saved
+    assert all(c in (-signal.SIGKILL, -signal.SIGABRT) for c in codes[1:]), codes
     job(procs, tmp_path / "killed", steps, out=tmp_path / "resumed.json")
     whole = json.loads((tmp_path / "whole.json").read_text())
     resumed = json.loads((tmp_path / "resumed.json").read_text())
