@@ -94,6 +94,15 @@ def _new_temp(target: str, directory: bool) -> tuple[str, int]:
         os.close(fd)  # a cleaner took it for a dead writer's between create and lock: make another
 
 
+def _begin(target: str, caller: str, directory: bool) -> tuple[str, int]:
+    """Start a write of ``target``: its killed writers' temps removed, a fresh locked temp made beside it."""
+    clean_stale(target)
+    try:
+        return _new_temp(target, directory)
+    except OSError as e:
+        raise _named(e, caller, target) from None
+
+
 def _write_all(fd: int, data: bytes, *, sync: bool = True) -> None:
     view = memoryview(data)
     while view:
@@ -199,11 +208,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, caller: str = "lo
     b'abc'
     """
     target = _target(path, caller)
-    clean_stale(target)
-    try:
-        tmp, fd = _new_temp(target, directory=False)
-    except OSError as e:
-        raise _named(e, caller, target) from None
+    tmp, fd = _begin(target, caller, directory=False)
     try:
         _write_all(fd, data)
         publish(tmp)
@@ -330,11 +335,7 @@ def staged_folder(path: str | os.PathLike[str], *, caller: str) -> Iterator[str]
     if os.path.lexists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{caller}: {target} exists and is not a directory; pass a folder path.")
     target = _target(target, caller)
-    clean_stale(target)
-    try:
-        tmp, fd = _new_temp(target, directory=True)
-    except OSError as e:
-        raise _named(e, caller, target) from None
+    tmp, fd = _begin(target, caller, directory=True)
     in_place = False
     try:
         yield tmp
