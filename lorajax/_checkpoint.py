@@ -42,9 +42,13 @@ def _ocp() -> Any:
     return ocp
 
 
-def _trained(params: Any) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` for every leaf of ``params`` that trains (``lorajax.mask``), in flattening order."""
-    flags = jax.tree.leaves(mask(params))
+def _flags(params: Any) -> list[bool]:
+    """For every leaf of ``params`` in flattening order, whether it trains (``lorajax.mask``)."""
+    return [bool(f) for f in jax.tree.leaves(mask(params))]
+
+
+def _trained(params: Any, flags: list[bool]) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf of ``params`` that trains (``flags``), in flattening order."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     if len(flags) != len(leaves):  # mask maps leaf for leaf; anything else is a bug, not a user error
         raise AssertionError(f"{CALLER}: mask has {len(flags)} leaves, params {len(leaves)}")
@@ -146,7 +150,7 @@ class Checkpoints:
         """
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"{CALLER}.save: step must be a non-negative int, got {step!r}.")
-        trained, state = _trained(params), _state_leaves(opt_state)
+        trained, state = _trained(params, _flags(params)), _state_leaves(opt_state)
         if not trained:
             raise ValueError(
                 f"{CALLER}.save: params hold no trainable leaf (no LoRA node, no Trainable); lorafy them first."
@@ -196,7 +200,8 @@ class Checkpoints:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{CALLER}.restore: step {step} in {self.directory} is not a lorajax checkpoint.")
-        trained, state = _trained(params), _state_leaves(opt_state)
+        flags = _flags(params)  # once: the mask walks the whole tree, base included
+        trained, state = _trained(params, flags), _state_leaves(opt_state)
         problems = Problems(f"{CALLER}.restore")
         _match("params", _describe(trained), meta["params"], problems)
         _match("opt_state", _describe(state), meta["opt_state"], problems)
@@ -215,7 +220,9 @@ class Checkpoints:
         if key is not None:
             abstract["key"] = _abstract(_key_data(key))
         tree = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-        new_params = _fill(params, [_like(x, tree["params"][k]) for (_, x), k in zip(trained, sorted(tree["params"]))])
+        new_params = _fill(
+            params, flags, [_like(x, tree["params"][k]) for (_, x), k in zip(trained, sorted(tree["params"]))]
+        )
         leaves, treedef = jax.tree.flatten(opt_state)
         new_state = jax.tree.unflatten(
             treedef, [_like(x, tree["opt_state"][k]) for x, k in zip(leaves, sorted(tree["opt_state"]))]
@@ -257,9 +264,8 @@ def _like(template: Any, restored: Any) -> Any:
     return jax.numpy.asarray(np.asarray(restored))
 
 
-def _fill(params: Any, values: list[Any]) -> Any:
-    """``params`` with its trainable leaves, in flattening order, replaced by ``values``."""
-    flags = jax.tree.leaves(mask(params))
+def _fill(params: Any, flags: list[bool], values: list[Any]) -> Any:
+    """``params`` with its trainable leaves (``flags``), in flattening order, replaced by ``values``."""
     leaves, treedef = jax.tree.flatten(params)
     it = iter(values)
     return jax.tree.unflatten(treedef, [next(it) if keep else x for x, keep in zip(leaves, flags)])
