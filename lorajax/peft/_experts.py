@@ -7,10 +7,12 @@ and its router as a bare ``mlp.gate.weight`` ``(E, d)``. PEFT adapts them with `
 
 - PEFT >= 0.19.1: ``A`` ``(E*r, in)``, ``B`` ``(out, E*r)``; expert ``e``'s update is ``B[:, :, e] @ A[e]`` with
   ``A`` read as ``(E, r, in)`` and ``B`` as ``(out, r, E)`` (experts major in ``A``, minor in ``B``);
-- PEFT < 0.19.1 (0.17, 0.18): for a parameter ``(E, d1, d2)``, ``A`` ``(E*r, d1)`` and ``B`` ``(d2, E*r)``, the update
-  ``(A[e].T @ B[:, :, e].T)`` in the parameter's own order: on transformers 5's ``(E, out, in)`` banks the roles of
-  ``A`` and ``B`` are the other way round. Only the config's ``peft_version`` tells the two apart; where sizes do not
-  settle it (a square bank), the older files are read in transformers 5's ``(E, out, in)`` order.
+- PEFT < 0.19.1 (0.17, 0.18, 0.19.0): for a parameter ``(E, d1, d2)``, ``A`` ``(E*r, d1)`` and ``B``
+  ``(d2, E*r)``, the update ``(A[e].T @ B[:, :, e].T)`` in the parameter's own order: on transformers 5's
+  ``(E, out, in)`` banks the roles of ``A`` and ``B`` are the other way round. Only the config's ``peft_version``
+  tells the two apart; where sizes do not settle it (a square bank), the older files are read in transformers 5's
+  ``(E, out, in)`` order (wrong for a square ``(E, in, out)`` bank, gpt-oss's ``is_transposed`` experts, written by
+  PEFT 0.17/0.18).
 
 A 2-D parameter (the router) is stored as a Linear's ``A (r, in)``, ``B (out, r)``. Several parameters of one module
 nest as ``base_layer`` wrappers in the module's parameter order (``gate_up_proj`` inside, so its tensors are
