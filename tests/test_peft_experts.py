@@ -333,3 +333,28 @@ for _mark in needs_tunix:
     test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits = _mark(
         test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits
     )
+
+
+@pytest.mark.torch
+def test_fixtures_are_what_the_script_writes(tmp_path):
+    """The committed moe_* files (PEFT >= 0.19.1 cases) regenerate from tests/fixtures/make_peft_expert_fixtures.py."""
+    import peft
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version("0.19.1"):
+        pytest.skip(f"peft {peft.__version__} writes the older layout")
+    spec = importlib.util.spec_from_file_location("make_moe", FIXTURES.parent / "make_peft_expert_fixtures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.make_base(tmp_path)
+    script.make_case("moe_experts", 1, tmp_path, r=2, target_modules=[], target_parameters=script.EXPERTS)
+    for folder, file in (("moe_base", "model.safetensors"), ("moe_experts", "adapter_model.safetensors")):
+        got, want = load_file(str(tmp_path / folder / file)), load_file(str(FIXTURES / folder / file))
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    got, want = (
+        load_file(str(tmp_path / "moe_experts" / "io.safetensors")),
+        load_file(str(FIXTURES / "moe_experts" / "io.safetensors")),
+    )
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=0, atol=1e-6)

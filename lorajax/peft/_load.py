@@ -325,8 +325,12 @@ def load_peft(
     ``embedding`` or a norm's ``scale`` as it is; ``bias`` to ``bias``), in the file's dtype, placed like
     the leaf it replaces.
 
+    PEFT's ``target_parameters`` (transformers 5's fused expert banks ``mlp.experts.gate_up_proj``/``down_proj``, either
+    version's layout) load as per-expert factors onto expert kernels named after the parameter or after the
+    checkpoint's per-expert modules (``name_map="tunix"``); a fused ``gate_up_proj`` feeds separate gate and up banks.
+
     Raises:
-        ValueError: an unsupported PEFT feature (``lora_bias``, ``target_parameters``...); one
+        ValueError: an unsupported PEFT feature (``lora_bias``...); one
             listing every tensor that is not a float or (unless ``allow_nonfinite``) holds NaN/Inf;
             or one message listing every module without a kernel (unless ``partial``), every shape
             mismatch, every ambiguous name, every module to save without matching leaves, and every

@@ -198,7 +198,8 @@ def read_peft(
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
     in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape. Each module
     of ``modules_to_save`` (trained whole) is ``{"kind": "saved", "params": {"weight": ..., "bias": ...}}``,
-    its parameters as PEFT wrote them (PyTorch's names and axis order).
+    its parameters as PEFT wrote them (PyTorch's names and axis order). Each parameter of ``target_parameters``
+    adapted as a bank of experts is ``{"kind": "param", "A": (E*r, .), "B": (., E*r)}`` under the parameter's name.
     Checks the same things as :func:`lorajax.load_peft` (unsupported features,
     factor pairs, float factors, and NaN/Inf unless ``allow_nonfinite``).
 

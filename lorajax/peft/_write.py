@@ -317,7 +317,9 @@ def save_peft(
     (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``) are written as PEFT writes ``modules_to_save``:
     each module whose leaves all train is listed there and its parameters stored whole as
     ``base_model.model.<module>.<param>`` in PyTorch's names and axis order (``kernel`` -> ``weight``,
-    transposed; a norm's ``scale`` -> ``weight``).
+    transposed; a norm's ``scale`` -> ``weight``). Expert banks named after a transformers 5 parameter
+    (``...mlp.experts.down_proj``) or the checkpoint's per-expert modules (``...experts.{}.gate_proj``, as
+    ``name_map="tunix"`` gives) are written as PEFT's ``target_parameters``, gate and up fused into ``gate_up_proj``.
 
     Args:
         path: output directory (created; files in an existing one are replaced).
