@@ -377,7 +377,7 @@ def _copy_fixture(tmp_path: Path, case: str = "linear") -> Path:
     [
         ({"use_dora": True}, "use_dora"),
         ({"lora_bias": True}, "lora_bias"),
-        ({"target_parameters": ["experts.weight"]}, "target_parameters"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),  # target_parameters loads: test_peft_experts.py
         ({"bias": "all"}, "bias='all'"),
         ({"peft_type": "IA3"}, "IA3 adapter"),
     ],

@@ -28,6 +28,7 @@ from lorajax._problems import Problems
 from lorajax._sharding import place_factors
 from lorajax._targets import is_kernel, pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours, unstack
+from lorajax.peft._experts import Ref, assign_banks, bank_factors
 from lorajax.peft._fused import block_factors
 from lorajax.peft._modules_to_save import loaded_leaves, split_saved
 from lorajax.peft._names import NameMap, Namer, fused_slot, is_template, module_namer, template_regex
@@ -261,6 +262,16 @@ def _load_kernel(
     return _loaded_node(leaf, lay, _module_factors(module, modules, scaling, lay, shape, where))
 
 
+def _load_bank(kpath: KeyPath, leaf: Any, ref: Ref, entries: Modules, config: dict, layout: LayoutArg) -> LoRA:
+    """The node for one expert bank (or a slice of one) that a PEFT ``target_parameters`` entry adapts."""
+    array = _boxes.unbox(leaf.base if is_lora(leaf) else leaf)
+    spec = None if is_lora(leaf) else layout_spec(layout, kpath, array, caller=CALLER)
+    shape = tuple(array.shape)
+    lay = leaf.layout if is_lora(leaf) else None if spec is None else parse_layout(spec, kpath, shape, caller=CALLER)
+    f = bank_factors(path_str(kpath), shape, lay, entries[ref.param], ref, config)
+    return _loaded_node(leaf, f.layout, _Factors(f.a, f.b, f.rank, f.alpha, f.rslora))
+
+
 def load_peft(
     path: str | os.PathLike,
     params: Any,
@@ -314,8 +325,12 @@ def load_peft(
     ``embedding`` or a norm's ``scale`` as it is; ``bias`` to ``bias``), in the file's dtype, placed like
     the leaf it replaces.
 
+    PEFT's ``target_parameters`` (transformers 5's fused expert banks ``mlp.experts.gate_up_proj``/``down_proj``, either
+    version's layout) load as per-expert factors onto expert kernels named after the parameter or after the
+    checkpoint's per-expert modules (``name_map="tunix"``); a fused ``gate_up_proj`` feeds separate gate and up banks.
+
     Raises:
-        ValueError: an unsupported PEFT feature (``lora_bias``, ``target_parameters``...); one
+        ValueError: an unsupported PEFT feature (``lora_bias``...); one
             listing every tensor that is not a float or (unless ``allow_nonfinite``) holds NaN/Inf;
             or one message listing every module without a kernel (unless ``partial``), every shape
             mismatch, every ambiguous name, every module to save without matching leaves, and every
@@ -337,14 +352,20 @@ def load_peft(
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
     problems = Problems(CALLER)
+    entries, kernels = modules, [(n, path_str(kp), namer(path_str(kp), True)) for n, (kp, x) in enumerate(leaves)
+                                 if is_lora(x) or is_kernel(kp, x)]  # fmt: skip
+    banks, modules = assign_banks(kernels, modules, partial, problems)  # target_parameters (peft/_experts.py)
     direct, stacked = _assign(leaves, modules, namer, problems, partial=partial)
-    if not direct and not stacked and not names_any(leaves, list(modules), namer):
-        raise ValueError(no_match_message(leaves, list(modules), name_map, CALLER))  # and what would match
+    if not direct and not stacked and not banks and not names_any(leaves, list(entries), namer):
+        raise ValueError(no_match_message(leaves, list(entries), name_map, CALLER))  # and what would match
     attention = attention_shapes(leaves)  # sibling kernels settle a query kernel's layout where sizes do not
     replaced: dict[int, LoRA] = {}
-    for n in sorted(set(direct) | set(stacked)):
+    for n in sorted(set(direct) | set(stacked) | set(banks)):
         kpath, leaf = leaves[n]
         try:
+            if n in banks:
+                replaced[n] = _load_bank(kpath, leaf, banks[n], entries, config, layout)
+                continue
             replaced[n] = _load_kernel(
                 kpath, leaf, direct.get(n), stacked.get(n, {}), modules, scaling, layout, fan_in_fan_out, attention
             )

@@ -11,7 +11,8 @@ import numpy as np
 
 from lorajax._files import clean_stale
 from lorajax._problems import Problems
-from lorajax.peft._layers import check_targets
+from lorajax.peft._experts import parameter_entries
+from lorajax.peft._layers import check_targets, why_untargeted
 from lorajax.peft._modules_to_save import take_saved
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
@@ -38,8 +39,6 @@ def _unsupported_features(config: dict[str, Any]) -> list[str]:
     found = []
     if config.get("lora_bias"):
         found.append("lora_bias=True (a trained bias on lora_B)")
-    if config.get("target_parameters"):
-        found.append(f"target_parameters={config['target_parameters']!r} (LoRA on raw nn.Parameters)")
     if config.get("bias", "none") != "none":
         found.append(f"bias={config['bias']!r} (trained base biases)")
     for key in ("trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config"):
@@ -181,7 +180,10 @@ def read_files(
         problem = _check_pair(name, entry, dora)
         if problem is not None:
             problems.add(problem)
-    check_targets(config, modules, problems)  # target_modules, layers_to_transform, exclude_modules (_layers.py)
+    untargeted = lambda module: why_untargeted(config, module) is not None
+    modules, params = parameter_entries(config, modules, untargeted, problems)  # target_parameters (_experts.py)
+    # target_modules, layers_to_transform, exclude_modules (_layers.py)
+    check_targets(config, [m for m in modules if m not in params], problems)
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
     if not modules:
         raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")
@@ -196,7 +198,8 @@ def read_peft(
     Returns ``(config, modules)`` with ``modules[name] = {"kind": "dense"|"conv"|"embed", "A": ..., "B": ...}``
     in PEFT's own shapes; DoRA adapters (``use_dora``) add ``"M"``, the magnitude, in PEFT's shape. Each module
     of ``modules_to_save`` (trained whole) is ``{"kind": "saved", "params": {"weight": ..., "bias": ...}}``,
-    its parameters as PEFT wrote them (PyTorch's names and axis order).
+    its parameters as PEFT wrote them (PyTorch's names and axis order). Each parameter of ``target_parameters``
+    adapted as a bank of experts is ``{"kind": "param", "A": (E*r, .), "B": (., E*r)}`` under the parameter's name.
     Checks the same things as :func:`lorajax.load_peft` (unsupported features,
     factor pairs, float factors, and NaN/Inf unless ``allow_nonfinite``).
 

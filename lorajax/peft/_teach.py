@@ -9,6 +9,7 @@ from lorajax._node import is_lora
 from lorajax._paths import KeyPath, path_str
 from lorajax._targets import is_kernel
 from lorajax.peft._conventions import CONVENTIONS, ModuleName, convention_namer
+from lorajax.peft._experts import bank_ref
 from lorajax.peft._names import NameMap, Namer, is_template, module_namer, template_regex
 
 _SHOW = 4
@@ -22,6 +23,8 @@ def _matches(names: list[ModuleName], modules: Sequence[str]) -> int:
         for one in name if isinstance(name, tuple) else (name,):
             if one is None:
                 continue
+            if (ref := bank_ref(one, True)) is not None:  # an expert bank: a target_parameters entry
+                plain.add(ref.param)
             if is_template(one):
                 templates.append(template_regex(one))
             else:

@@ -20,6 +20,7 @@ from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
 from lorajax.inits import is_residual, weight_conversion
 from lorajax.peft._convert import to_torch, unstack
+from lorajax.peft._experts import bank_tensors, take_banks
 from lorajax.peft._fused import fused_slices
 from lorajax.peft._layers import model_modules, target_fields
 from lorajax.peft._modules_to_save import saved_modules
@@ -85,7 +86,9 @@ def _split(f: _Factors, name: str | tuple[str, ...]) -> list[tuple[str, _Module]
     if not is_template(name):
         raise ValueError(
             f"{f.path}: stacked layout {node.layout.axes!r} but one module name {name!r}; PEFT has one module "
-            "per layer: give name_map a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'"
+            "per layer: give name_map a name with '{}' for the layer index, e.g. 'model.layers.{}.mlp.fc1'; an expert "
+            "bank is written as PEFT's target_parameters when named after its transformers 5 parameter, e.g. "
+            "'model.layers.0.mlp.experts.down_proj'"
         )
     inner, inner_shape, count = unstack(node.layout, node.shape, f.path)
     m = f.magnitude
@@ -138,7 +141,8 @@ def _json_number(x: float) -> int | float:
 
 
 def _most_common(values: Iterable[Any]) -> Any:
-    return collections.Counter(values).most_common(1)[0][0]
+    common = collections.Counter(values).most_common(1)
+    return common[0][0] if common else None  # None: no modules, only target_parameters
 
 
 def _tensors(modules: dict[str, _Module]) -> dict[str, np.ndarray]:
@@ -258,7 +262,8 @@ def _peft_dict(
     )
     problems = Problems(caller)
     _dora_all_or_none(factors, problems)
-    modules = _modules(factors, namer, problems)
+    banks, plain = take_banks(factors, namer, problems)  # expert banks: PEFT's target_parameters (_experts.py)
+    modules = _modules(plain, namer, problems)
     problems.raise_if_any("cannot name every LoRA node as a PEFT module")
     if not allow_nonfinite:
         _nonfinite(factors, nonfinite := Problems(caller))
@@ -270,7 +275,8 @@ def _peft_dict(
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
     config["modules_to_save"] = saved.names or None
     config.update(target_fields(sorted(modules), model_modules(params, namer), config["modules_to_save"]))
-    return config, {**_tensors(modules), **saved.tensors}
+    config, bank = bank_tensors(banks, config, PREFIX, caller)
+    return config, {**_tensors(modules), **bank, **saved.tensors}
 
 
 def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -311,7 +317,9 @@ def save_peft(
     (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``) are written as PEFT writes ``modules_to_save``:
     each module whose leaves all train is listed there and its parameters stored whole as
     ``base_model.model.<module>.<param>`` in PyTorch's names and axis order (``kernel`` -> ``weight``,
-    transposed; a norm's ``scale`` -> ``weight``).
+    transposed; a norm's ``scale`` -> ``weight``). Expert banks named after a transformers 5 parameter
+    (``...mlp.experts.down_proj``) or the checkpoint's per-expert modules (``...experts.{}.gate_proj``, as
+    ``name_map="tunix"`` gives) are written as PEFT's ``target_parameters``, gate and up fused into ``gate_up_proj``.
 
     Args:
         path: output directory (created; files in an existing one are replaced).
