@@ -313,7 +313,7 @@ def test_expert_factor_gradients_keep_expert_sharding(moe_results):
     assert all(s.startswith("P('expert'") for s in r["grad_specs"]), r["grad_specs"]
 
 
-def test_shard_map_dropout_draws_per_shard(moe_results):
+def test_shard_map_with_lora_dropout(moe_results):  # deterministic equals merge; two keys draw two masks
     r = _ok(moe_results, "dropout")
     assert r["deterministic_err"] < REL_TOL
     assert r["draws_differ"] and r["finite"]
