@@ -169,7 +169,21 @@ def _node_name(path: Any) -> str:
 
 
 def _aval_key(x: Any) -> tuple:
-    return (tuple(x.shape), str(x.dtype), bool(getattr(getattr(x, "aval", None), "weak_type", False)))
+    weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
+    return (tuple(x.shape), str(x.dtype), weak, _typed_sharding(x))
+
+
+def _typed_sharding(x: Any) -> Any:
+    """The sharding ``x``'s type carries (mesh axes of type ``Explicit``), or ``None``.
+
+    ``fn`` is traced with it, so that a ``jax.shard_map`` inside sees its inputs' specs as JAX would.
+    """
+    if not isinstance(x, (jax.Array, jax.core.Tracer)):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is None or all(entry is None for entry in getattr(sharding, "spec", ())):
+        return None
+    return sharding
 
 
 def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active, fast_weight_grads) -> Callable:
@@ -194,7 +208,9 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
         a, kw = dequantize(jax.tree_util.tree_unflatten(treedef, rebuilt))
         return fn(*a, **kw)
 
-    shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2]) for v in dyn]
+    shapes = [
+        jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2], sharding=_typed_sharding(v)) for v in dyn
+    ]
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*shapes)
     out_tree = jax.tree_util.tree_structure(out_shape)
     # Only static facts of the nodes: the cache must not keep the first call's arrays alive.

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 # Imported for their rule registrations.
-from lorajax._factored import _consumers, _control, _views  # noqa: F401
+from lorajax._factored import _consumers, _control, _shard_map, _views  # noqa: F401
 from lorajax._factored._fusion import fuse_siblings, sibling_groups
 from lorajax._factored._ref import KernelRef, materialize
 from lorajax._factored._registry import rule_for
