@@ -47,19 +47,18 @@ ATTN_OUT = (
     r"out|o_proj|o|out_proj|output_proj|to_out|out_lin|attn_vec_einsum|attn_value_to_output|attention_output|"
     r"output_dense|attention/output/dense|attn/c_proj|self_attn/dense|attention/dense"
 )
+#: Modules that hold a mixture of experts' banks: every kernel inside is one slice per expert (``s`` axes first).
+#: DeepSeek's ``shared_experts`` is a dense MLP, not a bank: the names must equal one of these, not contain it.
+EXPERTS = r"experts?|MoeBlock(?:_\d+)?|RoutedMoE(?:_\d+)?|moe|moe_block|sparse_moe_block|block_sparse_moe"
 MLP = (
     r"gate_proj|up_proj|down_proj|fc1|fc2|fc_in|fc_out|c_fc|mlp/c_proj|intermediate/dense|(?<!attention/)output/dense|"
     r"wi|wo|wi_0|wi_1|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|gating_einsum|mlp/linear|gating_linear|value_linear|"
     r"out_linear|feedforward_gate_dense|feedforward_intermediate_dense|feedforward_output_dense|ffw_gating|ffw_gating_2|"
     r"ffw_linear|gate_up_proj|"
     r"[^/]*(?:mlp|Mlp|MLP|MlpBlock|ffn|FFN|feed_forward|FeedForward)[^/]*/[^/]+|"
-    r"(?:EXPERTS)/.+"
+    r"(?:" + EXPERTS + r")/.+"
 )
 
-#: Modules that hold a mixture of experts' banks: every kernel inside is one slice per expert (``s`` axes first).
-#: DeepSeek's ``shared_experts`` is a dense MLP, not a bank: the names must equal one of these, not contain it.
-EXPERTS = r"experts?|MoeBlock(?:_\d+)?|RoutedMoE(?:_\d+)?|moe|moe_block|sparse_moe_block|block_sparse_moe"
-MLP = MLP.replace("EXPERTS", EXPERTS)
 
 #: Routers (gating networks) of mixtures of experts: a linear kernel that ``all_linear`` adapts (as PEFT's
 #: ``all-linear`` does with Qwen3-MoE's ``mlp.gate``) and the ``mlp`` preset leaves plain.
