@@ -269,7 +269,9 @@ def infer_layout(
     output kernel of the same attention module (``attention``, from
     :func:`attention_shapes`). Where nothing settles it, it raises rather than
     guess; :func:`lorajax.infer_layouts` reads the layouts from the model's
-    computation instead.
+    computation instead. A bank of experts (tunix's bare ``mlp/gate_proj``, MaxText's
+    ``MoeBlock_0/wi_0``, any kernel in an ``experts`` module) gets one LoRA per expert:
+    its leading axes are stacked (``"sio"``, ``"ssio"`` under a layer scan).
 
     >>> from jax.tree_util import DictKey
     >>> infer_layout((DictKey("Dense_0"), DictKey("kernel")), (8, 4))
@@ -278,6 +280,8 @@ def infer_layout(
     Layout('ioo')
     >>> infer_layout((DictKey("query"), DictKey("kernel")), (4, 64, 16))  # keras-hub Gemma
     Layout('oio')
+    >>> infer_layout((DictKey("mlp"), DictKey("gate_proj")), (8, 64, 96))  # tunix's expert bank: one LoRA per expert
+    Layout('sio')
     """
     parts = path_parts(path)
     leaf = parts[-1] if parts else ""
@@ -292,6 +296,11 @@ def infer_layout(
             return Layout("eo")
         raise _ambiguous(path, shape, "an embedding table has 2 axes; more suggests stacked tables", caller)
     conv = _names.CONV_MODULES.fullmatch(owner) is not None
+    bank = _names.expert_bank(parts) if n >= 3 else None
+    if bank == "torch":
+        raise _ambiguous(path, shape, _TORCH_BANK, caller)
+    if bank is not None:  # one LoRA per expert (per layer too where a scan stacked them): the leading axes
+        return Layout("s" * (n - 2) + ("oi" if leaf == "weight" else "io"))
     if leaf == "weight":  # PyTorch / Equinox convention: (out, in, *window)
         if n == 2:
             return Layout("oi")
@@ -311,6 +320,12 @@ def infer_layout(
     if n == 3 and _OUT.fullmatch(module):
         return _by_sizes(path, shape, _ONE_OUT, "attention output", caller, geometry)
     raise _ambiguous(path, shape, f"a {n}-D kernel could be stacked layers, multi-head or a convolution", caller)
+
+
+_TORCH_BANK = (
+    "a bank of experts stored as transformers 5 does (bare 'gate_up_proj'/'down_proj' in 'experts') is "
+    "(experts, out, in) 'soi' in Qwen3-MoE, Mixtral and DeepSeek but (experts, in, out) 'sio' in Llama 4 and gpt-oss"
+)
 
 
 def parse_layout(spec: LayoutSpec, path: KeyPath, shape: tuple[int, ...], caller: str = "lorafy") -> Layout:

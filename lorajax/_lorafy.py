@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from lorajax import _boxes, _paths, _sharding, _targets
+from lorajax import _boxes, _names, _paths, _sharding, _targets
 from lorajax._config import check_config, prng_key, target_config
 from lorajax._dora import with_magnitude
 from lorajax._layout import (
@@ -151,6 +151,7 @@ def lorafy(
             raise ValueError(
                 f"lorafy: rank {r} for {name} with shape {shape} (layout {lay.axes!r}, fan-in {fan_in}, fan-out "
                 f"{fan_out}) exceeds min(fan_in, fan_out) = {min(fan_in, fan_out)}; use a smaller rank or rank_pattern."
+                + _router_hint(path, array, min(fan_in, fan_out))
             )
         spec = LoRASpec(rank=r, alpha=a_alpha, layout=lay, rslora=rslora)
         # Factors are born sharded like the base (lorajax/_sharding.py): no host round trip, no gather of W.
@@ -185,3 +186,16 @@ _BARE_HINT = (
     " Weights stored as bare arrays under other names are found by tracing the model: "
     "layout=lorajax.infer_layouts(apply_fn, params, *inputs)."
 )
+
+
+def _router_hint(path: KeyPath, array: Any, most: int) -> str:
+    """What to do when a mixture of experts' router (fan-out: the number of experts) is narrower than the rank."""
+    module = _targets.kernel_module(path, array) or _paths.module_path(path)
+    if not _names.is_router(module):
+        return ""
+    name = module.rsplit("/", 1)[-1]
+    return (
+        f" {module} is a router (its fan-out is the number of experts): give it rank_pattern={{{name!r}: {most}}}, "
+        "or leave it plain with where=lorajax.attn_all | lorajax.mlp (lorajax.mlp adapts the experts, "
+        "not the router)."
+    )

@@ -19,7 +19,12 @@ from lorajax.quant import dense_shapes, is_quantized
 
 @dataclasses.dataclass(frozen=True)
 class TargetRow:
-    """One LoRA target of a :class:`Summary`."""
+    """One LoRA target of a :class:`Summary`.
+
+    ``params`` counts its factors (and DoRA magnitude): ``adapters · rank · (fan_in + fan_out)`` for plain LoRA,
+    where ``adapters`` is the number of independent LoRAs it holds, one per slice of its stacked ``s`` axes (per
+    expert of a mixture-of-experts bank, per layer of a scanned stack), 1 for a plain kernel.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -28,6 +33,7 @@ class TargetRow:
     alpha: float
     scale: float
     params: int
+    adapters: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +66,13 @@ class Summary:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        head = ("target", "shape", "layout", "rank", "alpha", "scale", "params")
+        head = ("target", "shape", "layout", "adapters", "rank", "alpha", "scale", "params")
         rows = [
             (
                 t.path,
                 "x".join(map(str, t.shape)),
                 t.layout,
+                f"{t.adapters:,}",
                 str(t.rank),
                 f"{t.alpha:g}",
                 f"{t.scale:g}",
@@ -76,6 +83,11 @@ class Summary:
         widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
         lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+        if any(t.adapters > 1 for t in self.targets):
+            lines.append(
+                "adapters: independent LoRAs per target, one per slice of its stacked 's' axes (each expert of a "
+                "bank, each scanned layer); params = adapters x rank x (fan_in + fan_out), plus DoRA's magnitudes"
+            )
         lines.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {100 * self.trainable_fraction:.4f}"
@@ -134,9 +146,9 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
             trained.append(_paths.path_str(path))
         if is_lora(node):
             n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude)))
-            rows.append(
-                TargetRow(_paths.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n)
-            )
+            adapters = math.prod(node.shape[k] for k in node.layout.stack)
+            row = (_paths.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n, adapters)
+            rows.append(TargetRow(*row))
     return Summary(
         trainable=sum(s[0] for s, f in zip(sizes, flags) if f),
         total=sum(s[0] for s in sizes),

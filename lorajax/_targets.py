@@ -66,7 +66,7 @@ def kernel_module(path: KeyPath, leaf: Any, known: Known | None = None) -> str |
         return None
     if named:
         return "/".join(parts[:-1])
-    return full if _BARE.fullmatch(full) and parts[-1] not in ("bias", "scale") else None
+    return full if _BARE.fullmatch(full) and not parts[-1].endswith(("bias", "scale")) else None
 
 
 def is_kernel(path: KeyPath, leaf: Any, known: Known | None = None) -> bool:
@@ -189,9 +189,25 @@ attn_all = Preset(
     [_names.QUERY, _names.KEY, _names.VALUE, _names.FUSED_QKV, _names.ATTN_OUT],
     "Attention query, key, value and output projections.",
 )
-mlp = Preset("mlp", [_names.MLP], "Feed-forward (MLP) projections.")
+
+
+class _Mlp(Preset):
+    def select(self, path: KeyPath, leaf: Any, known: Known | None) -> bool:
+        # A mixture of experts' router lives in the MLP block but is no feed-forward projection: all_linear takes it.
+        module = kernel_module(path, leaf, known)
+        return super().select(path, leaf, known) and not _names.is_router(module or "")
+
+
+mlp = _Mlp(
+    "mlp",
+    [_names.MLP],
+    "Feed-forward (MLP) projections, expert banks of a mixture of experts included, its router left plain.",
+)
 all_linear = _AllLinear(
-    "all_linear", [], "Every linear kernel except embeddings, convolutions and the output head (PEFT's 'all-linear')."
+    "all_linear",
+    [],
+    "Every linear kernel except embeddings, convolutions and the output head (PEFT's 'all-linear'); expert banks "
+    "and routers of a mixture of experts included.",
 )
 
 PRESETS = {p.name: p for p in (attn_qv, attn_qkv, attn_all, mlp, all_linear)}

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorajax import _boxes, _paths, _targets
+from lorajax import _boxes, _names, _paths, _targets
 from lorajax._node import LoRA, is_lora
 
 
@@ -87,8 +87,7 @@ def declare_trainable(params: Any, where: Any, *, caller: str = "trainable", arg
     match = _targets.compile_where(where)
     if isinstance(where, (list, tuple)):
         # A module list picks every leaf of the named modules, not only their kernels.
-        names = [n.replace(".", "/") for n in where]
-        match = lambda path, leaf: _targets.module_matches(_paths.module_path(path), names)
+        match = _module_list(where)
     leaves = _paths.tree_paths(params, is_leaf=is_node)
     chosen = {}
     for n, (path, leaf) in enumerate(leaves):
@@ -100,6 +99,20 @@ def declare_trainable(params: Any, where: Any, *, caller: str = "trainable", arg
     return _paths.rebuild(params, leaves, chosen, is_node)
 
 
+def _module_list(where: Any) -> Any:
+    """A module list's predicate: every leaf of a named module, and a bare kernel named itself (tunix's expert
+    bank ``mlp/gate_proj`` is its own module, as :func:`lorajax.lorafy`'s ``where=`` reads it)."""
+    names = [n.replace(".", "/") for n in where]
+
+    def match(path: Any, leaf: Any) -> bool:
+        own = _targets.kernel_module(path, leaf)
+        return _targets.module_matches(_paths.module_path(path), names) or (
+            own is not None and _targets.module_matches(own, names)
+        )
+
+    return match
+
+
 def _check_picks(where: Any, leaves: list, chosen: dict, caller: str, arg: str) -> None:
     """Raise where ``where`` (or one module name of a list) picks nothing, or only kernels already adapted.
 
@@ -107,11 +120,10 @@ def _check_picks(where: Any, leaves: list, chosen: dict, caller: str, arg: str) 
     declared trainable whole. Saying "matched no leaf" there would be wrong: the leaf exists.
     """
     specs = list(where) if isinstance(where, (list, tuple)) else [where]
-    problems = []
+    problems, routers = [], False
     for spec in specs:
         if isinstance(where, (list, tuple)):
-            name = [spec.replace(".", "/")]
-            match = lambda path, leaf: _targets.module_matches(_paths.module_path(path), name)
+            match = _module_list([spec])
         else:
             match = _targets.compile_where(spec)
         plain = [n for n, (path, leaf) in enumerate(leaves) if n in chosen and match(path, _boxes.unbox(leaf))]
@@ -120,16 +132,31 @@ def _check_picks(where: Any, leaves: list, chosen: dict, caller: str, arg: str) 
         ]
         if adapted and not plain:
             problems.append(f"{spec!r} names {', '.join(adapted)}")
+            routers = routers or any(_names.is_router(name.rsplit("/", 1)[0]) for name in adapted)
     if problems:
         listed = "; ".join(problems)
         raise ValueError(
             f"{caller}: {arg}={where!r}: {listed}, already adapted by lorafy's where= (a LoRA node: its factors a "
             f"and b train). Drop it from {arg}= to train its adapter only, or leave it out of lorafy's where= to "
             "train the whole kernel (then it trains through this declaration)."
+            + (" A router: all_linear adapts it, lorajax.mlp leaves it plain." if routers else "")
         )
     if not chosen:
         shown = ", ".join([_paths.path_str(p) for p, x in leaves if not is_node(x)][:8])
-        raise ValueError(f"{caller}: {arg}={where!r} matched no leaf. Paths available include: {shown or 'none'}.")
+        hint = ""
+        if isinstance(where, str) and _is_name(where):
+            hint = (
+                f" A string is a regular expression over the whole path (r'.*/{where}/.*'); a list names modules, "
+                f"as PEFT's modules_to_save does ([{where!r}])."
+            )
+        raise ValueError(
+            f"{caller}: {arg}={where!r} matched no leaf. Paths available include: {shown or 'none'}.{hint}"
+        )
+
+
+def _is_name(text: str) -> bool:
+    """Whether ``text`` is a plain module name (letters, digits, ``_``, ``/``, ``.``), not a pattern."""
+    return bool(text) and all(c.isalnum() or c in "_/." for c in text)
 
 
 def _stop(x: Any) -> Any:

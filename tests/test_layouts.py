@@ -69,7 +69,7 @@ def test_every_unresolved_kernel_is_listed_in_one_error():
     params = {
         f"layer_{i}": {
             "attn": {"query": {"kernel": jnp.ones((8, 64, 16))}, "value": {"kernel": jnp.ones((8, 64, 16))}},
-            "mlp": {"gate_proj": jnp.ones((3, 64, 32))},  # a bare expert bank (tunix MoE)
+            "mlp": {"wi": {"kernel": jnp.ones((64, 3, 32))}},  # t5x's scan: (d_model, layers, mlp)
         }
         for i in range(2)
     }
@@ -80,7 +80,7 @@ def test_every_unresolved_kernel_is_listed_in_one_error():
     for i in range(2):
         for name, shape in (("attn/query/kernel", "(8, 64, 16)"), ("attn/value/kernel", "(8, 64, 16)")):
             assert f"layer_{i}/{name} with shape {shape}" in msg
-        assert f"layer_{i}/mlp/gate_proj with shape (3, 64, 32)" in msg
+        assert f"layer_{i}/mlp/wi/kernel with shape (64, 3, 32)" in msg
 
 
 def test_bare_weights_named_like_projections_are_kernels():

@@ -209,7 +209,7 @@ def test_also_on_an_adapted_kernel_says_so_and_what_to_do():
         r"\(a LoRA node: its factors a and b train\)\. Drop it from also= to train its adapter only, or leave it out "
         r"of lorafy's where= to train the whole kernel",
     ):
-        lorajax.lorafy(p, rank=2, where=lorajax.mlp, also=["router"])
+        lorajax.lorafy(p, rank=2, where=lorajax.all_linear, also=["router"])
     with pytest.raises(ValueError, match=r"trainable: where='\.\*/fc1/kernel': '\.\*/fc1/kernel' names mlp/fc1/kernel"):
         lorajax.trainable(lorajax.lorafy(p, rank=2, where=lorajax.mlp), ".*/fc1/kernel")
     # Left out of where=, it trains whole.
@@ -223,11 +223,11 @@ def test_also_matching_nothing_still_says_matched_no_leaf_and_lists_plain_leaves
         match=r"lorafy: also=\['gate'\] matched no leaf\. Paths available include: "
         r"mlp/router/bias\.",
     ):
-        lorajax.lorafy(_mlp(), rank=2, where=lorajax.mlp, also=["gate"])
+        lorajax.lorafy(_mlp(), rank=2, where=lorajax.all_linear, also=["gate"])
 
 
 def test_also_on_a_module_whose_kernel_is_adapted_takes_its_other_leaves():
-    p = lorajax.lorafy(_mlp(), rank=2, where=lorajax.mlp, also=["router"])
+    p = lorajax.lorafy(_mlp(), rank=2, where=lorajax.all_linear, also=["router"])
     assert lorajax.is_lora(p["mlp"]["router"]["kernel"]) and lorajax.is_trainable(p["mlp"]["router"]["bias"])
 
 
