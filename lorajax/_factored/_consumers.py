@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from lorajax._factored import _banked, _dora
+from lorajax._factored import _banked, _dora, _experts
 from lorajax._factored._base import base_conv, base_dot, base_gather
 from lorajax._factored._layout_check import check_contraction
 from lorajax._factored._products import DotPlan, conv_lora, dot_lora_einsum, gather_lora
@@ -84,6 +84,9 @@ def gather(interp: Any, eqn: Any, invals: list) -> list | None:
     ref, idx = invals
     if not isinstance(ref, KernelRef) or isinstance(idx, KernelRef):
         return None
+    experts = _experts.expert_gather(ref, idx, eqn.params)  # W[idx] of an expert bank: a view, factors gathered
+    if experts is not None:
+        return [experts]
     if ref.info.spec.variant == "dora":
         return [_dora.gather(interp, eqn, ref, idx)]
     y0 = base_gather(eqn, ref, idx)
