@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _jaxprs import computed_shapes
+from jax.experimental import pallas as pl
 
 import lorajax
 
@@ -24,17 +25,20 @@ KERNELS = {"experts/up": (E, D, F), "experts/down": (E, F, D)}
 LAYOUTS = {"experts/up": "sio", "experts/down": "sio"}
 
 
+def _normal(seed, shape, scale=0.3):
+    # NumPy draws: no XLA compile per shape (eager jax.random costs seconds each on a busy CI machine).
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _params():
-    k = jax.random.split(jax.random.key(0), 5)
-    n = lambda key, shape: 0.3 * jax.random.normal(key, shape, jnp.float32)
     return {
-        "router": {"kernel": n(k[0], (D, E))},
-        "experts": {"up": n(k[1], (E, D, F)), "down": n(k[2], (E, F, D))},
-        "shared": {"up": {"kernel": n(k[3], (D, F))}, "down": {"kernel": n(k[4], (F, D))}},
+        "router": {"kernel": _normal(0, (D, E))},
+        "experts": {"up": _normal(1, (E, D, F)), "down": _normal(2, (E, F, D))},
+        "shared": {"up": {"kernel": _normal(3, (D, F))}, "down": {"kernel": _normal(4, (F, D))}},
     }
 
 
-X = jax.random.normal(jax.random.key(1), (T, D), jnp.float32)
+X = _normal(5, (T, D), 1.0)
 
 
 def _route(p, x):
@@ -94,10 +98,11 @@ FORMS = {"dense": dense, "capacity": capacity, "gathered": gathered, "ragged": r
 
 
 def _random_init(key, base, layout, rank, dtype):
-    ka, kb = jax.random.split(key)
+    # Nonzero b, so the adapters change the output; seeded by the kernel's shape (up and down differ).
+    seed = int(np.ravel_multi_index(base.shape[-2:], (64, 64)))
     return (
-        0.3 * jax.random.normal(ka, layout.a_shape(base.shape, rank), dtype),
-        0.3 * jax.random.normal(kb, layout.b_shape(base.shape, rank), dtype),
+        _normal(seed, layout.a_shape(base.shape, rank)).astype(dtype),
+        _normal(seed + 1, layout.b_shape(base.shape, rank)).astype(dtype),
     )
 
 
@@ -126,7 +131,7 @@ def test_each_form_equals_the_merge_path_with_no_fallback(form):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = jax.jit(lorajax.factored(fn, strict=True))(lora, X)
-    want = fn(lorajax.merge(lora), X)
+    want = jax.jit(lambda p, x: fn(lorajax.merge(p), x))(lora, X)
     assert float(jnp.max(jnp.abs(want - fn(_params(), X)))) > 1e-2  # the adapters change the output
     _close(got, want)
 
@@ -145,6 +150,21 @@ def test_gradients_of_the_factors_equal_the_merge_path(form):
         g_fact = jax.jit(jax.grad(_loss(lorajax.factored(fn, strict=True))))(train, frozen)
     g_merge = jax.jit(jax.grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
     for a, b in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merge), strict=True):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
+    """Per-expert DoRA (a magnitude per expert and output): ``g = m/n`` rides in B, gathered with the experts."""
+    fn = FORMS[form]
+    _, lora = _lora(fn, dora=True)
+    assert lora["experts"]["up"].magnitude.shape == (E, F)
+    train, frozen = lorajax.partition(lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jax.value_and_grad(_loss(lorajax.factored(fn, strict=True))))(train, frozen)
+    want = jax.jit(jax.value_and_grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         _close(a, b)
 
 
@@ -196,19 +216,27 @@ def test_every_expert_bank_of_a_block_gets_the_same_kind():
     assert lorajax.infer_layouts(lambda p, x: jnp.einsum("td,ndh->tnh", x, p["q"]), attn, X)["q"].axes == "oio"
 
 
-def test_an_opaque_kernel_names_the_way_out():
-    """A bank consumed by a primitive no rule follows (here a stand-in for Pallas's grouped matmul) names ragged_dot
-    and the merge path."""
+def _pallas_experts(w, x):
+    """A stand-in for tunix's Pallas grouped matmul: all experts in one opaque ``pallas_call`` (interpreted on CPU)."""
+
+    def kernel(w_ref, x_ref, o_ref):
+        o_ref[...] = jnp.einsum("td,edf->tef", x_ref[...], w_ref[...])
+
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0], w.shape[2]), x.dtype)
+    return pl.pallas_call(kernel, out_shape=out, interpret=True)(w, x)
+
+
+def test_an_opaque_pallas_kernel_names_the_way_out():
+    """No rule sees through a Pallas kernel: strict names ragged_dot and the merge path; else W is formed, right."""
     _, lora = _lora(dense)
 
-    @jax.custom_batching.custom_vmap
-    def opaque(w, x):
-        return jnp.einsum("td,edf->tef", x, w)
-
-    opaque.def_vmap(lambda axis_size, in_batched, w, x: (opaque(w, x), True))
-
     def fn(p, x):
-        return opaque(p["experts"]["up"], x).sum()
+        return jnp.einsum("tef,te->tf", _pallas_experts(p["experts"]["up"], x), _route(p, x)[0])
 
-    with pytest.raises(ValueError, match=r"expert bank.*jax\.lax\.ragged_dot.*lorajax\.merge"):
+    with pytest.raises(
+        ValueError, match=r"experts/up.*`pallas_call` is an opaque kernel.*jax\.lax\.ragged_dot.*lorajax\.merge"
+    ):
         lorajax.factored(fn, strict=True)(lora, X)
+    with pytest.warns(lorajax.FallbackWarning, match="ragged_dot"):
+        got = lorajax.factored(fn)(lora, X)
+    _close(got, fn(lorajax.merge(lora), X))

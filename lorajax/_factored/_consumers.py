@@ -61,7 +61,8 @@ def dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
     ref, x = (lhs, rhs) if k_side == 0 else (rhs, lhs)
     check_contraction(ref, k_side, eqn.params["dimension_numbers"])
     if ref.info.spec.variant == "dora":
-        return [_dora.dot(interp, eqn, x, ref, k_side)]
+        out = _experts.dora_dot(interp, eqn, x, ref, k_side) if ref.count("s") else None  # an expert bank
+        return [_dora.dot(interp, eqn, x, ref, k_side) if out is None else out]
     return [_plain_dot(interp, eqn, x, ref, k_side)]
 
 

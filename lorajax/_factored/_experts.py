@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorajax._factored._base import base_product
+from lorajax._factored._base import base_dot, base_product
+from lorajax._factored._dora import lora_part
+from lorajax._factored._products import dot_lora_einsum
 from lorajax._factored._ref import KernelRef, Label, normalize
 from lorajax._factored._registry import register_rule
 
@@ -127,6 +129,58 @@ def _grouped_form(ref: KernelRef, x: Any, params: dict) -> bool:
     return (ref.labels[pe][0], ref.labels[pi][0], ref.labels[po][0]) == ("s", "i", "o")
 
 
+def _gains(ref: KernelRef) -> tuple[KernelRef, jax.Array]:
+    """A normalized DoRA ref as its LoRA part at rank ``r`` with ``g`` folded into ``b``, and ``g``.
+
+    ``g = m / n`` rides in ``b``'s last rank row (:mod:`lorajax._factored._dora`), so it was gathered with the
+    experts; it comes back with the stacked and fan-out axes of ``b`` (``(*stack, *fan_out)``).
+    """
+    axis = ref.rank_axis("b")
+    g = jnp.take(ref.b, ref.b.shape[axis] - 1, axis=axis)
+    plain = lora_part(ref)
+    return plain.replace(b=plain.b * jnp.expand_dims(g, axis).astype(plain.b.dtype)), g
+
+
+def _combine(y0: jax.Array, lora: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:
+    """DoRA's output ``g ⊙ y0 + lora`` (``lora`` already times ``g``); with dropout PEFT's
+    ``y0 + (g − 1) ⊙ drop(x)·W + lora``."""
+    g, lora = g.astype(y0.dtype), lora.astype(y0.dtype)
+    return g * y0 + lora if dropped is None else y0 + (g - 1) * dropped + lora
+
+
+def dora_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax.Array | None:
+    """A DoRA expert bank in a ``dot_general`` (a dense all-experts einsum, a gathered ``W[idx]``).
+
+    ``g ⊙ x·W + s·(x·A)·(g ⊙ B)`` by the einsum form, ``g`` (per expert, or per token and choice after a gather)
+    laid out on the product's output. ``None`` where the product contracts a stacked or fan-out axis.
+    """
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    (lc, rc), (lb, rb) = dn
+    kc, kb = (rc, rb) if k_side == 1 else (lc, lb)
+    if ref.info.per_example or ref.rows is not None or any(ref.labels[q][0] in "so" for q in kc):
+        return None
+    ref = normalize(ref)
+    gained, g = _gains(ref)
+    y0 = base_dot(eqn, x, ref, k_side)
+    xd = interp.dropout(ref, x)
+    lora = dot_lora_einsum(xd, gained, k_side, dn, p, y0.shape)
+    if lora is None:
+        return None
+    # Output position of each kernel axis: batch axes first, then lhs free, then rhs free (dot_general's order).
+    kfree = [q for q in range(len(ref.labels)) if q not in kc and q not in kb]
+    off = len(kb) + (x.ndim - len(kc) - len(kb) if k_side == 1 else 0)
+    at = {q: n for n, q in enumerate(kb)} | {q: off + n for n, q in enumerate(kfree)}
+    ns = ref.count("s")
+    axes = sorted((at[q], j if grp == "s" else ns + j) for q, (grp, j) in enumerate(ref.labels) if grp in "so")
+    shape = [1] * y0.ndim
+    for pos, _ in axes:
+        shape[pos] = y0.shape[pos]
+    g = jnp.reshape(jnp.transpose(g, [src for _, src in axes]), shape)
+    dropped = None if xd is x else base_dot(eqn, xd, ref, k_side)
+    return _combine(y0, lora, g, dropped)
+
+
 @register_rule("ragged_dot_general")
 def ragged_dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
     """``ragged_dot(x, W, gs)`` as the base's grouped matmul plus ``s·ragged_dot(ragged_dot(x, A, gs), B, gs)``."""
@@ -134,20 +188,21 @@ def ragged_dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
     p = eqn.params
     if isinstance(x, KernelRef) or isinstance(sizes, KernelRef) or not isinstance(ref, KernelRef):
         return None
-    if ref.info.spec.variant == "dora":
-        raise ValueError(
-            f"lorajax.factored: the DoRA expert bank {ref.info.path!r} (view shape {ref.shape}) reaches "
-            "jax.lax.ragged_dot, which factored runs for plain LoRA experts only; run the merge path, "
-            "fn(lorajax.merge(params), ...), or lorafy the experts with variant='lora'."
-        )
     if not _grouped_form(ref, x, p):
         return None
     ref = normalize(ref)
-    y0 = base_product(lambda w, xs, gs: eqn.primitive.bind(xs, w, gs, **p), ref.base, ref.dtype, x, sizes)
+    base = lambda xs: base_product(lambda w, v, gs: eqn.primitive.bind(v, w, gs, **p), ref.base, ref.dtype, xs, sizes)
+    y0 = base(x)
     xd = interp.dropout(ref, x)
-    a = ref.a.astype(xd.dtype)  # (E, d_in, r) after normalize: stacked, fan-in, rank
+    dora = ref.info.spec.variant == "dora"
+    lora, g = _gains(ref) if dora else (ref, None)
+    a = lora.a.astype(xd.dtype)  # (E, d_in, r) after normalize: stacked, fan-in, rank
     pet = p.get("preferred_element_type")
     t = lax.ragged_dot(xd, a, sizes, precision=p.get("precision"), preferred_element_type=pet)
     t = t * jnp.asarray(ref.info.scale, t.dtype)
-    y = lax.ragged_dot(t, ref.b.astype(t.dtype), sizes, precision=p.get("precision"), preferred_element_type=pet)
-    return [y0 + y.astype(y0.dtype)]
+    y = lax.ragged_dot(t, lora.b.astype(t.dtype), sizes, precision=p.get("precision"), preferred_element_type=pet)
+    if g is None:
+        return [y0 + y.astype(y0.dtype)]
+    # DoRA: each row's gain is its expert's (rows past the groups are zero in every product).
+    expert = jnp.repeat(jnp.arange(g.shape[0]), sizes, total_repeat_length=x.shape[0])
+    return [_combine(y0, y, g[expert], None if xd is x else base(xd))]
