@@ -357,8 +357,11 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
     memory for activations). A parameter multiplied with activations in a ``dot_general``
     or convolution is a kernel: the axes the product contracts are its fan-in (``i``),
     the ones it keeps its fan-out (``o``), and an axis scanned over (``nn.scan`` layers),
-    indexed away (``experts[i]``) or shared as a batch axis of the product (an expert
-    bank) is stacked (``s``); a 2-D table gathered by row is an embedding (``eo``).
+    indexed away (``experts[i]``, ``experts[idx]`` for each token's top-k experts), shared
+    as a batch axis of the product or the group axis of ``jax.lax.ragged_dot`` (an expert
+    bank) is stacked (``s``); a 2-D table gathered by row is an embedding (``eo``). Every
+    expert bank of one block gets one LoRA per expert: a leading axis a product keeps
+    free (``td,edf->tef``) is stacked where a sibling bank is stacked over it.
     Parameters followed through casts, reshapes, transposes, slices, ``jit``, remat,
     custom derivatives, ``scan``, ``while`` and ``cond``.
 

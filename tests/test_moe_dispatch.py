@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 import lorajax
 
-E, D, F, T, K, R, C = 4, 8, 6, 10, 2, 2, 6  # experts, d_model, ffn, tokens, top-k, rank, capacity per expert
+E, D, F, T, K, R, C = 4, 8, 6, 10, 2, 2, 5  # experts, d_model, ffn, tokens, top-k, rank, capacity per expert
 EXPERTS = ("experts/up", "experts/down")
 KERNELS = {"experts/up": (E, D, F), "experts/down": (E, F, D)}
 # Per expert, every bank the same kind: one LoRA per expert.
@@ -168,11 +168,12 @@ def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
         _close(a, b)
 
 
-@pytest.mark.parametrize("form", ["gathered", "ragged"])
-def test_training_step_forms_no_expert_sized_array_but_the_base(form):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("form", FORMS)
+def test_training_step_forms_no_expert_sized_array_but_the_base(form, dora):
     """The jitted step's jaxpr computes no value of an expert kernel's shape or size: no merged W, no dW."""
     fn = FORMS[form]
-    _, lora = _lora(fn)
+    _, lora = _lora(fn, dora=dora)
     train, frozen = lorajax.partition(lora)
     step = jax.jit(jax.value_and_grad(_loss(lorajax.factored(fn, strict=True))))
     shapes = computed_shapes(jax.make_jaxpr(step)(train, frozen).jaxpr)
