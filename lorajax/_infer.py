@@ -24,6 +24,7 @@ import jax
 from jax.extend import core as jcore
 
 from lorajax import _boxes
+from lorajax._expert_layouts import banks_alike
 from lorajax._layout import Layout
 from lorajax._paths import path_str, tree_paths
 from lorajax._trainable import holds_nodes
@@ -133,6 +134,8 @@ class _Walk:
             return [None], [frozenset()]
         if name == "gather" and ins[0] is not None and ins[1] is None:
             return [self.gather(eqn, ins[0])], [frozenset()]
+        if name == "ragged_dot_general" and any(v is not None for v in ins):
+            return [None], [self.ragged_dot(eqn, ins)]
         x = ins[0] if ins else None
         out_shape = tuple(eqn.outvars[0].aval.shape) if n_out == 1 and hasattr(eqn.outvars[0].aval, "shape") else ()
         if x is not None and all(v is None for v in ins[1:]):
@@ -194,6 +197,9 @@ class _Walk:
             # A scalar index (``w[i]``): a view with the indexed axes gone.
             self.indexed(x, collapsed)
             return _View(x.leaf, tuple(a for k, a in enumerate(x.axes) if k not in collapsed))
+        expert = self.expert_gather(eqn, x)
+        if expert is not None:
+            return expert
         if len(x.axes) == 2 and len(collapsed) == 1:
             self.mark(x, collapsed, "e")
             self.mark(x, [d for d in range(2) if d not in collapsed], "o")
@@ -201,6 +207,44 @@ class _Walk:
         else:
             self.odd[x.leaf] = "gathered in a way that is neither an embedding lookup nor an index"
         return None
+
+    def expert_gather(self, eqn: Any, x: _View) -> _View | None:
+        """``W[idx]`` of an expert bank (``idx`` the experts of each token): the indexed axes stacked, the view on.
+
+        An index array (not a scalar) picking whole slices of a weight of three axes or more; the index's axes
+        cover no axis of the weight, so the product that follows marks the rest (its true fan-in and fan-out).
+        """
+        dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+        collapsed = tuple(dn.collapsed_slice_dims)
+        shape = tuple(eqn.invars[0].aval.shape)
+        whole = all(sizes[d] == shape[d] for d in range(len(shape)) if d not in collapsed)
+        if len(x.axes) < 3 or not collapsed or dn.operand_batching_dims or not whole:
+            return None
+        if sorted(dn.start_index_map) != sorted(collapsed):
+            return None
+        self.indexed(x, collapsed)
+        kept = [a for k, a in enumerate(x.axes) if k not in collapsed]
+        axes: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
+        for d, a in zip(dn.offset_dims, kept):
+            axes[d] = a
+        return _View(x.leaf, tuple(axes))
+
+    def ragged_dot(self, eqn: Any, ins: list) -> frozenset:
+        """``jax.lax.ragged_dot(x, W, group_sizes)``: W's group axis stacked (the experts), the rest as in a dot."""
+        rdn = eqn.params["ragged_dot_dimension_numbers"]
+        (_, rc), (_, rb) = rdn.dot_dimension_numbers
+        lhs, rhs, sizes = ins
+        if lhs is not None or sizes is not None or rhs is None:
+            for v in (lhs, rhs, sizes):
+                if v is not None:
+                    self.odd[v.leaf] = "used by ragged_dot other than as the grouped right-hand side"
+            return frozenset()
+        groups = tuple(rdn.rhs_group_dimensions)
+        self.mark(rhs, rc, "i")
+        self.mark(rhs, tuple(rb) + groups, "s")
+        self.mark(rhs, [d for d in range(len(rhs.axes)) if d not in rc and d not in rb and d not in groups], "o")
+        self.dotted.add(rhs.leaf)
+        return frozenset({rhs.leaf})
 
     def scan(self, eqn: Any, ins: list) -> list:
         p = eqn.params
@@ -313,8 +357,11 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
     memory for activations). A parameter multiplied with activations in a ``dot_general``
     or convolution is a kernel: the axes the product contracts are its fan-in (``i``),
     the ones it keeps its fan-out (``o``), and an axis scanned over (``nn.scan`` layers),
-    indexed away (``experts[i]``) or shared as a batch axis of the product (an expert
-    bank) is stacked (``s``); a 2-D table gathered by row is an embedding (``eo``).
+    indexed away (``experts[i]``, ``experts[idx]`` for each token's top-k experts), shared
+    as a batch axis of the product or the group axis of ``jax.lax.ragged_dot`` (an expert
+    bank) is stacked (``s``); a 2-D table gathered by row is an embedding (``eo``). Every
+    expert bank of one block gets one LoRA per expert: a leading axis a product keeps
+    free (``td,edf->tef``) is stacked where a sibling bank is stacked over it.
     Parameters followed through casts, reshapes, transposes, slices, ``jit``, remat,
     custom derivatives, ``scan``, ``while`` and ``cond``.
 
@@ -386,6 +433,7 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
             out[name] = layout
         elif why:
             out.unresolved[name] = f"shape {shapes[j]}: {why}"
+    banks_alike(out, dict(zip(names, shapes)))  # every expert bank of a block per expert
     # The first output is the model's (logits, cache) by the libraries' convention: its weights are the head.
     first = out_tags[0] if out_tags else frozenset()
     out.heads = frozenset(names[j] for j in first if names[j] in out)

@@ -319,7 +319,6 @@ def test_shard_map_with_lora_dropout(moe_results):  # deterministic equals merge
     assert r["draws_differ"] and r["finite"]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the ragged_dot rule (lorajax/_factored/_experts.py)")
 def test_shard_map_ragged_dot_factored_equals_merge(moe_results):
     r = _ok(moe_results, "ragged_dot")
     assert r["out_err"] < REL_TOL and max(r["grad_errs"]) < REL_TOL

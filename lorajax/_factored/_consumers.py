@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from lorajax._factored import _banked, _dora
+from lorajax._factored import _banked, _dora, _experts
 from lorajax._factored._base import base_conv, base_dot, base_gather
 from lorajax._factored._layout_check import check_contraction
 from lorajax._factored._products import DotPlan, conv_lora, dot_lora_einsum, gather_lora
@@ -61,7 +61,8 @@ def dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
     ref, x = (lhs, rhs) if k_side == 0 else (rhs, lhs)
     check_contraction(ref, k_side, eqn.params["dimension_numbers"])
     if ref.info.spec.variant == "dora":
-        return [_dora.dot(interp, eqn, x, ref, k_side)]
+        out = _experts.dora_dot(interp, eqn, x, ref, k_side) if ref.count("s") else None  # an expert bank
+        return [_dora.dot(interp, eqn, x, ref, k_side) if out is None else out]
     return [_plain_dot(interp, eqn, x, ref, k_side)]
 
 
@@ -84,6 +85,9 @@ def gather(interp: Any, eqn: Any, invals: list) -> list | None:
     ref, idx = invals
     if not isinstance(ref, KernelRef) or isinstance(idx, KernelRef):
         return None
+    experts = _experts.expert_gather(ref, idx, eqn.params)  # W[idx] of an expert bank: a view, factors gathered
+    if experts is not None:
+        return [experts]
     if ref.info.spec.variant == "dora":
         return [_dora.gather(interp, eqn, ref, idx)]
     y0 = base_gather(eqn, ref, idx)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 # Imported for their rule registrations.
-from lorajax._factored import _consumers, _control, _shard_map, _views  # noqa: F401
+from lorajax._factored import _consumers, _control, _experts, _shard_map, _views  # noqa: F401
 from lorajax._factored._fusion import fuse_siblings, sibling_groups
 from lorajax._factored._ref import KernelRef, materialize
 from lorajax._factored._registry import rule_for
@@ -49,7 +49,7 @@ class Interpreter:
         msg = (
             f"lorajax.factored: the LoRA kernel {ref.info.path!r} (view shape {ref.shape}) reaches `{where}`, "
             "which cannot be factored"
-        )
+        ) + _experts.way_out(ref, where)
         if ref.info.per_example:
             raise ValueError(
                 msg + ". It holds per-example factors (from lorajax.select), so no single W exists; only dot_general "
