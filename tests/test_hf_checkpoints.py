@@ -11,26 +11,17 @@ google-tunix==0.1.7 einops``: tunix's own requirements pin older transformers/sa
 modules need only jax, flax, einops and safetensors).
 """
 
-import importlib
-import importlib.util
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tunix import NEEDS_TUNIX, flax_shard_flag_kept, tunix_module
 
 import lorajax
 
-pytestmark = [
-    pytest.mark.libraries,
-    pytest.mark.torch,
-    pytest.mark.skipif(
-        importlib.util.find_spec("tunix") is None,
-        reason="google-tunix is not installed (pip install --no-deps google-tunix==0.1.7 einops)",
-    ),
-]
+pytestmark = [*NEEDS_TUNIX, pytest.mark.torch]
 
 TOKENS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]])
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,27 +29,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 @pytest.fixture(autouse=True, scope="module")
 def _flax_config_given_back():
-    """tunix's model modules set flax's global `flax_always_shard_variable` to False when imported; NNX models built
-    by later tests in this process would silently stop being placed by their sharding names. Give it back."""
-    import flax
-
-    before = flax.config.flax_always_shard_variable
-    yield
-    flax.config.update("flax_always_shard_variable", before)
-
-
-def _tunix(module: str):
-    """A tunix model module. tunix/__init__ imports its trainers (grain, metrax, ...); where those are absent, the
-    models are imported without it (they need only jax, flax, einops and safetensors)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if not isinstance(sys.modules.get("tunix"), types.ModuleType) or hasattr(sys.modules["tunix"], "__file__"):
-            sys.modules.pop("tunix", None)
-            stub = types.ModuleType("tunix")
-            stub.__path__ = list(importlib.util.find_spec("tunix").submodule_search_locations)
-            sys.modules["tunix"] = stub
-        return importlib.import_module(module)
+    with flax_shard_flag_kept():
+        yield
 
 
 def _qwen3(path):
@@ -72,7 +44,7 @@ def _qwen3(path):
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
-    model_lib, params = _tunix("tunix.models.qwen3.model"), _tunix("tunix.models.qwen3.params")
+    model_lib, params = tunix_module("tunix.models.qwen3.model"), tunix_module("tunix.models.qwen3.params")
     config = model_lib.ModelConfig(
         num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2,
         rope_theta=1_000_000, norm_eps=cfg.rms_norm_eps, use_tied_embedding=False,
@@ -98,7 +70,8 @@ def _gemma3(path):
             if "norm" in name:
                 p.normal_(0, 0.1)
     hf.save_pretrained(path)
-    model_lib, params = _tunix("tunix.models.gemma3.model"), _tunix("tunix.models.gemma3.params_safetensors")
+    model_lib = tunix_module("tunix.models.gemma3.model")
+    params = tunix_module("tunix.models.gemma3.params_safetensors")
     config = model_lib.ModelConfig(
         num_layers=2, num_embed=64, embed_dim=32, hidden_dim=48, num_heads=2, head_dim=8, num_kv_heads=1,
         sliding_window_size=16, local_base_frequency=10_000, global_base_frequency=1_000_000,
@@ -207,7 +180,7 @@ def test_tunix_convention_agrees_with_tunix_key_mappings():
         ("gemma3.params_safetensors", gemma),
         ("gemma.params_safetensors", gemma),
     ):
-        mapping = _tunix(f"tunix.models.{module}")._get_key_and_transform_mapping(Anything())
+        mapping = tunix_module(f"tunix.models.{module}")._get_key_and_transform_mapping(Anything())
         theirs = lorajax.name_map_from_key_mapping(mapping)
         for p in kernels:
             assert tunix(p) == theirs(p) is not None, (module, p)

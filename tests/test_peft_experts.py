@@ -18,8 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tunix import flax_shard_flag_kept, needs_tunix, tunix_module
 from safetensors.numpy import load_file, save_file
 
 import lorajax
@@ -236,36 +235,17 @@ def test_read_peft_unnests_wrappers_by_the_modules_parameter_order(tmp_path):
 # A real model: tiny Qwen3-MoE, tunix's loader, PEFT's files.
 
 
-def _tunix(module: str):
-    """A tunix model module, imported without tunix/__init__'s trainer dependencies where those are absent."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if not isinstance(sys.modules.get("tunix"), types.ModuleType) or hasattr(sys.modules["tunix"], "__file__"):
-            sys.modules.pop("tunix", None)
-            stub = types.ModuleType("tunix")
-            stub.__path__ = list(importlib.util.find_spec("tunix").submodule_search_locations)
-            sys.modules["tunix"] = stub
-        return importlib.import_module(module)
-
-
-needs_tunix = [
-    pytest.mark.libraries,
-    pytest.mark.skipif(
-        importlib.util.find_spec("tunix") is None,
-        reason="google-tunix is not installed (pip install --no-deps google-tunix==0.1.7 einops)",
-    ),
-]
-
-
 @pytest.fixture(scope="module")
 def qwen3_moe():
     """``(state, apply)``: tunix's Qwen3-MoE read by tunix's loader from the checkpoint transformers wrote."""
-    import flax
     from flax import nnx
 
-    before = flax.config.flax_always_shard_variable  # tunix's model modules set it False on import
-    model_lib, params = _tunix("tunix.models.qwen3.model"), _tunix("tunix.models.qwen3.params")
+    with flax_shard_flag_kept():
+        yield _qwen3_moe(nnx)
+
+
+def _qwen3_moe(nnx):
+    model_lib, params = tunix_module("tunix.models.qwen3.model"), tunix_module("tunix.models.qwen3.params")
     config = model_lib.ModelConfig(
         num_layers=1, vocab_size=32, embed_dim=16, hidden_dim=8, num_heads=2, head_dim=8, num_kv_heads=1,
         rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=False, num_experts=4, num_experts_per_tok=2,
@@ -276,14 +256,14 @@ def qwen3_moe():
         n = tokens.shape[1]
         return nnx.merge(graphdef, st)(tokens, jnp.arange(n)[None], None, jnp.tril(jnp.ones((1, n, n), bool)))[0]
 
-    yield state, apply
-    flax.config.update("flax_always_shard_variable", before)
+    return state, apply
 
 
 def _close(got, want):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@needs_tunix
 @pytest.mark.parametrize("case", ["moe_experts", "moe_experts_peft018", "moe_all_linear"])
 def test_peft_moe_adapter_gives_peft_logits_on_tunix(qwen3_moe, case):
     state, apply = qwen3_moe
@@ -304,10 +284,7 @@ def test_peft_moe_adapter_gives_peft_logits_on_tunix(qwen3_moe, case):
             lorajax.load_peft(FIXTURES / case, state)
 
 
-for _mark in needs_tunix:
-    test_peft_moe_adapter_gives_peft_logits_on_tunix = _mark(test_peft_moe_adapter_gives_peft_logits_on_tunix)
-
-
+@needs_tunix
 @pytest.mark.torch
 def test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits(qwen3_moe, tmp_path):
     import peft
@@ -327,12 +304,6 @@ def test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits(qwen3_moe, tmp_pat
         got = model(torch.tensor(tokens)).logits.numpy()
     assert np.abs(want - np.asarray(apply(state, tokens))).max() > 0.1
     _close(got, want)
-
-
-for _mark in needs_tunix:
-    test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits = _mark(
-        test_save_peft_on_tunix_moe_loads_in_peft_with_our_logits
-    )
 
 
 @pytest.mark.torch
