@@ -2,6 +2,7 @@
 
     python benchmarks/moe_step.py [--steps 7] [--warmup 2] [--out PATH]   (the published configs)
     python benchmarks/moe_step.py --quick --out /tmp/moe_step.json        (tiny smoke run for CI)
+    python benchmarks/moe_step.py --config "E64 top-8" --tokens 1024 --forms dense   (a CPU-sized run)
 
 The block is Qwen3-MoE's: a router (top-k of a softmax, the k gates renormalised) and SwiGLU experts, each a stacked
 kernel ``gate``/``up`` ``(E, d, ffn)`` and ``down`` ``(E, ffn, d)``, adapted per expert (layout ``sio``: A ``E x d_in
@@ -182,6 +183,8 @@ def run_config(name: str, experts: int, k: int, size: dict, args) -> dict:
     shapes = {(experts, d, ffn), (experts, ffn, d)}
     modes, unsupported = {}, {}
     for form, make_block in (("dense", dense_block), ("ragged", ragged_block)):
+        if form not in args.forms:
+            continue
         for mode in ("factored", "merge", "full", "floor"):
             label = f"{form} {mode}"
             try:
@@ -197,7 +200,7 @@ def run_config(name: str, experts: int, k: int, size: dict, args) -> dict:
     for label, why in unsupported.items():
         rows[label] = {"unsupported": why}
     ratios = {}
-    for form in ("dense", "ragged"):
+    for form in args.forms:
         floor = rows[f"{form} floor"]
         for mode in ("factored", "merge", "full"):
             r = rows[f"{form} {mode}"]
@@ -214,11 +217,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (d 32, ffn 64, 256 tokens), 3 rounds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "moe_step.json"))
+    ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="run only these configs (repeatable)")
+    ap.add_argument("--tokens", type=int, help="tokens per step instead of the config's (CPU-sized runs)")
+    ap.add_argument("--forms", default="dense,ragged", help="comma-separated dispatch forms to run")
     args = ap.parse_args()
-    size = QUICK if args.quick else FULL
+    args.forms = [f for f in args.forms.split(",") if f]
+    if not set(args.forms) <= {"dense", "ragged"}:
+        ap.error(f"--forms {args.forms}: use dense and/or ragged")
+    size = dict(QUICK if args.quick else FULL)
+    if args.tokens:
+        size["tokens"] = args.tokens
     if args.quick:
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
-    results = {name: run_config(name, e, k, size, args) for name, (e, k) in CONFIGS.items()}
+    chosen = {n: c for n, c in CONFIGS.items() if not args.config or n in args.config}
+    results = {name: run_config(name, e, k, size, args) for name, (e, k) in chosen.items()}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for name, res in results.items():
         machine = res["machine"]
