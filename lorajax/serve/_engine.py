@@ -95,14 +95,32 @@ def _pad_to(n: int, cap: int) -> int:
     return min(cap, 1 << (n - 1).bit_length())
 
 
+def prefill_lengths(seq_len: int, shortest: int = 16) -> list[int]:
+    """The prompt lengths a prefill is padded to: ``seq_len``, then each a quarter of the last, down to ``shortest``.
+
+    A prompt runs in the shortest bucket that holds it (one compiled shape per bucket and per row count): a short
+    prompt no longer pays for a whole window of padding, and none pays for more than 4x its length (or
+    ``shortest``), with few shapes to compile.
+
+    >>> prefill_lengths(128), prefill_lengths(4096)
+    ([32, 128], [16, 64, 256, 1024, 4096])
+    """
+    out = [seq_len]
+    while out[-1] // 4 >= shortest:
+        out.append(out[-1] // 4)
+    return out[::-1]
+
+
 class Engine:
     """Continuous batching over a KV cache for one base model and many LoRA adapters.
 
     ``mode="bank"``: every decode step is ONE jitted call over the busy prefix of the cache rows, each row running its
     own adapter's slot (:func:`lorajax.select` + :func:`lorajax.factored`); adapters are paged into ``slots``
     device slots by a :class:`SlotPager` (least recently used out). ``mode="loop"`` (a baseline): each step runs
-    the rows of one adapter with its merged weights. The engine thread owns the cache; :meth:`submit` and
-    :meth:`cancel` are thread-safe.
+    the rows of one adapter with its merged weights. Without adapters, :attr:`mode` is ``"base"``: the bank's
+    steps over the base model alone (what a server without LoRA does). Prompts are prefilled in calls of at most
+    ``prefill_chunk``, each padded to the shortest of :attr:`lengths` that holds it. The engine thread owns the
+    cache; :meth:`submit` and :meth:`cancel` are thread-safe.
     """
 
     def __init__(
@@ -122,9 +140,10 @@ class Engine:
         if mode not in ("bank", "loop"):
             raise ValueError(f"Engine: mode must be 'bank' or 'loop', not {mode!r}.")
         self.model, self.base = model, base
-        self.mode = mode if adapters else "loop"  # no adapters: the base model alone, without a bank
+        self.mode = mode if adapters else "base"  # no adapters: the base model alone, bank-style steps over it
         self.seq_len, self.max_batch, self.max_model_len = model.seq_len, max_batch, max_model_len
         self.prefill_chunk = min(prefill_chunk, max_batch)
+        self.lengths = prefill_lengths(model.seq_len)
         self.pager = SlotPager(adapters, slots, rank=rank, base=base) if adapters else None
         self.merged: dict[str, Any] = {}
         if mode == "loop" and self.pager is not None:
@@ -139,6 +158,8 @@ class Engine:
         run = factored(model.apply)
 
         def with_bank(bank: Any, ids: jax.Array) -> Callable[..., Any]:
+            if self.mode == "base":  # ids are all -1: the base model's own forward, no LoRA
+                return lambda *a: model.apply(bank, *a)
             return lambda *a: run(select(bank, ids, form=form), *a)
 
         def decode(fwd: Any, cache: Any, tokens: jax.Array, pos: jax.Array, sample: Any) -> Any:
@@ -171,8 +192,8 @@ class Engine:
             return prefill(lambda *a: model.apply(params, *a), cache, rows, windows, last, sample)
 
         # The cache is donated: each step updates it in place instead of copying max_batch rows.
-        self._decode = jax.jit(bank_decode if mode == "bank" else loop_decode, donate_argnums=2)
-        self._prefill = jax.jit(bank_prefill if mode == "bank" else loop_prefill, donate_argnums=2)
+        self._decode = jax.jit(loop_decode if self.mode == "loop" else bank_decode, donate_argnums=2)
+        self._prefill = jax.jit(loop_prefill if self.mode == "loop" else bank_prefill, donate_argnums=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorajax-engine", daemon=True)
 
@@ -227,19 +248,21 @@ class Engine:
             self.lock.notify()
 
     def warmup(self) -> float:
-        """Compile every step shape the engine will run (prefills and decode steps of 1, 2, 4, ... rows) on dropped
-        rows, so no request waits for a compile. Returns seconds.
+        """Compile every step shape the engine will run (prefills of 1, 2, 4, ... prompts for each of
+        :attr:`lengths`, decode steps of 1, 2, 4, ... rows) on dropped rows, so no request waits for a compile.
+        Returns seconds.
         """
         t0 = time.perf_counter()
-        params = self.base if self.mode == "loop" else self.pager.slots.bank  # type: ignore[union-attr]
+        params = self.pager.slots.bank if self.mode == "bank" else self.base  # type: ignore[union-attr]
         drop = lambda n: np.full(n, self.max_batch, np.int32)  # row max_batch: every write is dropped
         sizes = lambda cap: sorted({_pad_to(n, cap) for n in range(1, cap + 1)})
         ids = lambda n: np.full(n, -1, np.int32)
         for n in sizes(self.prefill_chunk):
-            windows, last = np.zeros((n, self.seq_len), np.int32), np.zeros(n, np.int32)
-            out, self.cache = self._prefill(
-                params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
-            )
+            for length in self.lengths:
+                windows, last = np.zeros((n, length), np.int32), np.zeros(n, np.int32)
+                out, self.cache = self._prefill(
+                    params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
+                )
         for n in sizes(self.max_batch):
             tokens, pos = np.zeros(n, np.int32), np.full(n, self.seq_len, np.int32)
             out, self.cache = self._decode(params, ids(n), self.cache, drop(n), tokens, pos, self._sample([None] * n))
@@ -328,17 +351,17 @@ class Engine:
         Rows whose cache holds all but their last token decode one token; new requests, and sequences longer
         than the window (whose positions all shifted), run a prefill of their window instead.
         """
-        rows = active if self.mode == "bank" else [r for r in active if r.adapter == active[0].adapter]
+        rows = [r for r in active if r.adapter == active[0].adapter] if self.mode == "loop" else active
         prefill = [r for r in rows if not r.out or r.length > self.seq_len]
         decode = [r for r in rows if r.out and r.length <= self.seq_len]
         with self.lock:
-            if self.mode == "bank":
-                params = None if self.pager is None else self.pager.slots.bank
+            if self.mode != "loop":
+                params = self.base if self.pager is None else self.pager.slots.bank
             else:
                 params = self.merged.get(rows[0].adapter, self.base)  # type: ignore[arg-type]
         nxt: dict[int, int] = {}
         if decode:
-            if self.mode == "bank":  # the prefix of rows up to the last busy one, padded to a power of two
+            if self.mode != "loop":  # the prefix of rows up to the last busy one, padded to a power of two
                 n = _pad_to(max(r.row for r in decode) + 1, self.max_batch)
                 members: list[Request | None] = [None] * n
                 for r in decode:
@@ -354,13 +377,16 @@ class Engine:
             out, self.cache = self._decode(params, ids, self.cache, rows_at, tokens, pos, self._sample(members))
             out = np.asarray(out)
             nxt.update({m.row: int(out[k]) for k, m in enumerate(members) if m is not None})
+        prefill.sort(key=lambda r: r.length)  # prompts of like length share a chunk and its padding
         for at in range(0, len(prefill), self.prefill_chunk):
             chunk = prefill[at : at + self.prefill_chunk]
             n = _pad_to(len(chunk), self.prefill_chunk)
-            windows, last = np.zeros((n, self.seq_len), np.int32), np.zeros(n, np.int32)
+            length = next(t for t in self.lengths if t >= min(chunk[-1].length, self.seq_len))
+            windows, last = np.zeros((n, length), np.int32), np.zeros(n, np.int32)
             ids, rows_at = np.full(n, -1, np.int32), np.full(n, self.max_batch, np.int32)
             for k, r in enumerate(chunk):
-                windows[k], last[k] = window(r.tokens + r.out, self.seq_len)
+                w, last[k] = window(r.tokens + r.out, self.seq_len)
+                windows[k] = w[:length]  # a window is right-padded: its tokens fit in the bucket
                 ids[k], rows_at[k] = r.slot, r.row
             members = [*chunk, *[None] * (n - len(chunk))]
             out, self.cache = self._prefill(params, ids, self.cache, rows_at, windows, last, self._sample(members))
