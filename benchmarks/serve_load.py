@@ -7,7 +7,8 @@ Run (needs ``pip install -e ".[serve]"``)::
 For each max batch, starts three servers, each its own process (``examples/serve.py`` on a free loopback port,
 warmed up before it prints ``ready``), all over the demo base with the same settings:
 
-- ``bank``: 8 stand-in adapters in 8 slots; every decode step mixes all adapters' rows (``--mode bank``);
+- ``bank``: 8 stand-in adapters (ranks ``--rank`` and half that, every linear layer) in 8 slots; every decode
+  step mixes all adapters' rows (``--mode bank``);
 - ``loop``: the same 8 adapters; each step runs only one adapter's rows, with its merged weights (``--mode loop``);
 - ``base``: no adapters; every request names ``base`` (the base model alone: what LoRA costs).
 
@@ -17,8 +18,9 @@ streamed completions, request ``k`` with prompt ``PROMPTS[k % 8]`` and ``max_tok
 a freshly shuffled order each (``--seed``), so a slow spell of a shared machine hits them alike. Time to first
 token is the first streamed text's arrival; tokens/s counts the completion tokens of a run over its wall time.
 Prints, per max batch and server, the median tokens/s over rounds, latency and time-to-first-token percentiles
-over every request, and the bank's ratios to the loop and to the base per round (median, min-max). Writes JSON
-only where ``--out`` says (nothing without it).
+over every request, the engine's steps per run, its busy share of the run's wall time and the share of that in
+device calls (the rest: host work per step; from ``GET /health``), and the bank's ratios to the loop and to the
+base per round (median, min-max). Writes JSON only where ``--out`` says (nothing without it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +47,17 @@ SERVERS = {"bank": ["--mode", "bank"], "loop": ["--mode", "loop"], "base": ["--d
 
 
 class Server:
-    """``examples/serve.py`` in a subprocess on a free port; ``url`` once it has printed ``ready``."""
+    """``examples/serve.py`` in a subprocess on a free port; :meth:`ready` waits for it to print ``ready``."""
 
-    def __init__(self, args: list[str], timeout: float = 600.0):
-        cmd = [sys.executable, str(ROOT / "examples" / "serve.py"), "--port", "0", *args]
+    def __init__(self, args: list[str]):
+        self.cmd = [sys.executable, str(ROOT / "examples" / "serve.py"), "--port", "0", *args]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.url = ""
+
+    def ready(self, timeout: float = 900.0) -> None:
         assert self.proc.stdout is not None
-        deadline, log, self.url = time.time() + timeout, [], ""
+        cmd, deadline, log = self.cmd, time.time() + timeout, []
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
@@ -62,6 +68,11 @@ class Server:
             if "ready" in line:
                 return
         raise RuntimeError(f"{' '.join(cmd)} was not ready within {timeout:g} s:\n{''.join(log)}")
+
+    def health(self) -> dict:
+        """The engine's counters (``GET /health``)."""
+        with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=60) as reply:
+            return json.loads(reply.read())["engine"]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -100,11 +111,14 @@ def spread(values: list[float]) -> dict:
 
 
 async def bench(args: argparse.Namespace, max_batch: int, rng: random.Random) -> dict:
-    common = ["--slots", "8", "--max-batch", str(max_batch), "--max-connections", str(4 * args.requests + 64)]
+    common = ["--slots", "8", "--rank", str(args.rank), "--max-batch", str(max_batch),
+              "--max-connections", str(4 * args.requests + 64)]  # fmt: skip
     servers = {}
     try:
-        for name, extra in SERVERS.items():
-            servers[name] = Server([*common, *extra])
+        for name, extra in SERVERS.items():  # they compile at once; the runs start when all are ready
+            servers[name] = Server([*common, *extra, *(["--form", args.form] if name == "bank" else [])])
+        for s in servers.values():
+            s.ready()
         clients = {n: openai.AsyncOpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=600)
                    for n, s in servers.items()}  # fmt: skip
         models = {n: ["base"] if n == "base" else [f"demo{k}" for k in range(8)] for n in servers}
@@ -115,19 +129,24 @@ async def bench(args: argparse.Namespace, max_batch: int, rng: random.Random) ->
             order = list(servers)
             rng.shuffle(order)
             for n in order:
-                load = os.getloadavg()[0]
-                runs[n].append({**await fire(clients[n], args.requests, models[n], args.max_tokens),
-                                "load_avg_1min": load})  # fmt: skip
+                load, before = os.getloadavg()[0], servers[n].health()
+                run = await fire(clients[n], args.requests, models[n], args.max_tokens)
+                after = servers[n].health()
+                engine = {k: round(v - before[k], 6) for k, v in after.items() if isinstance(v, (int, float))}
+                runs[n].append({**run, "load_avg_1min": load, "engine": engine})
     finally:
         for s in servers.values():
             s.close()
     out = {"max_batch": max_batch, "servers": {}}
     for n, rs in runs.items():
         lat, ttft = np.concatenate([r["latency_s"] for r in rs]), np.concatenate([r["ttft_s"] for r in rs])
+        eng = {k: float(np.mean([r["engine"][k] for r in rs])) for k in rs[0]["engine"]}
         out["servers"][n] = {
             "tokens_per_s": spread([r["tokens_per_s"] for r in rs]),
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
             "ttft_p50_s": float(np.nanpercentile(ttft, 50)), "ttft_p99_s": float(np.nanpercentile(ttft, 99)),
+            "engine_per_run": eng,  # means over rounds: steps, calls, rows, seconds in steps and in device calls
+            "engine_busy": eng["step_s"] / float(np.mean([r["wall_s"] for r in rs])),
             "runs": [{k: v for k, v in r.items() if k not in ("latency_s", "ttft_s")} for r in rs],
         }  # fmt: skip
     tps = {n: [r["tokens_per_s"] for r in rs] for n, rs in runs.items()}
@@ -143,6 +162,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (each server once per round)")
     ap.add_argument("--seed", type=int, default=0, help="shuffles the servers' order in each round")
+    ap.add_argument("--rank", type=int, default=16, help="the stand-in adapters' ranks (rank, rank // 2) and slots'")
+    ap.add_argument("--form", default="auto", help="the bank's select form (examples/serve.py --form)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (nothing is written without it)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -150,13 +171,14 @@ def main() -> None:
     print(f"{args.requests} concurrent streamed requests x {args.max_tokens} tokens, 8 adapters, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
     print(f"{'batch':>5} {'server':<6} {'tokens/s (min-max)':>24} {'ttft p50':>9} {'ttft p99':>9} {'p50 s':>7} "
-          f"{'p99 s':>7}")  # fmt: skip
+          f"{'p99 s':>7} {'steps':>6} {'busy':>5} {'in calls':>8}")  # fmt: skip
     for res in results:
         for n, s in res["servers"].items():
             t = s["tokens_per_s"]
             print(f"{res['max_batch']:>5} {n:<6} {t['median']:>8.1f} ({t['min']:>6.1f}-{t['max']:>6.1f}) "
                   f"{s['ttft_p50_s']:>9.3f} {s['ttft_p99_s']:>9.3f} {s['latency_p50_s']:>7.3f} "
-                  f"{s['latency_p99_s']:>7.3f}")  # fmt: skip
+                  f"{s['latency_p99_s']:>7.3f} {s['engine_per_run']['steps']:>6.0f} {s['engine_busy']:>5.0%} "
+                  f"{s['engine_per_run']['call_s'] / max(s['engine_per_run']['step_s'], 1e-9):>8.0%}")  # fmt: skip
         lo, ba = res["bank_over_loop"], res["bank_over_base"]
         print(f"max batch {res['max_batch']}: bank/loop {lo['median']:.2f}x ({lo['min']:.2f}-{lo['max']:.2f}), "
               f"bank/base {ba['median']:.2f}x ({ba['min']:.2f}-{ba['max']:.2f}) per round")  # fmt: skip

@@ -272,6 +272,20 @@ def test_a_client_leaving_mid_body_is_no_error_and_nothing_logged_a_traceback(se
     assert not example.errors.records, example.errors.records[0]
 
 
+def test_health_shows_the_engines_counters(served):
+    _, engine, port, client = served
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as reply:
+        before = json.loads(reply.read())["engine"]
+    client.completions.create(model="demo4", prompt="abc", max_tokens=3, temperature=0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as reply:
+        after = json.loads(reply.read())["engine"]
+    assert after["mode"] == "bank" and after["steps"] >= before["steps"] + 3
+    assert after["prefill_rows_used"] >= before["prefill_rows_used"] + 1  # its prompt, in a 32-token bucket
+    assert after["prefill_tokens"] - before["prefill_tokens"] >= 32
+    assert after["decode_rows_used"] - before["decode_rows_used"] >= 2
+    assert 0 < after["call_s"] <= after["step_s"]
+
+
 def test_nothing_traced_again(served):
     assert served[1].traces == {"decode": 3, "prefill": 6}, served[1].traces
 

@@ -154,6 +154,11 @@ class Engine:
         self.free_rows = list(range(max_batch - 1, -1, -1))  # popped lowest first: busy rows stay in a prefix
         self.traces: collections.Counter[str] = collections.Counter()
         self.steps = 0
+        # Counters for load tests (GET /health shows them): calls, rows computed (padding included) and rows used,
+        # prompt tokens computed, seconds in steps (host work included).
+        keys = ("decode_calls", "decode_rows", "decode_rows_used", "prefill_calls", "prefill_rows",
+                "prefill_rows_used", "prefill_tokens", "call_s", "step_s")  # fmt: skip
+        self.stats: dict[str, float] = dict.fromkeys(keys, 0)  # fixed keys: readable from other threads
         self.active: list[Request] = []
         run = factored(model.apply)
 
@@ -317,6 +322,7 @@ class Engine:
             self.active = [r for r in self.active if not r.cancelled]
             if not self.active:
                 continue
+            t0 = time.perf_counter()
             try:
                 advanced = self._advance(self.active)
             except Exception as e:  # a failed step fails its requests, never the server
@@ -336,6 +342,11 @@ class Engine:
                     r.emit(delta + r.text.flush(), r.finish)
                 elif delta:
                     r.emit(delta, None)
+            self.stats["step_s"] += time.perf_counter() - t0
+
+    def _count(self, **counts: float) -> None:
+        for k, v in counts.items():
+            self.stats[k] += v
 
     def _sample(self, members: Sequence[Request | None]) -> tuple[np.ndarray, ...]:
         n = len(members)
@@ -373,10 +384,13 @@ class Engine:
             pos, rows_at = np.full(n, self.seq_len, np.int32), np.full(n, self.max_batch, np.int32)
             for k, m in enumerate(members):
                 if m is not None:
-                    tokens[k], pos[k], ids[k], rows_at[k] = (m.tokens + m.out)[-1], m.length - 1, m.slot, m.row
+                    tokens[k], pos[k], ids[k], rows_at[k] = m.out[-1], m.length - 1, m.slot, m.row
+            t0 = time.perf_counter()
             out, self.cache = self._decode(params, ids, self.cache, rows_at, tokens, pos, self._sample(members))
-            out = np.asarray(out)
+            out = np.asarray(out)  # the step's one device-to-host transfer
+            self.stats["call_s"] += time.perf_counter() - t0
             nxt.update({m.row: int(out[k]) for k, m in enumerate(members) if m is not None})
+            self._count(decode_calls=1, decode_rows=n, decode_rows_used=len(decode))
         prefill.sort(key=lambda r: r.length)  # prompts of like length share a chunk and its padding
         for at in range(0, len(prefill), self.prefill_chunk):
             chunk = prefill[at : at + self.prefill_chunk]
@@ -389,9 +403,12 @@ class Engine:
                 windows[k] = w[:length]  # a window is right-padded: its tokens fit in the bucket
                 ids[k], rows_at[k] = r.slot, r.row
             members = [*chunk, *[None] * (n - len(chunk))]
+            t0 = time.perf_counter()
             out, self.cache = self._prefill(params, ids, self.cache, rows_at, windows, last, self._sample(members))
             out = np.asarray(out)
+            self.stats["call_s"] += time.perf_counter() - t0
             nxt.update({r.row: int(out[k]) for k, r in enumerate(chunk)})
+            self._count(prefill_calls=1, prefill_rows=n, prefill_rows_used=len(chunk), prefill_tokens=n * length)
         self.steps += 1
         for r in rows:
             r.out.append(nxt[r.row])
