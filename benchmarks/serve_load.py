@@ -111,6 +111,7 @@ def spread(values: list[float]) -> dict:
 
 
 async def bench(args: argparse.Namespace, max_batch: int, rng: random.Random) -> dict:
+    clients: dict[str, openai.AsyncOpenAI] = {}
     common = ["--slots", "8", "--rank", str(args.rank), "--max-batch", str(max_batch),
               "--max-connections", str(4 * args.requests + 64)]  # fmt: skip
     servers = {}
@@ -135,6 +136,8 @@ async def bench(args: argparse.Namespace, max_batch: int, rng: random.Random) ->
                 engine = {k: round(v - before[k], 6) for k, v in after.items() if isinstance(v, (int, float))}
                 runs[n].append({**run, "load_avg_1min": load, "engine": engine})
     finally:
+        for c in clients.values():
+            await c.close()
         for s in servers.values():
             s.close()
     out = {"max_batch": max_batch, "servers": {}}
