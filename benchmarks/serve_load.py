@@ -1,6 +1,6 @@
 """Load test for the lorajax.serve server through the openai client: bank vs per-adapter loop vs base alone.
 
-Run (needs ``pip install -e ".[serve]"``)::
+Run (needs ``pip install -e ".[serve,demo,test]"``: the server, the demo model, the ``openai`` client)::
 
     python benchmarks/serve_load.py --max-batch 16 64 --rounds 7 --out /tmp/serve_load.json
 
