@@ -117,11 +117,14 @@ def read_adapters(specs: list[str], base: Any) -> dict[str, Any]:
     return out
 
 
-def build(argv: list[str] | None = None) -> tuple[serve.Engine, Any, argparse.Namespace]:
-    """The engine and app for ``argv`` (no socket): tests and the benchmark call this."""
+def build(argv: list[str] | None = None, adapters: dict[str, Any] | None = None) -> tuple[serve.Engine, Any, Any]:
+    """The engine and app for ``argv`` (no socket); ``adapters`` (tests) replaces ``--adapter``/``--demo-adapters``."""
     args = parser().parse_args(argv)
     base, config = textlm.load_params(textlm.BASE_CHECKPOINT)
-    adapters = read_adapters(args.adapter, base) if args.adapter else demo_adapters(base, args.demo_adapters, args.rank)
+    if adapters is None and args.adapter:
+        adapters = read_adapters(args.adapter, base)
+    elif adapters is None:
+        adapters = demo_adapters(base, args.demo_adapters, args.rank)
     engine = serve.Engine(
         cached_lm(config), base, adapters,
         slots=args.slots, rank=args.rank, max_batch=args.max_batch, max_model_len=args.max_model_len,
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = engine.names()
     print(f"serving base + {len(names)} adapters ({', '.join(names[:8])}{' ...' if len(names) > 8 else ''}) "
-          f"on http://{args.host}:{sock.getsockname()[1]}/v1 ({args.mode} mode, {args.slots} slots); "
+          f"on http://{args.host}:{sock.getsockname()[1]}/v1 ({engine.mode} mode, {args.slots} slots); "
           "Ctrl-C stops", flush=True)  # fmt: skip
     if not args.no_warmup:  # the socket listens already: requests arriving meanwhile wait in its backlog
         print(f"compiled the prefill and decode steps in {engine.warmup():.1f} s; ready", flush=True)

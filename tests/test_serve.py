@@ -45,10 +45,12 @@ def served():
     sys.modules[spec.name] = example
     spec.loader.exec_module(example)
     # 100 registered adapters over 8 slots, 4 cache rows: requests wait for rows and for slots.
-    engine, app, _ = example.build(["--demo-adapters", "100", "--slots", "8", "--rank", "8", "--max-batch", "4",
-                                    "--max-model-len", "140"])  # fmt: skip
-    example.tiny = example.textlm.TinyGPT(example.textlm.load_params(example.textlm.BASE_CHECKPOINT)[1])
-    example.demo = example.demo_adapters(engine.base, 101, 8)  # the served 100 (same seeds) and one more
+    base, config = example.textlm.load_params(example.textlm.BASE_CHECKPOINT)
+    example.tiny = example.textlm.TinyGPT(config)
+    example.demo = example.demo_adapters(base, 101, 8)  # 100 to serve and one more to load
+    hundred = {f"demo{k}": example.demo[f"demo{k}"] for k in range(100)}
+    engine, app, _ = example.build(["--slots", "8", "--rank", "8", "--max-batch", "4", "--max-model-len", "140"],
+                                   hundred)  # fmt: skip
     engine.warmup()  # every step shape: later requests, paging and loads must not trace again
     with serve.Background(app, header_timeout=2.0) as port:
         errors = Errors()  # every exception uvicorn logs (a traceback in its log)
@@ -125,8 +127,9 @@ def test_greedy_completions_equal_each_merged_model_with_paging(served):
     for (name, prompt, n, _), text in zip(asks, texts):
         assert text == reference(example, engine, name, prompt, n), name
     assert engine.pager.page_ins - page_ins >= 4  # adapters beyond the first 8 were paged in
-    # Decode and prefill steps of 1, 2 and 4 rows, traced by the warm-up: joins, leaves and page-ins traced nothing.
-    assert engine.traces == {"decode": 3, "prefill": 3}, engine.traces
+    # Decode and prefill steps of 1, 2 and 4 rows (prefills of 32 and 128 tokens each), traced by the
+    # warm-up: joins, leaves and page-ins traced nothing.
+    assert engine.traces == {"decode": 3, "prefill": 6}, engine.traces
 
 
 def test_stop_seed_and_usage(served):
@@ -269,8 +272,22 @@ def test_a_client_leaving_mid_body_is_no_error_and_nothing_logged_a_traceback(se
     assert not example.errors.records, example.errors.records[0]
 
 
+def test_health_shows_the_engines_counters(served):
+    _, engine, port, client = served
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as reply:
+        before = json.loads(reply.read())["engine"]
+    client.completions.create(model="demo4", prompt="abc", max_tokens=3, temperature=0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as reply:
+        after = json.loads(reply.read())["engine"]
+    assert after["mode"] == "bank" and after["steps"] >= before["steps"] + 3
+    assert after["prefill_rows_used"] >= before["prefill_rows_used"] + 1  # its prompt, in a 32-token bucket
+    assert after["prefill_tokens"] - before["prefill_tokens"] >= 32
+    assert after["decode_rows_used"] - before["decode_rows_used"] >= 2
+    assert 0 < after["call_s"] <= after["step_s"]
+
+
 def test_nothing_traced_again(served):
-    assert served[1].traces == {"decode": 3, "prefill": 3}, served[1].traces
+    assert served[1].traces == {"decode": 3, "prefill": 6}, served[1].traces
 
 
 def test_cli_port_in_use_and_missing_adapter_end_in_one_line(served):
@@ -282,3 +299,17 @@ def test_cli_port_in_use_and_missing_adapter_end_in_one_line(served):
     )
     out = run_cli("--adapter", "mine=/no/such.safetensors")
     assert out.returncode == 1 and out.stderr.strip() == "serve.py: --adapter 'mine=/no/such.safetensors': no such file"
+
+
+def test_an_engine_without_adapters_serves_the_base_with_the_banks_steps(served):
+    """``--demo-adapters 0`` (the benchmark's base-only server): greedy decoding equals the base's, no warm-up."""
+    example, engine, _, _ = served
+    base_only, app, _ = example.build(["--demo-adapters", "0", "--max-batch", "2", "--max-model-len", "140"])
+    assert base_only.mode == "base" and base_only.names() == []
+    with pytest.raises(ValueError, match="base model only"):
+        base_only.check("x", example.demo["demo0"])
+    with serve.Background(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["base"]
+        text = client.completions.create(model="base", prompt="x = [", max_tokens=4, temperature=0).choices[0].text
+    assert text == reference(example, engine, "base", "x = [", 4)

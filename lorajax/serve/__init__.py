@@ -6,7 +6,7 @@ with its KV cache and continuous batching (``_engine``), the OpenAI wire format 
 """
 
 from lorajax.serve._app import create_app, load_adapter_file
-from lorajax.serve._engine import CachedLM, Engine, Request, pick, window
+from lorajax.serve._engine import CachedLM, Engine, Request, pick, prefill_lengths, window
 from lorajax.serve._pager import SlotPager
 from lorajax.serve._protocol import ApiError, Completion, completion, parse_json
 from lorajax.serve._run import Background, GuardedH11, bind, config, serve
@@ -29,6 +29,7 @@ __all__ = [
     "load_adapter_file",
     "parse_json",
     "pick",
+    "prefill_lengths",
     "serve",
     "window",
 ]

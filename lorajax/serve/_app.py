@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -91,6 +92,7 @@ def create_app(
         A Starlette application (serve it with :func:`lorajax.serve.serve` or any ASGI server).
     """
     created = int(time.time())
+    inbox = _Inbox()
 
     async def body(request: HttpRequest) -> dict[str, Any]:
         return parse_json(await _read_body(request, max_body, body_timeout))
@@ -124,11 +126,11 @@ def create_app(
 
     async def completions(request: HttpRequest) -> Response:
         c = completion(await body(request), [base_name, *engine.names()], engine.model.encode, engine.max_model_len)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple[str, str | None]]()
+        events = asyncio.Queue[tuple[str, str | None]]()
         seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(4), "little")
         req = Request(
             None if c.model == base_name else c.model, c.tokens, c.max_tokens,
-            lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish)),
+            inbox.sender(asyncio.get_running_loop(), events),
             temperature=c.temperature, seed=seed % 2**32, stop=c.stop,
         )  # fmt: skip
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -164,6 +166,9 @@ def create_app(
         try:
             while finish is None:
                 text, finish = await events.get()
+                while finish is None and not events.empty():  # tokens that came meanwhile: one chunk, not many
+                    more, finish = events.get_nowait()
+                    text += more
                 if finish is not None and finish.startswith("error"):
                     yield f"data: {ApiError(500, f'the request failed: {finish}').body().decode()}\n\n"
                     break
@@ -180,8 +185,9 @@ def create_app(
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def health(request: HttpRequest) -> Response:
-        return _json({"status": "ok"})
+    async def health(request: HttpRequest) -> Response:  # the engine's counters: for load tests
+        stats = {k: round(v, 6) for k, v in engine.stats.items()}
+        return _json({"status": "ok", "engine": {"mode": engine.mode, "steps": engine.steps, **stats}})
 
     async def api_error(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -206,6 +212,35 @@ def create_app(
     ]
     handlers = {ApiError: api_error, HTTPException: http_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=_asynccontext(lifespan))
+
+
+class _Inbox:
+    """Hands the engine thread's events to the event loop in batches: one wake-up per engine step, not one per token.
+
+    Each emit appends ``(queue, event)`` under a lock; only the first emit after a delivery schedules the next
+    delivery (``call_soon_threadsafe`` writes to the loop's self-pipe, a system call and a GIL hand-off each).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+
+    def sender(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
+        def emit(text: str, finish: str | None) -> None:
+            with self.lock:
+                batch = self.waiting.setdefault(loop, [])
+                batch.append((queue, (text, finish)))
+                first = len(batch) == 1
+            if first:
+                loop.call_soon_threadsafe(self.deliver, loop)
+
+        return emit
+
+    def deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            batch = self.waiting.pop(loop, [])
+        for queue, event in batch:
+            queue.put_nowait(event)
 
 
 def _asynccontext(fn: Any) -> Any:

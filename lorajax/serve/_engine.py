@@ -95,14 +95,32 @@ def _pad_to(n: int, cap: int) -> int:
     return min(cap, 1 << (n - 1).bit_length())
 
 
+def prefill_lengths(seq_len: int, shortest: int = 16) -> list[int]:
+    """The prompt lengths a prefill is padded to: ``seq_len``, then each a quarter of the last, down to ``shortest``.
+
+    A prompt runs in the shortest bucket that holds it (one compiled shape per bucket and per row count): a short
+    prompt no longer pays for a whole window of padding, and none pays for more than 4x its length (or
+    ``shortest``), with few shapes to compile.
+
+    >>> prefill_lengths(128), prefill_lengths(4096)
+    ([32, 128], [16, 64, 256, 1024, 4096])
+    """
+    out = [seq_len]
+    while out[-1] // 4 >= shortest:
+        out.append(out[-1] // 4)
+    return out[::-1]
+
+
 class Engine:
     """Continuous batching over a KV cache for one base model and many LoRA adapters.
 
     ``mode="bank"``: every decode step is ONE jitted call over the busy prefix of the cache rows, each row running its
     own adapter's slot (:func:`lorajax.select` + :func:`lorajax.factored`); adapters are paged into ``slots``
     device slots by a :class:`SlotPager` (least recently used out). ``mode="loop"`` (a baseline): each step runs
-    the rows of one adapter with its merged weights. The engine thread owns the cache; :meth:`submit` and
-    :meth:`cancel` are thread-safe.
+    the rows of one adapter with its merged weights. Without adapters, :attr:`mode` is ``"base"``: the bank's
+    steps over the base model alone (what a server without LoRA does). Prompts are prefilled in calls of at most
+    ``prefill_chunk``, each padded to the shortest of :attr:`lengths` that holds it. The engine thread owns the
+    cache; :meth:`submit` and :meth:`cancel` are thread-safe.
     """
 
     def __init__(
@@ -122,9 +140,10 @@ class Engine:
         if mode not in ("bank", "loop"):
             raise ValueError(f"Engine: mode must be 'bank' or 'loop', not {mode!r}.")
         self.model, self.base = model, base
-        self.mode = mode if adapters else "loop"  # no adapters: the base model alone, without a bank
+        self.mode = mode if adapters else "base"  # no adapters: the base model alone, bank-style steps over it
         self.seq_len, self.max_batch, self.max_model_len = model.seq_len, max_batch, max_model_len
         self.prefill_chunk = min(prefill_chunk, max_batch)
+        self.lengths = prefill_lengths(model.seq_len)
         self.pager = SlotPager(adapters, slots, rank=rank, base=base) if adapters else None
         self.merged: dict[str, Any] = {}
         if mode == "loop" and self.pager is not None:
@@ -135,10 +154,17 @@ class Engine:
         self.free_rows = list(range(max_batch - 1, -1, -1))  # popped lowest first: busy rows stay in a prefix
         self.traces: collections.Counter[str] = collections.Counter()
         self.steps = 0
+        # Counters for load tests (GET /health shows them): calls, rows computed (padding included) and rows used,
+        # prompt tokens computed, seconds in steps (host work included).
+        keys = ("decode_calls", "decode_rows", "decode_rows_used", "prefill_calls", "prefill_rows",
+                "prefill_rows_used", "prefill_tokens", "call_s", "step_s")  # fmt: skip
+        self.stats: dict[str, float] = dict.fromkeys(keys, 0)  # fixed keys: readable from other threads
         self.active: list[Request] = []
         run = factored(model.apply)
 
         def with_bank(bank: Any, ids: jax.Array) -> Callable[..., Any]:
+            if self.mode == "base":  # ids are all -1: the base model's own forward, no LoRA
+                return lambda *a: model.apply(bank, *a)
             return lambda *a: run(select(bank, ids, form=form), *a)
 
         def decode(fwd: Any, cache: Any, tokens: jax.Array, pos: jax.Array, sample: Any) -> Any:
@@ -171,8 +197,8 @@ class Engine:
             return prefill(lambda *a: model.apply(params, *a), cache, rows, windows, last, sample)
 
         # The cache is donated: each step updates it in place instead of copying max_batch rows.
-        self._decode = jax.jit(bank_decode if mode == "bank" else loop_decode, donate_argnums=2)
-        self._prefill = jax.jit(bank_prefill if mode == "bank" else loop_prefill, donate_argnums=2)
+        self._decode = jax.jit(loop_decode if self.mode == "loop" else bank_decode, donate_argnums=2)
+        self._prefill = jax.jit(loop_prefill if self.mode == "loop" else bank_prefill, donate_argnums=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorajax-engine", daemon=True)
 
@@ -227,19 +253,21 @@ class Engine:
             self.lock.notify()
 
     def warmup(self) -> float:
-        """Compile every step shape the engine will run (prefills and decode steps of 1, 2, 4, ... rows) on dropped
-        rows, so no request waits for a compile. Returns seconds.
+        """Compile every step shape the engine will run (prefills of 1, 2, 4, ... prompts for each of
+        :attr:`lengths`, decode steps of 1, 2, 4, ... rows) on dropped rows, so no request waits for a compile.
+        Returns seconds.
         """
         t0 = time.perf_counter()
-        params = self.base if self.mode == "loop" else self.pager.slots.bank  # type: ignore[union-attr]
+        params = self.pager.slots.bank if self.mode == "bank" else self.base  # type: ignore[union-attr]
         drop = lambda n: np.full(n, self.max_batch, np.int32)  # row max_batch: every write is dropped
         sizes = lambda cap: sorted({_pad_to(n, cap) for n in range(1, cap + 1)})
         ids = lambda n: np.full(n, -1, np.int32)
         for n in sizes(self.prefill_chunk):
-            windows, last = np.zeros((n, self.seq_len), np.int32), np.zeros(n, np.int32)
-            out, self.cache = self._prefill(
-                params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
-            )
+            for length in self.lengths:
+                windows, last = np.zeros((n, length), np.int32), np.zeros(n, np.int32)
+                out, self.cache = self._prefill(
+                    params, ids(n), self.cache, drop(n), windows, last, self._sample([None] * n)
+                )
         for n in sizes(self.max_batch):
             tokens, pos = np.zeros(n, np.int32), np.full(n, self.seq_len, np.int32)
             out, self.cache = self._decode(params, ids(n), self.cache, drop(n), tokens, pos, self._sample([None] * n))
@@ -294,6 +322,7 @@ class Engine:
             self.active = [r for r in self.active if not r.cancelled]
             if not self.active:
                 continue
+            t0 = time.perf_counter()
             try:
                 advanced = self._advance(self.active)
             except Exception as e:  # a failed step fails its requests, never the server
@@ -313,6 +342,11 @@ class Engine:
                     r.emit(delta + r.text.flush(), r.finish)
                 elif delta:
                     r.emit(delta, None)
+            self.stats["step_s"] += time.perf_counter() - t0
+
+    def _count(self, **counts: float) -> None:
+        for k, v in counts.items():
+            self.stats[k] += v
 
     def _sample(self, members: Sequence[Request | None]) -> tuple[np.ndarray, ...]:
         n = len(members)
@@ -328,17 +362,17 @@ class Engine:
         Rows whose cache holds all but their last token decode one token; new requests, and sequences longer
         than the window (whose positions all shifted), run a prefill of their window instead.
         """
-        rows = active if self.mode == "bank" else [r for r in active if r.adapter == active[0].adapter]
+        rows = [r for r in active if r.adapter == active[0].adapter] if self.mode == "loop" else active
         prefill = [r for r in rows if not r.out or r.length > self.seq_len]
         decode = [r for r in rows if r.out and r.length <= self.seq_len]
         with self.lock:
-            if self.mode == "bank":
-                params = None if self.pager is None else self.pager.slots.bank
+            if self.mode != "loop":
+                params = self.base if self.pager is None else self.pager.slots.bank
             else:
                 params = self.merged.get(rows[0].adapter, self.base)  # type: ignore[arg-type]
         nxt: dict[int, int] = {}
         if decode:
-            if self.mode == "bank":  # the prefix of rows up to the last busy one, padded to a power of two
+            if self.mode != "loop":  # the prefix of rows up to the last busy one, padded to a power of two
                 n = _pad_to(max(r.row for r in decode) + 1, self.max_batch)
                 members: list[Request | None] = [None] * n
                 for r in decode:
@@ -350,22 +384,31 @@ class Engine:
             pos, rows_at = np.full(n, self.seq_len, np.int32), np.full(n, self.max_batch, np.int32)
             for k, m in enumerate(members):
                 if m is not None:
-                    tokens[k], pos[k], ids[k], rows_at[k] = (m.tokens + m.out)[-1], m.length - 1, m.slot, m.row
+                    tokens[k], pos[k], ids[k], rows_at[k] = m.out[-1], m.length - 1, m.slot, m.row
+            t0 = time.perf_counter()
             out, self.cache = self._decode(params, ids, self.cache, rows_at, tokens, pos, self._sample(members))
-            out = np.asarray(out)
+            out = np.asarray(out)  # the step's one device-to-host transfer
+            self.stats["call_s"] += time.perf_counter() - t0
             nxt.update({m.row: int(out[k]) for k, m in enumerate(members) if m is not None})
+            self._count(decode_calls=1, decode_rows=n, decode_rows_used=len(decode))
+        prefill.sort(key=lambda r: r.length)  # prompts of like length share a chunk and its padding
         for at in range(0, len(prefill), self.prefill_chunk):
             chunk = prefill[at : at + self.prefill_chunk]
             n = _pad_to(len(chunk), self.prefill_chunk)
-            windows, last = np.zeros((n, self.seq_len), np.int32), np.zeros(n, np.int32)
+            length = next(t for t in self.lengths if t >= min(chunk[-1].length, self.seq_len))
+            windows, last = np.zeros((n, length), np.int32), np.zeros(n, np.int32)
             ids, rows_at = np.full(n, -1, np.int32), np.full(n, self.max_batch, np.int32)
             for k, r in enumerate(chunk):
-                windows[k], last[k] = window(r.tokens + r.out, self.seq_len)
+                w, last[k] = window(r.tokens + r.out, self.seq_len)
+                windows[k] = w[:length]  # a window is right-padded: its tokens fit in the bucket
                 ids[k], rows_at[k] = r.slot, r.row
             members = [*chunk, *[None] * (n - len(chunk))]
+            t0 = time.perf_counter()
             out, self.cache = self._prefill(params, ids, self.cache, rows_at, windows, last, self._sample(members))
             out = np.asarray(out)
+            self.stats["call_s"] += time.perf_counter() - t0
             nxt.update({r.row: int(out[k]) for k, r in enumerate(chunk)})
+            self._count(prefill_calls=1, prefill_rows=n, prefill_rows_used=len(chunk), prefill_tokens=n * length)
         self.steps += 1
         for r in rows:
             r.out.append(nxt[r.row])
