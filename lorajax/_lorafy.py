@@ -22,6 +22,7 @@ from lorajax._layout import (
     known_kernels,
     resolve_layout,
 )
+from lorajax._lora_bias import check_lora_bias, check_siblings, with_lora_bias
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
@@ -55,6 +56,7 @@ def lorafy(
     alpha_pattern: Mapping[str, float] | None = None,
     layout: LayoutArg = None,
     dora: bool = False,
+    lora_bias: bool = False,
 ) -> Any:
     """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
 
@@ -101,6 +103,10 @@ def lorafy(
         dora: DoRA (Liu et al. 2024; PEFT's ``use_dora``): each node also gets a trainable
             ``magnitude``, one entry per output feature (in ``dtype``), set to the norms of
             ``W + scale * a @ b`` over the fan-in axes, so the model starts at the base. See the DoRA guide.
+        lora_bias: PEFT's ``lora_bias``: each node also gets a trainable ``bias`` on ``b``'s output (zeros,
+            shaped like the layer's bias), which ``merge`` and ``factored`` add as ``scale * bias`` to the
+            ``bias`` leaf of the kernel's module. Every target needs such a leaf (as PEFT needs one to merge);
+            not for embeddings, DoRA or inits that rewrite the base (PEFT's rules).
 
     Returns:
         A pytree of the same structure with :class:`LoRA` nodes at the targets.
@@ -116,6 +122,7 @@ def lorafy(
     """
     check_config("lorafy", rank=rank, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, key=key)
     check_init(init)
+    check_lora_bias("lorafy", lora_bias, dora, init)
     key = prng_key(key)
     leaves = _paths.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
     # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
@@ -164,6 +171,10 @@ def lorafy(
         chosen[n] = LoRA(base=base, a=_boxes.rebox(leaf, a, names_a), b=_boxes.rebox(leaf, b, names_b), spec=spec)
         if dora:
             chosen[n] = with_magnitude(chosen[n], dtype)
+        if lora_bias and lay.kind == "embed":
+            unfit.add(f"{name} with shape {shape}: an embedding; PEFT has no lora_bias on embeddings")
+        elif lora_bias:
+            chosen[n] = with_lora_bias(chosen[n], dtype)
     unresolved.raise_if_any("names and shapes do not settle the layout of every target", LAYOUT_HINT)
     unfit.raise_if_any(f"init={init!r} cannot read every target", "Leave them out of where, or use another init.")
     if not chosen:
@@ -178,6 +189,8 @@ def lorafy(
             + (mutable_variable_hint(leaves) or ("" if known else _BARE_HINT))
         )
     out = rebuild(params, leaves, chosen, walk_stop)
+    if lora_bias:
+        check_siblings(out, "lorafy")  # every LoRA bias needs its layer's bias leaf, as merge does
     return out if also is None else declare_trainable(out, also, caller="lorafy", arg="also")
 
 

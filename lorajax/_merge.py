@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from lorajax import _boxes, _dora  # _dora as a module: docs/architecture.md, "Import order"
 from lorajax._fit import check_tree
+from lorajax._lora_bias import fold_biases
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
@@ -133,6 +134,8 @@ def merge_nodes(params: Any, *, keep_quantized: bool = False) -> Any:
     trains dequantized (kept as they are with ``keep_quantized``, as :func:`lorajax.requantize` serves them).
     """
 
+    params = fold_biases(params, "merge")  # lora_bias: scale * bias into the layer's bias leaf (_lora_bias.py)
+
     def one(x: Any) -> Any:
         if is_lora(x):
             return _boxes.rebox(x.base, merged_kernel(x))
@@ -174,6 +177,8 @@ def merge_program(sharding: Any) -> Any:
 
 
 def _merge_donated(params: Any) -> Any:
+    params = fold_biases(params, "merge")  # lora_bias (_lora_bias.py); a bias leaf is small: not donated
+
     def one(path: Any, x: Any) -> Any:
         if not is_lora(x):
             return x.value if is_trainable(x) else dequantize(x)

@@ -60,9 +60,8 @@ def mask(params: Any, also: Any = None) -> Any:
 
     def label(x: Any) -> Any:
         if is_lora(x):
-            return dataclasses.replace(
-                x, base=_fill(x.base, False), a=_fill(x.a, True), b=_fill(x.b, True), magnitude=_fill(x.magnitude, True)
-            )
+            trains = dict(a=_fill(x.a, True), b=_fill(x.b, True), magnitude=_fill(x.magnitude, True))
+            return dataclasses.replace(x, base=_fill(x.base, False), bias=_fill(x.bias, True), **trains)
         if is_trainable(x):
             return dataclasses.replace(x, value=_fill(x.value, True))
         return _fill(x, False)

@@ -376,7 +376,6 @@ def _copy_fixture(tmp_path: Path, case: str = "linear") -> Path:
     ("change", "feature"),
     [
         ({"use_dora": True}, "use_dora"),
-        ({"lora_bias": True}, "lora_bias"),
         ({"target_parameters": ["experts.weight"]}, "target_parameters"),
         ({"bias": "all"}, "bias='all'"),
         ({"peft_type": "IA3"}, "IA3 adapter"),

@@ -42,6 +42,8 @@ class AdapterFactors(HasSpec):
     dtype: str = dataclasses.field(default="", metadata=dict(static=True))
     #: A DoRA adapter's magnitude (``spec.variant == "dora"``), one entry per output feature; ``None`` for LoRA.
     magnitude: Any = None
+    #: A LoRA bias on ``b``'s output (``spec.bias``, PEFT's ``lora_bias``), shaped like ``b`` without its rank axis.
+    bias: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -194,6 +196,7 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
             shape=tuple(int(d) for d in base.shape),
             dtype=jnp.dtype(base.dtype).name,
             magnitude=_boxes.unbox(leaf.magnitude) if leaf.spec.variant == "dora" else None,
+            bias=_boxes.unbox(leaf.bias) if leaf.spec.bias else None,
         )
     if not factors and not trainables:
         raise ValueError(f"{caller}: params hold no LoRA node; call lorajax.lorafy (or lorajax.load_adapter) first.")

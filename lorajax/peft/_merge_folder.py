@@ -98,6 +98,8 @@ def _plan(entry: dict[str, Any], name: str, info: dict[str, Any], config: dict[s
     """How module ``name`` merges into its weight ``info`` (safetensors header entry), or the problem."""
     shape, dtype = tuple(info["shape"]), info["dtype"]
     kind, A, B = entry["kind"], entry["A"], entry["B"]
+    if "bias" in entry:  # lora_bias: merge_peft rewrites weights only
+        return f"{name}: has a LoRA bias (lora_bias); merge it with lorajax.load_peft and lorajax.merge instead"
     if dtype not in _DTYPES:
         return (
             f"{name}.weight: dtype {dtype}; merge_peft writes merged weights in {', '.join(_DTYPES)} only "

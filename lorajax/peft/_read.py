@@ -22,12 +22,12 @@ _SUFFIXES = {
     ".lora_embedding_A": ("A", "embed"),
     ".lora_embedding_B": ("B", "embed"),
     ".lora_magnitude_vector": ("M", ""),  # DoRA; the module's kind comes from its A and B
+    ".lora_B.bias": ("bias", ""),  # lora_bias=True: lora_B's bias, (out,)
 }
 # Tensor-name fragments of PEFT features lorajax does not implement, for a precise error.
 _UNSUPPORTED_KEYS = (
     ("modules_to_save", "modules_to_save (fully trained copies of modules)"),
     ("trainable_tokens", "trainable_token_indices"),
-    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
 )
 _SUPPORTED = (
     "Only LoRA and DoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding load."
@@ -36,8 +36,6 @@ _SUPPORTED = (
 
 def _unsupported_features(config: dict[str, Any]) -> list[str]:
     found = []
-    if config.get("lora_bias"):
-        found.append("lora_bias=True (a trained bias on lora_B)")
     if config.get("target_parameters"):
         found.append(f"target_parameters={config['target_parameters']!r} (LoRA on raw nn.Parameters)")
     if config.get("bias", "none") != "none":
@@ -83,7 +81,9 @@ def _files(root: Path, caller: str) -> tuple[Path, Path]:
     return cfg_file, w_file
 
 
-def _group(tensors: dict[str, Any], problems: Problems, dora: bool) -> dict[str, dict[str, Any]]:
+def _group(
+    tensors: dict[str, Any], problems: Problems, dora: bool, lora_bias: bool = False
+) -> dict[str, dict[str, Any]]:
     """``{module: {"kind": ..., "A": ..., "B": ...}}`` (plus ``"M"``, a DoRA magnitude) from PEFT's tensor names."""
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -95,6 +95,8 @@ def _group(tensors: dict[str, Any], problems: Problems, dora: bool) -> dict[str,
             problems.add(
                 f"{key}: a DoRA magnitude, but the config does not set use_dora=True; fix the config or drop the tensor"
             )
+        elif suffix == ".lora_B.bias" and not lora_bias:
+            problems.add(f"{key}: a LoRA bias, but the config does not set lora_bias=True; fix the config or drop it")
         elif suffix is None:
             problems.add(f"{key}: not a LoRA factor (*.lora_A.weight, *.lora_B.weight, *.lora_embedding_A/B)")
         else:
@@ -126,6 +128,8 @@ def _check_pair(name: str, entry: dict[str, Any], dora: bool) -> str | None:
     )
     if not ok:
         return f"{name}: factor shapes A {A.shape}, B {B.shape} do not form a rank-{r} LoRA pair"
+    if "bias" in entry and tuple(entry["bias"].shape) != (B.shape[0],):
+        return f"{name}: LoRA bias (lora_B.bias) has shape {tuple(entry['bias'].shape)}; expected ({B.shape[0]},)"
     if dora and "M" not in entry:
         return f"{name}: the config sets use_dora=True (DoRA) but the module has no lora_magnitude_vector"
     if dora:
@@ -176,7 +180,7 @@ def read_files(
     problems.extend(_value_problems(tensors, allow_nonfinite))
     saved = take_saved(config, tensors, problems)  # modules_to_save: whole modules (peft/_modules_to_save.py)
     dora = bool(config.get("use_dora", False))
-    modules = _group(tensors, problems, dora)
+    modules = _group(tensors, problems, dora, bool(config.get("lora_bias", False)))
     for name, entry in modules.items():
         problem = _check_pair(name, entry, dora)
         if problem is not None:
