@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import jax
@@ -26,6 +26,7 @@ from lorajax._lora_bias import check_lora_bias, check_siblings, with_lora_bias
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
+from lorajax._token_rows import trainable_tokens as declare_tokens
 from lorajax._trainable import declare_trainable, is_node, is_trainable
 from lorajax.inits._factors import check_init, init_factors, init_problem, is_residual, residual_base
 from lorajax.quant import is_quantized, kernel_view, walk_stop
@@ -57,6 +58,7 @@ def lorafy(
     layout: LayoutArg = None,
     dora: bool = False,
     lora_bias: bool = False,
+    trainable_tokens: Mapping[str, Sequence[int]] | None = None,
 ) -> Any:
     """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
 
@@ -107,6 +109,9 @@ def lorafy(
             shaped like the layer's bias), which ``merge`` and ``factored`` add as ``scale * bias`` to the
             ``bias`` leaf of the kernel's module. Every target needs such a leaf (as PEFT needs one to merge);
             not for embeddings, DoRA or inits that rewrite the base (PEFT's rules).
+        trainable_tokens: PEFT's ``trainable_token_indices``: ``{module name: [row indices]}`` of embedding
+            tables whose named rows train (new tokens of a chat template) while the rest of the table stays
+            frozen; see :func:`lorajax.trainable_tokens`. A table cannot be a LoRA target as well.
 
     Returns:
         A pytree of the same structure with :class:`LoRA` nodes at the targets.
@@ -191,6 +196,8 @@ def lorafy(
     out = rebuild(params, leaves, chosen, walk_stop)
     if lora_bias:
         check_siblings(out, "lorafy")  # every LoRA bias needs its layer's bias leaf, as merge does
+    if trainable_tokens is not None:
+        out = declare_tokens(out, trainable_tokens, caller="lorafy")
     return out if also is None else declare_trainable(out, also, caller="lorafy", arg="also")
 
 

@@ -15,6 +15,7 @@ from lorajax._lora_bias import fold_biases
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
+from lorajax._tokens import is_tokens, tokens_table
 from lorajax._trainable import is_node, is_trainable, stop_frozen
 from lorajax.quant._api import dense_base, dequantize, walk_stop
 
@@ -141,6 +142,8 @@ def merge_nodes(params: Any, *, keep_quantized: bool = False) -> Any:
             return _boxes.rebox(x.base, merged_kernel(x))
         if is_trainable(x):
             return x.value
+        if is_tokens(x):  # trainable tokens: the table with its trained rows
+            return tokens_table(x)
         return x if keep_quantized else dequantize(x)
 
     return jax.tree.map(one, params, is_leaf=walk_stop)
@@ -180,6 +183,8 @@ def _merge_donated(params: Any) -> Any:
     params = fold_biases(params, "merge")  # lora_bias (_lora_bias.py); a bias leaf is small: not donated
 
     def one(path: Any, x: Any) -> Any:
+        if is_tokens(x):
+            return tokens_table(x)
         if not is_lora(x):
             return x.value if is_trainable(x) else dequantize(x)
         base, a, b, m = (_boxes.unbox(v) for v in (x.base, x.a, x.b, x.magnitude))
@@ -208,4 +213,6 @@ def unlorafy(params: Any) -> Any:
     >>> lorajax.unlorafy(p)["q"]["kernel"] is w
     True
     """
-    return jax.tree.map(lambda x: x.base if is_lora(x) else x.value if is_trainable(x) else x, params, is_leaf=is_node)
+    return jax.tree.map(
+        lambda x: x.base if is_lora(x) or is_tokens(x) else x.value if is_trainable(x) else x, params, is_leaf=is_node
+    )

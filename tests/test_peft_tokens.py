@@ -276,3 +276,104 @@ def test_lora_bias_lorajax_adapter_in_peft(tmp_path):
     want = np.asarray(lorajax.factored(qwen2)(p, ids))
     close(_peft_logits("lora_bias", tmp_path / "out"), want)
     close(qwen2(lorajax.merge(p), ids), want)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# trainable_token_indices
+
+
+def _table(p):
+    return p["model"]["embed_tokens"]["weight"]
+
+
+@pytest.mark.parametrize("case", ["tokens", "tokens_dict"])
+def test_trainable_tokens_fixture_gives_peft_logits_merged_and_factored(case):
+    base, io = fixture(case)
+    p = lorajax.load_peft(FIXTURES / case, base)
+    node = _table(p)
+    assert isinstance(node, lorajax.TrainableTokens) and node.indices == (3, 17, 30) and node.values.shape == (3, 16)
+    ids = jnp.asarray(io["ids"])
+    close(qwen2(lorajax.merge(p), ids), io["logits_merged"])
+    close(qwen2(lorajax.merge(p), ids), io["logits"])
+    close(lorajax.factored(qwen2)(p, ids), io["logits"])
+
+
+def test_trainable_tokens_replace_rows_as_peft_does():
+    # PEFT's trainable_tokens_delta holds the rows' new values, not a difference: merged rows equal them exactly.
+    base, _ = fixture("tokens")
+    p = lorajax.load_peft(FIXTURES / "tokens", base)
+    rows = load_file(str(FIXTURES / "tokens" / "adapter_model.safetensors"))[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ]
+    merged = np.asarray(_table(lorajax.merge(p)))
+    np.testing.assert_array_equal(merged[[3, 17, 30]], rows)
+    others = [i for i in range(32) if i not in (3, 17, 30)]
+    np.testing.assert_array_equal(merged[others], np.asarray(_table(base))[others])
+    assert jax.tree.structure(lorajax.merge(p)) == jax.tree.structure(base)
+    assert lorajax.unlorafy(p)["model"]["embed_tokens"]["weight"] is _table(base)
+
+
+def test_trainable_tokens_gradient_reaches_the_rows_only():
+    base, io = fixture("tokens")
+    p = lorajax.load_peft(FIXTURES / "tokens", base)
+    ids = jnp.asarray(io["ids"])
+    gm = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(qwen2(lorajax.merge(q), ids)))))(p)
+    gf = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(lorajax.factored(qwen2)(q, ids)))))(p)
+    for g in (gm, gf):
+        assert float(jnp.abs(_table(g).values).min()) > 0  # every trained row is read (ids and the tied head)
+        assert float(jnp.abs(_table(g).base).max()) == 0
+        assert float(jnp.abs(g["model"]["norm"]["weight"]).max()) == 0
+    np.testing.assert_allclose(_table(gm).values, _table(gf).values, rtol=1e-4, atol=1e-6)
+    m = lorajax.mask(p)
+    assert _table(m).values is True and _table(m).base is False
+
+
+def test_trainable_tokens_save_peft_writes_peft_keys_bit_exact(tmp_path):
+    base, _ = fixture("tokens")
+    p = lorajax.load_peft(FIXTURES / "tokens", base)
+    lorajax.save_peft(tmp_path / "out", p)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"model.embed_tokens": [3, 17, 30]}
+    want = load_file(str(FIXTURES / "tokens" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_lorafy_trainable_tokens_starts_at_the_base():
+    base, io = fixture("tokens")
+    p = lorajax.lorafy(base, rank=2, where=["q_proj"], trainable_tokens={"embed_tokens": [5, 1]})
+    node = _table(p)
+    assert node.indices == (5, 1)
+    np.testing.assert_array_equal(node.values, np.asarray(_table(base))[[5, 1]])
+    np.testing.assert_array_equal(_table(lorajax.merge(p)), _table(base))
+
+
+def test_trainable_tokens_errors(tmp_path):
+    base, _ = fixture("tokens")
+    with pytest.raises(ValueError, match=r"token indices \[40, 2\] repeat or lie outside the table of 32 rows"):
+        lorajax.lorafy(base, rank=2, where=["q_proj"], trainable_tokens={"embed_tokens": [2, 40, 2]})
+    with pytest.raises(ValueError, match=r"'lm_head' matches no 2-D table"):
+        lorajax.trainable_tokens(base, {"lm_head": [1]})
+    with pytest.raises(ValueError, match=r"already a lorajax node"):
+        lorajax.lorafy(base, rank=2, where=["embed_tokens"], trainable_tokens={"embed_tokens": [1]})
+    d = tmp_path / "a"
+    shutil.copytree(FIXTURES / "tokens", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [1, 2]}))
+    with pytest.raises(ValueError, match=r"rows of shape \(3, 16\) for the 2 indices \[1, 2\]"):
+        lorajax.load_peft(d, base)
+
+
+@pytest.mark.torch
+def test_trainable_tokens_lorajax_adapter_in_peft(tmp_path):
+    base, io = fixture("tokens")
+    p = lorajax.lorafy(base, rank=2, where=["v_proj"], trainable_tokens={"embed_tokens": [0, 9, 17]}, key=3)
+    node = _table(p)
+    p["model"]["embed_tokens"]["weight"] = dataclasses.replace(node, values=node.values * -2.0 + 0.25)
+    lorajax.save_peft(tmp_path / "out", p)
+    ids = jnp.asarray(io["ids"])
+    want = np.asarray(lorajax.factored(qwen2)(p, ids))
+    assert np.abs(want - np.asarray(qwen2(base, ids))).max() > 1e-3 * np.abs(want).max()  # the rows matter
+    close(_peft_logits("tokens", tmp_path / "out"), want)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._node import HasSpec, LoRASpec, is_lora
 from lorajax._paths import path_str, tree_paths
+from lorajax._tokens import is_tokens
 from lorajax._trainable import is_node, is_trainable
 
 
@@ -180,6 +181,11 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
     for path, leaf in tree_paths(params, is_leaf=is_node):
         if is_trainable(leaf):
             trainables[path_str(path)] = _boxes.unbox(leaf.value)
+        if is_tokens(leaf):
+            raise ValueError(
+                f"{caller}: {path_str(path)} holds trainable tokens (lorajax.TrainableTokens), which lorajax adapters "
+                "do not carry yet; write them with lorajax.save_peft (PEFT's trainable_token_indices)."
+            )
         if not is_lora(leaf):
             continue
         name = path_str(path)

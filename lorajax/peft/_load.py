@@ -34,6 +34,7 @@ from lorajax.peft._modules_to_save import loaded_leaves, split_saved
 from lorajax.peft._names import NameMap, Namer, fused_slot, is_template, module_namer, template_regex
 from lorajax.peft._read import read_files
 from lorajax.peft._teach import names_any, no_match_message
+from lorajax.peft._tokens import loaded_tokens, split_tokens
 
 CALLER = "load_peft"
 Modules = dict[str, dict[str, Any]]
@@ -347,6 +348,7 @@ def load_peft(
     """
     config, modules = read_files(path, CALLER, allow_nonfinite=allow_nonfinite)
     saved, modules = split_saved(modules)  # modules_to_save: Trainable leaves (peft/_modules_to_save.py)
+    tokens, modules = split_tokens(modules)  # trainable_token_indices: TrainableTokens nodes (peft/_tokens.py)
     scaling, fan_in_fan_out = _Scaling.of(config), bool(config.get("fan_in_fan_out", False))
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
@@ -366,6 +368,7 @@ def load_peft(
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)
             problems.add(message if where in message else f"{where}: {message}")
     trained = loaded_leaves(saved, params, leaves, namer, problems, CALLER)
+    trained.update(loaded_tokens(tokens, leaves, namer, problems, partial))
     unmatched = any("no parameter maps to it" in p for p in problems.items)
     problems.raise_if_any(
         f"cannot load {path}",

@@ -14,6 +14,7 @@ from lorajax._problems import Problems
 from lorajax.peft._layers import check_targets
 from lorajax.peft._modules_to_save import take_saved
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorajax.peft._tokens import take_tokens
 
 #: Tensor-name suffix -> (factor, module kind).
 _SUFFIXES = {
@@ -25,10 +26,7 @@ _SUFFIXES = {
     ".lora_B.bias": ("bias", ""),  # lora_bias=True: lora_B's bias, (out,)
 }
 # Tensor-name fragments of PEFT features lorajax does not implement, for a precise error.
-_UNSUPPORTED_KEYS = (
-    ("modules_to_save", "modules_to_save (fully trained copies of modules)"),
-    ("trainable_tokens", "trainable_token_indices"),
-)
+_UNSUPPORTED_KEYS = (("modules_to_save", "modules_to_save (fully trained copies of modules)"),)
 _SUPPORTED = (
     "Only LoRA and DoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding load."
 )
@@ -40,10 +38,14 @@ def _unsupported_features(config: dict[str, Any]) -> list[str]:
         found.append(f"target_parameters={config['target_parameters']!r} (LoRA on raw nn.Parameters)")
     if config.get("bias", "none") != "none":
         found.append(f"bias={config['bias']!r} (trained base biases)")
-    for key in ("trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config"):
+    for key in ("layer_replication", "alora_invocation_tokens", "arrow_config", "velora_config", "monteclora_config"):
         if config.get(key):
             found.append(f"{key}={config[key]!r}")
     found += [f"{key}=True" for key in ("use_qalora", "use_bdlora") if config.get(key)]
+    if config.get("kasa_config"):  # PEFT's LoRA variants with their own forward (LoraConfig's is_lora_variant)
+        found.append("kasa_config (KaSA)")
+    if config.get("init_lora_weights") == "mica":
+        found.append("init_lora_weights='mica' (MiCA)")
     return found
 
 
@@ -179,6 +181,7 @@ def read_files(
     problems = Problems(caller)
     problems.extend(_value_problems(tensors, allow_nonfinite))
     saved = take_saved(config, tensors, problems)  # modules_to_save: whole modules (peft/_modules_to_save.py)
+    tokens = take_tokens(config, tensors, problems)  # trainable_token_indices: rows of tables (peft/_tokens.py)
     dora = bool(config.get("use_dora", False))
     modules = _group(tensors, problems, dora, bool(config.get("lora_bias", False)))
     for name, entry in modules.items():
@@ -189,7 +192,7 @@ def read_files(
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
     if not modules:
         raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")
-    return config, {**modules, **saved}
+    return config, {**modules, **saved, **tokens}
 
 
 def read_peft(

@@ -34,6 +34,7 @@ from lorajax.peft._names import (
     layer_name,
     module_namer,
 )
+from lorajax.peft._tokens import saved_tokens
 
 CALLER = "save_peft"
 
@@ -290,8 +291,11 @@ def _peft_dict(
     saved = saved_modules(params, namer, set(modules), allow_nonfinite, caller)  # also= leaves: modules_to_save
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
     config["modules_to_save"] = saved.names or None
+    token_indices, token_tensors = saved_tokens(params, namer, tokens := Problems(caller))  # peft/_tokens.py
+    tokens.raise_if_any("cannot name every table with trainable tokens as a PEFT module")
+    config["trainable_token_indices"] = token_indices or None
     config.update(target_fields(sorted(modules), model_modules(params, namer), config["modules_to_save"]))
-    return config, {**_tensors(modules), **saved.tensors}
+    return config, {**_tensors(modules), **saved.tensors, **token_tensors}
 
 
 def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
