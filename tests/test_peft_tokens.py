@@ -161,25 +161,20 @@ def test_lora_bias_gradient_reaches_the_bias_not_the_frozen_leaves():
     base, io = fixture("lora_bias")
     p = lorajax.load_peft(FIXTURES / "lora_bias", base)
     ids = jnp.asarray(io["ids"])
-    for run in (lambda q: qwen2(lorajax.merge(q), ids), lambda q: lorajax.factored(qwen2)(q, ids)):
-        g = jax.jit(jax.grad(lambda q: jnp.sum(run(q) ** 2)))(p)
+    gm = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(qwen2(lorajax.merge(q), ids)))))(p)
+    gf = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(lorajax.factored(qwen2)(q, ids)))))(p)
+    for g in (gm, gf):
         at = g["model"]["layers"]["0"]["self_attn"]
         assert float(jnp.abs(at["q_proj"]["weight"].bias).max()) > 0
         assert float(jnp.abs(at["q_proj"]["weight"].base).max()) == 0
         assert float(jnp.abs(at["q_proj"]["bias"]).max()) == 0  # the layer's own bias stays frozen
+    for layer, proj in (("0", "q_proj"), ("1", "k_proj"), ("1", "v_proj")):  # merge and factored agree
+        node_m = gm["model"]["layers"][layer]["self_attn"][proj]["weight"]
+        node_f = gf["model"]["layers"][layer]["self_attn"][proj]["weight"]
+        np.testing.assert_allclose(node_m.bias, node_f.bias, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(node_m.b, node_f.b, rtol=1e-4, atol=1e-6)
     m = lorajax.mask(p)["model"]["layers"]["0"]["self_attn"]
     assert m["q_proj"]["weight"].bias is True and m["q_proj"]["bias"] is False
-
-
-def test_lora_bias_merge_equals_factored_and_grads_agree():
-    base, io = fixture("lora_bias")
-    p = lorajax.load_peft(FIXTURES / "lora_bias", base)
-    ids = jnp.asarray(io["ids"])
-    gm = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(qwen2(lorajax.merge(q), ids)))))(p)
-    gf = jax.jit(jax.grad(lambda q: jnp.sum(jnp.tanh(lorajax.factored(qwen2)(q, ids)))))(p)
-    node_m = gm["model"]["layers"]["1"]["self_attn"]["k_proj"]["weight"]
-    node_f = gf["model"]["layers"]["1"]["self_attn"]["k_proj"]["weight"]
-    np.testing.assert_allclose(node_m.bias, node_f.bias, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_bias_save_peft_writes_peft_keys_and_round_trips(tmp_path):
@@ -377,3 +372,11 @@ def test_trainable_tokens_lorajax_adapter_in_peft(tmp_path):
     want = np.asarray(lorajax.factored(qwen2)(p, ids))
     assert np.abs(want - np.asarray(qwen2(base, ids))).max() > 1e-3 * np.abs(want).max()  # the rows matter
     close(_peft_logits("tokens", tmp_path / "out"), want)
+
+
+def test_trainable_tokens_are_counted_and_not_dropped_by_adapters():
+    base, _ = fixture("tokens")
+    p = lorajax.lorafy(base, rank=2, where=["q_proj"], trainable_tokens={"embed_tokens": [4]})
+    with pytest.raises(ValueError, match=r"model/embed_tokens/weight holds trainable tokens .* lorajax.save_peft"):
+        lorajax.adapter(p)
+    assert lorajax.summary(p).trainable == 1 * 16 + 2 * (16 * 2 + 2 * 16)  # one row, and q_proj's a, b in 2 layers
