@@ -190,6 +190,27 @@ def test_lora_bias_save_peft_writes_peft_keys_and_round_trips(tmp_path):
         np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_lora_bias_on_stacked_layers_round_trips_bit_exact(tmp_path):
+    # One (layers, out, in) kernel and (layers, out) bias for q_proj of both layers, named with a layer template.
+    base, _ = fixture("lora_bias")
+    layers = base["model"]["layers"]
+    q = [layers[i]["self_attn"]["q_proj"] for i in "01"]
+    stacked = {"q": {"weight": jnp.stack([x["weight"] for x in q]), "bias": jnp.stack([x["bias"] for x in q])}}
+    names = {"q": "model.layers.{}.self_attn.q_proj"}
+    p = lorajax.load_peft(FIXTURES / "lora_bias", stacked, name_map=names, layout={"q/weight": "soi"}, partial=True)
+    assert p["q"]["weight"].bias.shape == (2, 16)
+    want = lorajax.merge(lorajax.load_peft(FIXTURES / "lora_bias", base))["model"]["layers"]
+    got = lorajax.merge(p)["q"]
+    for i in range(2):
+        np.testing.assert_array_equal(got["bias"][i], want[str(i)]["self_attn"]["q_proj"]["bias"])
+    lorajax.save_peft(tmp_path / "out", p, name_map=names)
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    original = load_file(str(FIXTURES / "lora_bias" / "adapter_model.safetensors"))
+    assert len(written) == 6
+    for k, v in written.items():
+        np.testing.assert_array_equal(v, original[k])
+
+
 def test_lora_bias_in_adapter_files(tmp_path):
     base, io = fixture("lora_bias")
     p = lorajax.load_peft(FIXTURES / "lora_bias", base)

@@ -217,9 +217,8 @@ def _stacked_factors(
         b[i, : f.rank] = fold_scale(f.b, lora_scale(f.alpha, f.rank, f.rslora), dtype, xp=np)
         if bias is not None and f.bias is not None:  # lora_bias: its scale folded like b's
             bias[i] = fold_scale(f.bias, lora_scale(f.alpha, f.rank, f.rslora), dtype, xp=np)
-    return _Factors(
-        a, b, r_max, float(r_max), False, m, bias
-    )  # folding the scale into b leaves DoRA's W + ΔW as it was
+    # folding the scale into b leaves DoRA's W + ΔW as it was
+    return _Factors(a, b, r_max, float(r_max), False, m, bias)
 
 
 def _loaded_node(leaf: Any, lay: Layout, f: _Factors) -> LoRA:
