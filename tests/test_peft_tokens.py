@@ -401,3 +401,14 @@ def test_trainable_tokens_are_counted_and_not_dropped_by_adapters():
     with pytest.raises(ValueError, match=r"model/embed_tokens/weight holds trainable tokens .* lorajax.save_peft"):
         lorajax.adapter(p)
     assert lorajax.summary(p).trainable == 1 * 16 + 2 * (16 * 2 + 2 * 16)  # one row, and q_proj's a, b in 2 layers
+
+
+def test_lora_bias_is_refused_where_it_would_be_dropped():
+    base, _ = fixture("lora_bias")
+    p = lorajax.lorafy(base, rank=2, where=["q_proj"], lora_bias=True)
+    with pytest.raises(ValueError, match=r"combine_adapters: .*q_proj/weight have a LoRA bias"):
+        lorajax.combine_adapters([p, p], [0.5, 0.5], method="cat")
+    with pytest.raises(ValueError, match=r"stack_adapters: .*q_proj/weight have a LoRA bias"):
+        lorajax.stack_adapters([p, p], base=base)
+    with pytest.raises(ValueError, match=r"swap: .*a LoRA bias"):
+        lorajax.swap(base, None, lorajax.adapter(p))

@@ -137,6 +137,16 @@ def reject_dora(ads: Any, caller: str, why: str, todo: str) -> None:
         )
 
 
+def reject_lora_bias(ads: Any, caller: str, todo: str) -> None:
+    """Raise a ValueError naming every entry with a LoRA bias (PEFT's ``lora_bias``) of the adapters ``ads``."""
+    found = sorted({name for ad in ads if ad is not None for name, f in ad.factors.items() if f.spec.bias})
+    if found:
+        raise ValueError(
+            f"{caller}: {', '.join(found)} {'has' if len(found) == 1 else 'have'} a LoRA bias (lora_bias), which "
+            f"{caller} does not carry: it would be dropped. {todo}"
+        )
+
+
 def dump_metadata(metadata: Mapping[str, Any] | None) -> str:
     """User metadata as canonical JSON text; a TypeError says what is not serialisable."""
     if metadata is None:
