@@ -20,6 +20,8 @@ from lorajax._paths import path_str
 from lorajax._sharding import factor_specs, partition_specs, shardings_of
 from lorajax._summary import MemoryPlan, StateBytes, Summary, TargetRow, memory_plan, summary
 from lorajax._targets import Preset, all_linear, attn_all, attn_qkv, attn_qv, mlp
+from lorajax._token_rows import trainable_tokens
+from lorajax._tokens import TrainableTokens, tokens_table
 from lorajax._train import combine, mask, masked, partition
 from lorajax._trainable import Trainable, is_trainable, trainable
 from lorajax._version import __version__ as __version__
@@ -65,6 +67,7 @@ __all__ = [
     "TargetRow",
     "TracedLayouts",
     "Trainable",
+    "TrainableTokens",
     "adapter",
     "adapter_slots",
     "all_linear",
@@ -113,6 +116,8 @@ __all__ = [
     "swap",
     "to_peft_dict",
     "to_plain_lora",
+    "tokens_table",
     "trainable",
+    "trainable_tokens",
     "unlorafy",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import jax
@@ -22,9 +22,11 @@ from lorajax._layout import (
     known_kernels,
     resolve_layout,
 )
+from lorajax._lora_bias import check_lora_bias, check_siblings, with_lora_bias
 from lorajax._node import LoRA, LoRASpec, is_lora
 from lorajax._paths import KeyPath, mutable_variable_hint, rebuild
 from lorajax._problems import Problems
+from lorajax._token_rows import trainable_tokens as declare_tokens
 from lorajax._trainable import declare_trainable, is_node, is_trainable
 from lorajax.inits._factors import check_init, init_factors, init_problem, is_residual, residual_base
 from lorajax.quant import is_quantized, kernel_view, walk_stop
@@ -55,6 +57,8 @@ def lorafy(
     alpha_pattern: Mapping[str, float] | None = None,
     layout: LayoutArg = None,
     dora: bool = False,
+    lora_bias: bool = False,
+    trainable_tokens: Mapping[str, Sequence[int]] | None = None,
 ) -> Any:
     """Replace each targeted kernel of ``params`` by a :class:`LoRA` node.
 
@@ -101,6 +105,13 @@ def lorafy(
         dora: DoRA (Liu et al. 2024; PEFT's ``use_dora``): each node also gets a trainable
             ``magnitude``, one entry per output feature (in ``dtype``), set to the norms of
             ``W + scale * a @ b`` over the fan-in axes, so the model starts at the base. See the DoRA guide.
+        lora_bias: PEFT's ``lora_bias``: each node also gets a trainable ``bias`` on ``b``'s output (zeros,
+            shaped like the layer's bias), which ``merge`` and ``factored`` add as ``scale * bias`` to the
+            ``bias`` leaf of the kernel's module. Every target needs such a leaf (as PEFT needs one to merge);
+            not for embeddings, DoRA or inits that rewrite the base (PEFT's rules).
+        trainable_tokens: PEFT's ``trainable_token_indices``: ``{module name: [row indices]}`` of embedding
+            tables whose named rows train (new tokens of a chat template) while the rest of the table stays
+            frozen; see :func:`lorajax.trainable_tokens`. A table cannot be a LoRA target as well.
 
     Returns:
         A pytree of the same structure with :class:`LoRA` nodes at the targets.
@@ -116,6 +127,7 @@ def lorafy(
     """
     check_config("lorafy", rank=rank, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, key=key)
     check_init(init)
+    check_lora_bias("lorafy", lora_bias, dora, init)
     key = prng_key(key)
     leaves = _paths.tree_paths(params, is_leaf=walk_stop)  # a quantized base is one kernel
     # Exact paths in layout= (lorajax.infer_layouts) are kernels for the presets whatever their names.
@@ -165,6 +177,10 @@ def lorafy(
         chosen[n] = LoRA(base=base, a=_boxes.rebox(leaf, a, names_a), b=_boxes.rebox(leaf, b, names_b), spec=spec)
         if dora:
             chosen[n] = with_magnitude(chosen[n], dtype)
+        if lora_bias and lay.kind == "embed":
+            unfit.add(f"{name} with shape {shape}: an embedding; PEFT has no lora_bias on embeddings")
+        elif lora_bias:
+            chosen[n] = with_lora_bias(chosen[n], dtype)
     unresolved.raise_if_any("names and shapes do not settle the layout of every target", LAYOUT_HINT)
     unfit.raise_if_any(f"init={init!r} cannot read every target", "Leave them out of where, or use another init.")
     if not chosen:
@@ -179,6 +195,10 @@ def lorafy(
             + (mutable_variable_hint(leaves) or ("" if known else _BARE_HINT))
         )
     out = rebuild(params, leaves, chosen, walk_stop)
+    if lora_bias:
+        check_siblings(out, "lorafy")  # every LoRA bias needs its layer's bias leaf, as merge does
+    if trainable_tokens is not None:
+        out = declare_tokens(out, trainable_tokens, caller="lorafy")
     return out if also is None else declare_trainable(out, also, caller="lorafy", arg="also")
 
 

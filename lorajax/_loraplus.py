@@ -20,6 +20,7 @@ import optax
 
 from lorajax._node import is_lora
 from lorajax._paths import KeyPath, path_str
+from lorajax._tokens import is_tokens
 from lorajax._train import mask
 from lorajax._trainable import is_node, is_trainable
 
@@ -68,6 +69,8 @@ def labels(params: Any) -> Any:
                 t.value,
             )
             return dataclasses.replace(t, value=value)
+        if is_tokens(x):  # trainable token rows: a trained matrix, PEFT's groupA
+            return dataclasses.replace(t, base=_leaf_labels(t.base, "a"), values=_leaf_labels(t.values, "a"))
         return jax.tree.map(lambda _: "freeze", t)
 
     return jax.tree_util.tree_map_with_path(one, params, trains, is_leaf=is_node)

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 
 from lorajax import _boxes, _dora  # _dora as a module: docs/architecture.md, "Import order"
 from lorajax._fit import check_tree
+from lorajax._lora_bias import fold_biases
 from lorajax._node import LoRA, LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._paths import path_str, tree_paths
 from lorajax._problems import Problems
+from lorajax._tokens import is_tokens, tokens_table
 from lorajax._trainable import is_node, is_trainable, stop_frozen
 from lorajax.quant._api import dense_base, dequantize, walk_stop
 
@@ -133,11 +135,15 @@ def merge_nodes(params: Any, *, keep_quantized: bool = False) -> Any:
     trains dequantized (kept as they are with ``keep_quantized``, as :func:`lorajax.requantize` serves them).
     """
 
+    params = fold_biases(params, "merge")  # lora_bias: scale * bias into the layer's bias leaf (_lora_bias.py)
+
     def one(x: Any) -> Any:
         if is_lora(x):
             return _boxes.rebox(x.base, merged_kernel(x))
         if is_trainable(x):
             return x.value
+        if is_tokens(x):  # trainable tokens: the table with its trained rows
+            return tokens_table(x)
         return x if keep_quantized else dequantize(x)
 
     return jax.tree.map(one, params, is_leaf=walk_stop)
@@ -174,7 +180,11 @@ def merge_program(sharding: Any) -> Any:
 
 
 def _merge_donated(params: Any) -> Any:
+    params = fold_biases(params, "merge")  # lora_bias (_lora_bias.py); a bias leaf is small: not donated
+
     def one(path: Any, x: Any) -> Any:
+        if is_tokens(x):
+            return tokens_table(x)
         if not is_lora(x):
             return x.value if is_trainable(x) else dequantize(x)
         base, a, b, m = (_boxes.unbox(v) for v in (x.base, x.a, x.b, x.magnitude))
@@ -203,4 +213,6 @@ def unlorafy(params: Any) -> Any:
     >>> lorajax.unlorafy(p)["q"]["kernel"] is w
     True
     """
-    return jax.tree.map(lambda x: x.base if is_lora(x) else x.value if is_trainable(x) else x, params, is_leaf=is_node)
+    return jax.tree.map(
+        lambda x: x.base if is_lora(x) or is_tokens(x) else x.value if is_trainable(x) else x, params, is_leaf=is_node
+    )

@@ -50,6 +50,9 @@ class LoRASpec:
     #: ``"default"``, or the init that rewrote the node's base: ``"pissa"``, ``"pissa_niter_<k>"``, ``"olora"``
     #: (a residual base), ``"loftq"``/``"loftq_iter_<k>..."`` (a quantized base fitted with the factors).
     init: str = "default"
+    #: PEFT's ``lora_bias``: the node carries a trained bias on ``b``'s output (:attr:`LoRA.bias`, shaped like
+    #: ``b`` without its rank axis), added as ``scale * bias`` to the layer's own bias (``lorajax/_lora_bias.py``).
+    bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -135,6 +138,10 @@ class LoRA(HasSpec):
     #: ``None`` for plain LoRA. Last among the children, so ``LoRA(base, a, b, spec)`` keeps working.
     #: Read only where ``spec.variant == "dora"`` (tree maps such as sharding trees may put values in its place).
     magnitude: Any = None
+    #: PEFT's ``lora_bias``: a trained bias on ``b``'s output (``lorafy(..., lora_bias=True)``), shaped like ``b``
+    #: without its rank axis; ``merge`` and ``factored`` add ``scale * bias`` to the sibling ``bias`` leaf of the
+    #: kernel's module. Read only where ``spec.bias`` (``lorajax/_lora_bias.py``).
+    bias: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:

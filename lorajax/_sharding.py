@@ -201,7 +201,8 @@ def partition_specs(lorafied: Any, base_specs: Any) -> Any:
             _padded(spec, len(x.shape), what)
         sa, sb = _factor_shardings(spec, x.layout, x.per_example)
         sm = None if x.magnitude is None else magnitude_sharding(spec, x.layout)
-        out.append(dataclasses.replace(x, base=base_spec, a=sa, b=sb, magnitude=sm))
+        bias = magnitude_sharding(spec, x.layout) if x.spec.bias else None  # lora_bias: stacked and fan-out axes
+        out.append(dataclasses.replace(x, base=base_spec, a=sa, b=sb, magnitude=sm, bias=bias))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -313,6 +314,7 @@ def place_factors(params: Any) -> Any:
         magnitude = node.magnitude
         if magnitude is not None:
             magnitude = _put(magnitude, magnitude_sharding(sharding, node.layout))
-        return dataclasses.replace(node, a=_put(node.a, sa), b=_put(node.b, sb), magnitude=magnitude)
+        bias = _put(node.bias, magnitude_sharding(sharding, node.layout)) if node.spec.bias else node.bias
+        return dataclasses.replace(node, a=_put(node.a, sa), b=_put(node.b, sb), magnitude=magnitude, bias=bias)
 
     return jax.tree.map(place, params, is_leaf=is_lora)

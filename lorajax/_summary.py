@@ -145,7 +145,7 @@ def summary(params: Any, also: Any = None, *, optimizer: Any = None, devices: in
         if is_trainable(node):
             trained.append(_paths.path_str(path))
         if is_lora(node):
-            n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude)))
+            n = sum(_size(x)[0] for x in jax.tree.leaves((node.a, node.b, node.magnitude, node.bias)))
             adapters = math.prod(node.shape[k] for k in node.layout.stack)
             row = (_paths.path_str(path), node.shape, node.layout.axes, node.rank, node.alpha, node.scale, n, adapters)
             rows.append(TargetRow(*row))

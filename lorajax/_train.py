@@ -15,6 +15,7 @@ import jax
 import optax
 
 from lorajax._node import is_lora
+from lorajax._tokens import is_tokens
 from lorajax._trainable import is_node, is_trainable
 
 _MOVED = (
@@ -60,11 +61,12 @@ def mask(params: Any, also: Any = None) -> Any:
 
     def label(x: Any) -> Any:
         if is_lora(x):
-            return dataclasses.replace(
-                x, base=_fill(x.base, False), a=_fill(x.a, True), b=_fill(x.b, True), magnitude=_fill(x.magnitude, True)
-            )
+            trains = dict(a=_fill(x.a, True), b=_fill(x.b, True), magnitude=_fill(x.magnitude, True))
+            return dataclasses.replace(x, base=_fill(x.base, False), bias=_fill(x.bias, True), **trains)
         if is_trainable(x):
             return dataclasses.replace(x, value=_fill(x.value, True))
+        if is_tokens(x):  # trainable tokens: the rows train, the table does not
+            return dataclasses.replace(x, base=_fill(x.base, False), values=_fill(x.values, True))
         return _fill(x, False)
 
     return jax.tree.map(label, params, is_leaf=is_node)

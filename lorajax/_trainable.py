@@ -19,6 +19,7 @@ import numpy as np
 
 from lorajax import _boxes, _names, _paths, _targets
 from lorajax._node import LoRA, is_lora
+from lorajax._tokens import TrainableTokens, is_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -43,8 +44,8 @@ def is_trainable(x: Any) -> bool:
 
 
 def is_node(x: Any) -> bool:
-    """True for the nodes lorajax puts into params (:class:`LoRA`, :class:`Trainable`)."""
-    return isinstance(x, (LoRA, Trainable))
+    """True for the nodes lorajax puts into params (:class:`LoRA`, :class:`Trainable`, ``TrainableTokens``)."""
+    return isinstance(x, (LoRA, Trainable, TrainableTokens))
 
 
 def holds_nodes(tree: Any) -> bool:
@@ -180,6 +181,8 @@ def stop_frozen(tree: Any) -> Any:
             return dataclasses.replace(x, base=jax.tree.map(_stop, x.base))
         if is_trainable(x):
             return x
+        if is_tokens(x):  # trainable tokens: the table is frozen, its trained rows are not
+            return dataclasses.replace(x, base=jax.tree.map(_stop, x.base))
         return jax.tree.map(_stop, x)
 
     return jax.tree.map(one, tree, is_leaf=is_node)

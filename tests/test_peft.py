@@ -376,7 +376,6 @@ def _copy_fixture(tmp_path: Path, case: str = "linear") -> Path:
     ("change", "feature"),
     [
         ({"use_dora": True}, "use_dora"),
-        ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),  # target_parameters loads: test_peft_experts.py
         ({"bias": "all"}, "bias='all'"),
         ({"peft_type": "IA3"}, "IA3 adapter"),

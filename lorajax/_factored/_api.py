@@ -28,8 +28,10 @@ from lorajax._factored._dora import extend_factors
 from lorajax._factored._interpreter import FallbackWarning, Interpreter
 from lorajax._factored._ref import KernelRef, NodeInfo, is_array
 from lorajax._fit import check_nodes
+from lorajax._lora_bias import fold_biases
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
+from lorajax._tokens import is_tokens, tokens_table
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
 from lorajax.quant import dequantize
 
@@ -46,7 +48,10 @@ def _prepare(arg: Any) -> Any:
         return arg
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arg)):
         arg = stop_frozen(arg)
-    return jax.tree.map(lambda x: x.value if is_trainable(x) else x, arg, is_leaf=is_node)
+    arg = fold_biases(arg, "factored")  # lora_bias: the model's own bias add carries it (_lora_bias.py)
+    return jax.tree.map(
+        lambda x: x.value if is_trainable(x) else tokens_table(x) if is_tokens(x) else x, arg, is_leaf=is_node
+    )
 
 
 def factored(

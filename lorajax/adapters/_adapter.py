@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._node import HasSpec, LoRASpec, is_lora
 from lorajax._paths import path_str, tree_paths
+from lorajax._tokens import is_tokens
 from lorajax._trainable import is_node, is_trainable
 
 
@@ -42,6 +43,8 @@ class AdapterFactors(HasSpec):
     dtype: str = dataclasses.field(default="", metadata=dict(static=True))
     #: A DoRA adapter's magnitude (``spec.variant == "dora"``), one entry per output feature; ``None`` for LoRA.
     magnitude: Any = None
+    #: A LoRA bias on ``b``'s output (``spec.bias``, PEFT's ``lora_bias``), shaped like ``b`` without its rank axis.
+    bias: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -134,6 +137,16 @@ def reject_dora(ads: Any, caller: str, why: str, todo: str) -> None:
         )
 
 
+def reject_lora_bias(ads: Any, caller: str, todo: str) -> None:
+    """Raise a ValueError naming every entry with a LoRA bias (PEFT's ``lora_bias``) of the adapters ``ads``."""
+    found = sorted({name for ad in ads if ad is not None for name, f in ad.factors.items() if f.spec.bias})
+    if found:
+        raise ValueError(
+            f"{caller}: {', '.join(found)} {'has' if len(found) == 1 else 'have'} a LoRA bias (lora_bias), which "
+            f"{caller} does not carry: it would be dropped. {todo}"
+        )
+
+
 def dump_metadata(metadata: Mapping[str, Any] | None) -> str:
     """User metadata as canonical JSON text; a TypeError says what is not serialisable."""
     if metadata is None:
@@ -178,6 +191,11 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
     for path, leaf in tree_paths(params, is_leaf=is_node):
         if is_trainable(leaf):
             trainables[path_str(path)] = _boxes.unbox(leaf.value)
+        if is_tokens(leaf):
+            raise ValueError(
+                f"{caller}: {path_str(path)} holds trainable tokens (lorajax.TrainableTokens), which lorajax adapters "
+                "do not carry yet; write them with lorajax.save_peft (PEFT's trainable_token_indices)."
+            )
         if not is_lora(leaf):
             continue
         name = path_str(path)
@@ -194,6 +212,7 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
             shape=tuple(int(d) for d in base.shape),
             dtype=jnp.dtype(base.dtype).name,
             magnitude=_boxes.unbox(leaf.magnitude) if leaf.spec.variant == "dora" else None,
+            bias=_boxes.unbox(leaf.bias) if leaf.spec.bias else None,
         )
     if not factors and not trainables:
         raise ValueError(f"{caller}: params hold no LoRA node; call lorajax.lorafy (or lorajax.load_adapter) first.")

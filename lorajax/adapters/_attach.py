@@ -17,6 +17,7 @@ from lorajax import _boxes
 from lorajax._dora import magnitude_entries
 from lorajax._fit import fit_problems
 from lorajax._layout import factor_names
+from lorajax._lora_bias import lora_bias_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
@@ -229,5 +230,6 @@ def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str,
             b=_boxes.rebox(base, f.b, names_b),
             spec=f.spec,
             magnitude=m,
+            bias=None if f.bias is None else _boxes.rebox(base, f.bias, lora_bias_names(base, f.layout)),
         )
     return rebuild_params(base_params, leaves, replaced)

@@ -16,7 +16,7 @@ from lorajax._factored._banked import FORMS, BankedLoRA, Gains, Rows
 from lorajax._factored._base import in_turn
 from lorajax._node import HasSpec, LoRA, LoRASpec, compute_dtype, fold_scale, is_lora
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import Adapter, as_adapter, reject_trainables
+from lorajax.adapters._adapter import Adapter, as_adapter, reject_lora_bias, reject_trainables
 from lorajax.adapters._attach import base_problems, group_targets, index_paths, rebuild_params
 from lorajax.quant import dense_base
 
@@ -122,6 +122,7 @@ def refuse_trainables(ads: Sequence[Adapter], caller: str) -> None:
         "Serve such adapters one at a time (lorajax.attach onto the base params, then lorajax.merge), or bank "
         "adapters without trained leaves.",
     )
+    reject_lora_bias(ads, caller, "Serve such adapters one at a time (lorajax.attach, then lorajax.merge).")
 
 
 def stack_adapters(

@@ -30,6 +30,7 @@ from lorajax.adapters._adapter import (
     as_adapter,
     dump_metadata,
     reject_dora,
+    reject_lora_bias,
     reject_trainables,
 )
 from lorajax.adapters._attach import group_targets
@@ -332,6 +333,7 @@ def combine_adapters(
         "Merge each DoRA adapter into its own copy of the base (lorajax.merge) and combine the merged weights, or "
         "combine plain LoRA adapters.",
     )
+    reject_lora_bias(ads, "combine_adapters", "Merge each adapter (lorajax.merge) and combine the merged weights.")
     reject_trainables(
         ads,
         "combine_adapters",

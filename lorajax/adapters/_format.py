@@ -148,6 +148,11 @@ def save_adapter(
             if n_bad := _nonfinite(m):
                 problems.add(f"non-finite: {name}: magnitude holds {n_bad} NaN/Inf of {m.size} entries")
             tensors[name + ".magnitude"] = m
+        if f.bias is not None:  # lora_bias
+            bias = np.ascontiguousarray(jax.device_get(f.bias))
+            if n_bad := _nonfinite(bias):
+                problems.add(f"non-finite: {name}: LoRA bias holds {n_bad} NaN/Inf of {bias.size} entries")
+            tensors[name + ".bias"] = bias
         targets[name] = {
             "rank": f.rank,
             "alpha": f.alpha,
@@ -163,6 +168,8 @@ def save_adapter(
             targets[name]["variant"] = f.spec.variant
         if f.spec.init != "default":  # a PiSSA/OLoRA adapter fits only its residual base: say so in the file
             targets[name]["init"] = f.spec.init
+        if f.spec.bias:  # lora_bias: its tensor is "<path>.bias"
+            targets[name]["bias"] = True
     trainables: dict[str, Any] = {}
     for name, x in sorted(ad.trainables.items()):
         if isinstance(x, jax.core.Tracer):
@@ -281,10 +288,15 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 rslora=bool(t["rslora"]),
                 variant=str(t.get("variant", "lora")),
                 init=str(t.get("init", "default")),
+                bias=bool(t.get("bias", False)),
             )
             m = tensors.get(name + ".magnitude")
             if spec.variant == "dora" and m is None:
                 problems.add(f"missing: {name}: a DoRA entry but tensor {name + '.magnitude'} is not in the file")
+                continue
+            bias = tensors.get(name + ".bias")
+            if spec.bias and bias is None:
+                problems.add(f"missing: {name}: a LoRA bias entry but tensor {name + '.bias'} is not in the file")
                 continue
             f = AdapterFactors(
                 a=jnp.asarray(a),
@@ -293,6 +305,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 shape=tuple(int(d) for d in t["base_shape"]),
                 dtype=str(t["base_dtype"]),
                 magnitude=None if spec.variant != "dora" else jnp.asarray(m),
+                bias=jnp.asarray(bias) if spec.bias else None,
             )
             problems.extend(factor_problems(name, f))
             if "scale" in t and not math.isclose(float(t["scale"]), spec.scale, rel_tol=1e-6):  # a flipped byte
@@ -303,6 +316,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None
     known = {name + s for name in targets for s in (".a", ".b")} | set(declared)
     known |= {name + ".magnitude" for name, t in targets.items() if t.get("variant") == "dora"}
+    known |= {name + ".bias" for name, t in targets.items() if t.get("bias")}
     problems.extend([f"extra: tensor {k!r} belongs to no target in the header" for k in sorted(set(tensors) - known)])
     if not problems and header.get("fingerprint") != fingerprint(factors, trainables):
         problems.add("fingerprint: the base-shape fingerprint does not match the targets in the header")

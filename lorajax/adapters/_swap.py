@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from lorajax import _boxes
 from lorajax._node import LoRASpec, compute_dtype, is_lora, lora_delta
 from lorajax._problems import Problems
-from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora
+from lorajax.adapters._adapter import Adapter, as_adapter, reject_dora, reject_lora_bias
 from lorajax.adapters._attach import (
     base_problems,
     factor_problems,
@@ -115,6 +115,7 @@ def swap(merged: Any, old_adapter: Any, new_adapter: Any) -> Any:
         "linearly",
         "Keep the params lorafied and swap with lorajax.attach on the base params (lorajax.unlorafy), then merge.",
     )
+    reject_lora_bias((old, new), "swap", "Keep the params lorafied and use lorajax.attach, then lorajax.merge.")
     trained = dict(new.trainables) if new else {}
     problems.extend(trainable_problems(trained, leaves, index, expect=False))
     problems.extend(

@@ -22,6 +22,7 @@ from lorajax._layout import (
     layout_spec,
     parse_layout,
 )
+from lorajax._lora_bias import lora_bias_names
 from lorajax._node import LoRA, LoRASpec, fold_scale, is_lora, lora_scale
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
@@ -34,6 +35,7 @@ from lorajax.peft._modules_to_save import loaded_leaves, split_saved
 from lorajax.peft._names import NameMap, Namer, fused_slot, is_template, module_namer, template_regex
 from lorajax.peft._read import read_files
 from lorajax.peft._teach import names_any, no_match_message
+from lorajax.peft._tokens import loaded_tokens, split_tokens
 
 CALLER = "load_peft"
 Modules = dict[str, dict[str, Any]]
@@ -77,6 +79,7 @@ class _Factors(NamedTuple):
     alpha: float
     rslora: bool
     magnitude: np.ndarray | None = None  # DoRA: one entry per output feature, magnitude_shape(layout, shape)
+    bias: np.ndarray | None = None  # lora_bias: lora_B's bias, shaped like the kernel's fan-out axes
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,7 +170,9 @@ def _module_factors(
     a, b = to_ours(kind, A, B, lay, shape)
     M = modules[name].get("M")
     m = None if M is None else np.reshape(M, magnitude_shape(lay, shape))  # PEFT flattens fan-out like B
-    return _Factors(a, b, r, scaling.alpha_of(name), scaling.rslora, m)
+    bias = modules[name].get("bias")  # lora_bias: (out,) as PEFT flattens fan-out
+    bias = None if bias is None else np.reshape(bias, tuple(shape[k] for k in lay.fan_out))
+    return _Factors(a, b, r, scaling.alpha_of(name), scaling.rslora, m, bias)
 
 
 def _stacked_factors(
@@ -200,15 +205,21 @@ def _stacked_factors(
     if len(got) == count and len({(f.rank, f.alpha) for f in got.values()}) == 1:
         first = got[0]  # a and b start with the stacked axis (Layout.a_shape)
         a, b = np.stack([got[i].a for i in range(count)]), np.stack([got[i].b for i in range(count)])
-        return _Factors(a, b, first.rank, first.alpha, first.rslora, m)
+        bias = None if first.bias is None else np.stack([np.asarray(got[i].bias) for i in range(count)])
+        return _Factors(a, b, first.rank, first.alpha, first.rslora, m, bias)
     r_max = max(f.rank for f in got.values())
     dtype = np.result_type(*[f.a.dtype for f in got.values()])
     a = np.zeros((count, *inner.a_shape(inner_shape, r_max)), dtype)
     b = np.zeros((count, *inner.b_shape(inner_shape, r_max)), dtype)
+    has_bias = any(f.bias is not None for f in got.values())
+    bias = np.zeros((count, *(inner_shape[k] for k in inner.fan_out)), dtype) if has_bias else None
     for i, f in got.items():
         a[i, ..., : f.rank] = f.a
         b[i, : f.rank] = fold_scale(f.b, lora_scale(f.alpha, f.rank, f.rslora), dtype, xp=np)
-    return _Factors(a, b, r_max, float(r_max), False, m)  # folding the scale into b leaves DoRA's W + ΔW as it was
+        if bias is not None and f.bias is not None:  # lora_bias: its scale folded like b's
+            bias[i] = fold_scale(f.bias, lora_scale(f.alpha, f.rank, f.rslora), dtype, xp=np)
+    # folding the scale into b leaves DoRA's W + ΔW as it was
+    return _Factors(a, b, r_max, float(r_max), False, m, bias)
 
 
 def _loaded_node(leaf: Any, lay: Layout, f: _Factors) -> LoRA:
@@ -221,11 +232,12 @@ def _loaded_node(leaf: Any, lay: Layout, f: _Factors) -> LoRA:
         names = _boxes.names(box)
         m = _boxes.rebox(box, jnp.asarray(f.magnitude), None if names is None else magnitude_entries(lay, names))
         variant = "dora"
+    bias = None if f.bias is None else _boxes.rebox(box, jnp.asarray(f.bias), lora_bias_names(box, lay))
     if is_lora(leaf):
-        spec = leaf.spec.replace(rank=f.rank, alpha=f.alpha, rslora=f.rslora, variant=variant)
-        return dataclasses.replace(leaf, a=a, b=b, spec=spec, magnitude=m)
-    spec = LoRASpec(rank=f.rank, alpha=f.alpha, layout=lay, rslora=f.rslora, variant=variant)
-    return LoRA(base=leaf, a=a, b=b, spec=spec, magnitude=m)
+        spec = leaf.spec.replace(rank=f.rank, alpha=f.alpha, rslora=f.rslora, variant=variant, bias=bias is not None)
+        return dataclasses.replace(leaf, a=a, b=b, spec=spec, magnitude=m, bias=bias)
+    spec = LoRASpec(rank=f.rank, alpha=f.alpha, layout=lay, rslora=f.rslora, variant=variant, bias=bias is not None)
+    return LoRA(base=leaf, a=a, b=b, spec=spec, magnitude=m, bias=bias)
 
 
 def _load_kernel(
@@ -250,6 +262,8 @@ def _load_kernel(
         inner = Layout(lay.axes[1:])
         got = {j: _module_factors(m, modules, scaling, inner, shape[1:], f"{where}[{j}]") for j, m in layers.items()}
         parts = {j: (f.a, f.b, lora_scale(f.alpha, f.rank, f.rslora), f.magnitude) for j, f in got.items()}
+        if any(f.bias is not None for f in got.values()):
+            raise ValueError(f"{where}: a fused kernel with LoRA biases (lora_bias); load onto unfused kernels")
         blk = block_factors(where, lay, shape, parts)
         return _loaded_node(leaf, lay, _Factors(blk.a, blk.b, blk.rank, float(blk.rank), False, blk.magnitude))
     if module is None:
@@ -348,6 +362,7 @@ def load_peft(
     """
     config, modules = read_files(path, CALLER, allow_nonfinite=allow_nonfinite)
     saved, modules = split_saved(modules)  # modules_to_save: Trainable leaves (peft/_modules_to_save.py)
+    tokens, modules = split_tokens(modules)  # trainable_token_indices: TrainableTokens nodes (peft/_tokens.py)
     scaling, fan_in_fan_out = _Scaling.of(config), bool(config.get("fan_in_fan_out", False))
     namer = module_namer(name_map, CALLER)
     leaves = tree_paths(params, is_leaf=is_lora)
@@ -373,6 +388,7 @@ def load_peft(
             message, where = str(e).removeprefix(f"{CALLER}: "), path_str(kpath)
             problems.add(message if where in message else f"{where}: {message}")
     trained = loaded_leaves(saved, params, leaves, namer, problems, CALLER)
+    trained.update(loaded_tokens(tokens, leaves, namer, problems, partial))
     unmatched = any("no parameter maps to it" in p for p in problems.items)
     problems.raise_if_any(
         f"cannot load {path}",

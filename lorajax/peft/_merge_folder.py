@@ -97,7 +97,11 @@ class _Plan(NamedTuple):
 def _plan(entry: dict[str, Any], name: str, info: dict[str, Any], config: dict[str, Any]) -> _Plan | str:
     """How module ``name`` merges into its weight ``info`` (safetensors header entry), or the problem."""
     shape, dtype = tuple(info["shape"]), info["dtype"]
+    if "A" not in entry:  # trainable_token_indices (or a module to save): not a LoRA pair
+        return f"{name}: not a LoRA module ({entry['kind']}); merge it with lorajax.load_peft and lorajax.merge instead"
     kind, A, B = entry["kind"], entry["A"], entry["B"]
+    if "bias" in entry:  # lora_bias: merge_peft rewrites weights only
+        return f"{name}: has a LoRA bias (lora_bias); merge it with lorajax.load_peft and lorajax.merge instead"
     if dtype not in _DTYPES:
         return (
             f"{name}.weight: dtype {dtype}; merge_peft writes merged weights in {', '.join(_DTYPES)} only "

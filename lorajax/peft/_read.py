@@ -15,6 +15,7 @@ from lorajax.peft._experts import parameter_entries
 from lorajax.peft._layers import check_targets, why_untargeted
 from lorajax.peft._modules_to_save import take_saved
 from lorajax.peft._names import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorajax.peft._tokens import take_tokens
 
 #: Tensor-name suffix -> (factor, module kind).
 _SUFFIXES = {
@@ -23,13 +24,10 @@ _SUFFIXES = {
     ".lora_embedding_A": ("A", "embed"),
     ".lora_embedding_B": ("B", "embed"),
     ".lora_magnitude_vector": ("M", ""),  # DoRA; the module's kind comes from its A and B
+    ".lora_B.bias": ("bias", ""),  # lora_bias=True: lora_B's bias, (out,)
 }
 # Tensor-name fragments of PEFT features lorajax does not implement, for a precise error.
-_UNSUPPORTED_KEYS = (
-    ("modules_to_save", "modules_to_save (fully trained copies of modules)"),
-    ("trainable_tokens", "trainable_token_indices"),
-    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
-)
+_UNSUPPORTED_KEYS = (("modules_to_save", "modules_to_save (fully trained copies of modules)"),)
 _SUPPORTED = (
     "Only LoRA and DoRA (with rsLoRA, rank_pattern, alpha_pattern) on Linear, Conv1D, ConvNd and Embedding load."
 )
@@ -37,14 +35,16 @@ _SUPPORTED = (
 
 def _unsupported_features(config: dict[str, Any]) -> list[str]:
     found = []
-    if config.get("lora_bias"):
-        found.append("lora_bias=True (a trained bias on lora_B)")
     if config.get("bias", "none") != "none":
         found.append(f"bias={config['bias']!r} (trained base biases)")
-    for key in ("trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config"):
+    for key in ("layer_replication", "alora_invocation_tokens", "arrow_config", "velora_config", "monteclora_config"):
         if config.get(key):
             found.append(f"{key}={config[key]!r}")
     found += [f"{key}=True" for key in ("use_qalora", "use_bdlora") if config.get(key)]
+    if config.get("kasa_config"):  # PEFT's LoRA variants with their own forward (LoraConfig's is_lora_variant)
+        found.append("kasa_config (KaSA)")
+    if config.get("init_lora_weights") == "mica":
+        found.append("init_lora_weights='mica' (MiCA)")
     return found
 
 
@@ -82,7 +82,9 @@ def _files(root: Path, caller: str) -> tuple[Path, Path]:
     return cfg_file, w_file
 
 
-def _group(tensors: dict[str, Any], problems: Problems, dora: bool) -> dict[str, dict[str, Any]]:
+def _group(
+    tensors: dict[str, Any], problems: Problems, dora: bool, lora_bias: bool = False
+) -> dict[str, dict[str, Any]]:
     """``{module: {"kind": ..., "A": ..., "B": ...}}`` (plus ``"M"``, a DoRA magnitude) from PEFT's tensor names."""
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -94,6 +96,8 @@ def _group(tensors: dict[str, Any], problems: Problems, dora: bool) -> dict[str,
             problems.add(
                 f"{key}: a DoRA magnitude, but the config does not set use_dora=True; fix the config or drop the tensor"
             )
+        elif suffix == ".lora_B.bias" and not lora_bias:
+            problems.add(f"{key}: a LoRA bias, but the config does not set lora_bias=True; fix the config or drop it")
         elif suffix is None:
             problems.add(f"{key}: not a LoRA factor (*.lora_A.weight, *.lora_B.weight, *.lora_embedding_A/B)")
         else:
@@ -125,6 +129,8 @@ def _check_pair(name: str, entry: dict[str, Any], dora: bool) -> str | None:
     )
     if not ok:
         return f"{name}: factor shapes A {A.shape}, B {B.shape} do not form a rank-{r} LoRA pair"
+    if "bias" in entry and tuple(entry["bias"].shape) != (B.shape[0],):
+        return f"{name}: LoRA bias (lora_B.bias) has shape {tuple(entry['bias'].shape)}; expected ({B.shape[0]},)"
     if dora and "M" not in entry:
         return f"{name}: the config sets use_dora=True (DoRA) but the module has no lora_magnitude_vector"
     if dora:
@@ -174,8 +180,9 @@ def read_files(
     problems = Problems(caller)
     problems.extend(_value_problems(tensors, allow_nonfinite))
     saved = take_saved(config, tensors, problems)  # modules_to_save: whole modules (peft/_modules_to_save.py)
+    tokens = take_tokens(config, tensors, problems)  # trainable_token_indices: rows of tables (peft/_tokens.py)
     dora = bool(config.get("use_dora", False))
-    modules = _group(tensors, problems, dora)
+    modules = _group(tensors, problems, dora, bool(config.get("lora_bias", False)))
     for name, entry in modules.items():
         problem = _check_pair(name, entry, dora)
         if problem is not None:
@@ -187,7 +194,7 @@ def read_files(
     problems.raise_if_any(f"{w_file} has entries lorajax cannot load")
     if not modules:
         raise ValueError(f"{caller}: {w_file} holds no LoRA factors.")
-    return config, {**modules, **saved}
+    return config, {**modules, **saved, **tokens}
 
 
 def read_peft(

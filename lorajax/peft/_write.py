@@ -35,6 +35,7 @@ from lorajax.peft._names import (
     layer_name,
     module_namer,
 )
+from lorajax.peft._tokens import saved_tokens
 
 CALLER = "save_peft"
 
@@ -47,6 +48,7 @@ class _Factors(NamedTuple):
     a: np.ndarray
     b: np.ndarray
     magnitude: np.ndarray | None = None  # DoRA
+    bias: np.ndarray | None = None  # lora_bias
 
 
 class _Module(NamedTuple):
@@ -59,13 +61,14 @@ class _Module(NamedTuple):
     a: np.ndarray
     b: np.ndarray
     magnitude: np.ndarray | None = None  # DoRA
+    bias: np.ndarray | None = None  # lora_bias, shaped like the layer's fan-out
 
 
 def _nonfinite(factors: Iterable[_Factors], problems: Problems) -> None:
     for f in factors:
         found = [
             f"{name} has {count} {what}"
-            for name, x in (("a", f.a), ("b", f.b), ("magnitude", f.magnitude))
+            for name, x in (("a", f.a), ("b", f.b), ("magnitude", f.magnitude), ("bias", f.bias))
             if x is not None
             for what, count in (("NaN", int(np.isnan(x).sum())), ("Inf", int(np.isinf(x).sum())))
             if count
@@ -79,10 +82,12 @@ def _split(f: _Factors, name: str | tuple[str, ...]) -> list[tuple[str, _Module]
     slice of a fused kernel (``name`` is a tuple)."""
     node = f.node
     if isinstance(name, tuple):
+        if f.bias is not None:
+            raise ValueError(f"{f.path}: a fused kernel with a LoRA bias (lora_bias); PEFT has one bias per module")
         parts = fused_slices(f.path, node.layout, node.shape, f.a, f.b, f.magnitude, name)
         return [(n, _Module(f.path, node, *part)) for n, part in parts]
     if not node.layout.stack:
-        return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b, f.magnitude))]
+        return [(name, _Module(f.path, node, node.layout, node.shape, f.a, f.b, f.magnitude, f.bias))]
     if not is_template(name):
         raise ValueError(
             f"{f.path}: stacked layout {node.layout.axes!r} but one module name {name!r}; PEFT has one module "
@@ -91,9 +96,21 @@ def _split(f: _Factors, name: str | tuple[str, ...]) -> list[tuple[str, _Module]
             "'model.layers.0.mlp.experts.down_proj'"
         )
     inner, inner_shape, count = unstack(node.layout, node.shape, f.path)
-    m = f.magnitude
+    m, bias = f.magnitude, f.bias
     return [
-        (layer_name(name, k), _Module(f.path, node, inner, inner_shape, f.a[k], f.b[k], None if m is None else m[k]))
+        (
+            layer_name(name, k),
+            _Module(
+                f.path,
+                node,
+                inner,
+                inner_shape,
+                f.a[k],
+                f.b[k],
+                None if m is None else m[k],
+                None if bias is None else bias[k],
+            ),
+        )
         for k in range(count)
     ]
 
@@ -147,6 +164,7 @@ def _most_common(values: Iterable[Any]) -> Any:
 
 def _tensors(modules: dict[str, _Module]) -> dict[str, np.ndarray]:
     tensors = {}
+    lora_bias = any(m.bias is not None for m in modules.values())  # PEFT's lora_bias holds for a whole adapter
     for name, m in modules.items():
         A, B = to_torch(m.layout.kind, m.a, m.b, m.layout, m.shape)
         if m.layout.kind == "embed":
@@ -157,6 +175,9 @@ def _tensors(modules: dict[str, _Module]) -> dict[str, np.ndarray]:
             lead = (1,) if m.layout.kind == "conv" else ()
             shape = lead + (B.shape[0],) + (1,) * (A.ndim - 2 if m.layout.kind == "conv" else 0)
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m.magnitude.reshape(shape))
+        if lora_bias:  # (out,); a node without one gets PEFT's zero init
+            bias = np.zeros(B.shape[0], B.dtype) if m.bias is None else m.bias.reshape(-1)
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = np.ascontiguousarray(bias)
     return tensors
 
 
@@ -187,7 +208,7 @@ def _config(modules: dict[str, _Module], base_model_name_or_path: str | None, fa
         "lora_dropout": 0.0,
         "bias": "none",
         "use_dora": any(m.magnitude is not None for m in modules.values()),
-        "lora_bias": False,
+        "lora_bias": any(m.bias is not None for m in modules.values()),
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -245,6 +266,7 @@ def _peft_dict(
             np.asarray(_boxes.unbox(x.a)),
             np.asarray(_boxes.unbox(x.b)),
             None if x.magnitude is None else np.asarray(_boxes.unbox(x.magnitude)),
+            np.asarray(_boxes.unbox(x.bias)) if x.spec.bias else None,
         )
         for kpath, x in tree_paths(params, is_leaf=is_lora)
         if is_lora(x)
@@ -274,9 +296,12 @@ def _peft_dict(
     saved = saved_modules(params, namer, set(modules), allow_nonfinite, caller)  # also= leaves: modules_to_save
     config = _config(modules, base_model_name_or_path, fan_in_fan_out)
     config["modules_to_save"] = saved.names or None
+    token_indices, token_tensors = saved_tokens(params, namer, tokens := Problems(caller))  # peft/_tokens.py
+    tokens.raise_if_any("cannot name every table with trainable tokens as a PEFT module")
+    config["trainable_token_indices"] = token_indices or None
     config.update(target_fields(sorted(modules), model_modules(params, namer), config["modules_to_save"]))
     config, bank = bank_tensors(banks, config, PREFIX, caller)
-    return config, {**_tensors(modules), **bank, **saved.tensors}
+    return config, {**_tensors(modules), **bank, **saved.tensors, **token_tensors}
 
 
 def peft_files(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
