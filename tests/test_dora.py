@@ -517,10 +517,48 @@ class _Dense(nn.Module):
         return nn.Dense(5, name="fc")(x)
 
 
+def _dora_abs_terms(pm, module, nd, x, mask, cot):
+    """PEFT's DoRA forward with dropout (norm detached) and its gradients, run on absolute values in float64.
+
+    ``y = base(x) + (g - 1) * conv(x * mask, W) + g * s * B(A(x * mask))``, ``g = m / ||W + s B A||``: the terms of
+    every sum of ``y`` and of the gradients of A, B and m, as |values|; the gradients through autograd of the
+    same expression with |A|, |B| as leaves (for a bilinear form of nonnegative values, each gradient entry is the
+    sum of its terms' absolute values).
+    """
+    import torch.nn.functional as F
+
+    prm = {k.rsplit(f"{module}.", 1)[-1]: v.detach() for k, v in pm.named_parameters()}
+    w, bias = prm["base_layer.weight"], prm["base_layer.bias"]
+    a, b, m = prm["lora_A.default.weight"], prm["lora_B.default.weight"], prm["lora_magnitude_vector.default.weight"]
+    s = getattr(pm.base_model.model, module).scaling["default"]
+    layer = getattr(pm.base_model.model, module).base_layer
+    if nd:
+        conv = getattr(F, f"conv{nd}d")
+        op = lambda h, k: conv(h, k, stride=layer.stride, padding=layer.padding)
+        op_b = lambda h, k: conv(h, k)
+    else:
+        op = op_b = F.linear
+    v = w + s * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(w.shape)
+    norm = v.reshape(v.shape[0], -1).norm(dim=1)
+    shape = (-1,) + (1,) * nd  # per output channel
+    g = (m.reshape(-1) / norm).reshape(shape)
+    xa, xd, ca = x.double().abs(), (x.double() * mask.double()).abs(), cot.double().abs()
+    a_l, b_l = a.abs().clone().requires_grad_(True), b.abs().clone().requires_grad_(True)
+    lora = op_b(op(xd, a_l), b_l)
+    base = op(xd, w.abs())
+    y = op(xa, w.abs()) + bias.abs().reshape(shape) + (g - 1).abs() * base + g.abs() * s * lora
+    (ca * g.abs() * s * lora).sum().backward()
+    grad_m = (ca * (base + s * lora.detach()) / norm.reshape(shape)).transpose(0, 1).reshape(w.shape[0], -1).sum(1)
+    grads = {"lora_A": a_l.grad.numpy(), "lora_B": b_l.grad.numpy(), "magnitude": grad_m.reshape(m.shape).numpy()}
+    return y.detach().numpy(), grads, w[0].numel(), y[:, 0].numel()
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 def test_factored_dora_with_a_fixed_dropout_mask_matches_peft(kind, tmp_path):
-    """PEFT's DoRA in training mode with its dropout replaced by our mask: forward and grads of A, B, m to 1e-5."""
+    """PEFT's DoRA in training mode with its dropout replaced by our mask: forward and grads of A, B, m."""
+    import copy
+
     import torch
     from peft import PeftModel
 
@@ -566,19 +604,30 @@ def test_factored_dora_with_a_fixed_dropout_mask_matches_peft(kind, tmp_path):
 
     getattr(pm.base_model.model, module).lora_dropout["default"] = FixedDropout()
     pm.train()
+    pm64 = copy.deepcopy(pm).double()  # the reference: PEFT's same computation in float64
     yt = pm(t(np.asarray(x)))
     (yt * t(np.asarray(cot))).sum().backward()
-    np.testing.assert_allclose(t(np.asarray(y)).numpy(), yt.detach().numpy(), rtol=RTOL, atol=ATOL)
+    y64 = pm64(t(np.asarray(x)).double())
+    (y64 * t(np.asarray(cot)).double()).sum().backward()
+    # Both float32 results against float64: sum_bound of the same computation on absolute values (_dora_abs_terms),
+    # over the longest chain of roundings: the kernel's norm (fan-in, sqrt, divide), the forward (fan-in + rank),
+    # the backward's sums over the output positions and channels, the probe mask's few roundings.
+    abs_y, abs_grads, fan, positions = _dora_abs_terms(pm64, module, nd, t(np.asarray(x)), mask, t(np.asarray(cot)))
+    n = 2 * fan + 2 + positions + yt.shape[1 if conv else -1] + 2 * p["params"][module]["kernel"].a.shape[-1] + 8 + 8
+    bound = sum_bound(abs_y, n)
+    assert_within(t(np.asarray(y)).numpy(), y64.detach().numpy(), bound, f"{kind}: lorajax y")
+    assert_within(yt.detach().numpy(), y64.detach().numpy(), bound, f"{kind}: PEFT y")
     lorajax.save_peft(tmp_path / "g", grads)  # the gradient tree under PEFT's names and layouts
     ours = load_file(str(tmp_path / "g" / "adapter_model.safetensors"))
-    theirs = {
-        name.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): v.grad.numpy()
-        for name, v in pm.named_parameters()
-        if v.grad is not None
-    }
-    assert sorted(theirs) == sorted(ours) and any("magnitude" in k for k in ours)
+    peft_name = lambda name: name.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector")
+    theirs = {peft_name(name): v.grad.numpy() for name, v in pm.named_parameters() if v.grad is not None}
+    ref = {peft_name(name): v.grad.numpy() for name, v in pm64.named_parameters() if v.grad is not None}
+    assert sorted(theirs) == sorted(ours) == sorted(ref) and any("magnitude" in k for k in ours)
     for name, g in theirs.items():
-        np.testing.assert_allclose(ours[name], g.reshape(ours[name].shape), rtol=RTOL, atol=ATOL, err_msg=name)
+        part = next(k for k in abs_grads if k in name)
+        bound, want = sum_bound(abs_grads[part], n).reshape(ours[name].shape), ref[name].reshape(ours[name].shape)
+        assert_within(ours[name], want, bound, f"{kind}: lorajax {name}")
+        assert_within(g.reshape(ours[name].shape), want, bound, f"{kind}: PEFT {name}")
 
 
 def test_factored_dora_through_scan_equals_merge():

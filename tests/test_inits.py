@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerances import assert_within, order_bound, sum_bound
 from safetensors.numpy import load_file
 
 import lorajax
@@ -350,6 +351,72 @@ def test_sharded_bases_keep_their_sharding():
         assert err <= 1e-6, case
 
 
+def _regenerated_init_bounds(config, files):
+    """Bounds on ``|run1 - run2|`` for a PiSSA/OLoRA fixture's computed tensors, from perturbation theory.
+
+    Each run's SVD/QR is backward stable: the exact factorisation of ``W + E`` with ``||E||_2 <= gamma(m n)
+    ||W||_F`` (two runs: twice that, ``dw``). First order (Wedin; Stewart & Sun), a singular vector moves by
+    ``dw / gap`` (its gap to the other singular values, 0 included when W is not square), a singular value by
+    ``dw``; the rank-r projector by ``dw / gap_r`` on each side (OLoRA: ``dw / sigma_min(W[:, :r])``, the
+    leading columns' span), so ``s B A`` and the residual by ``dw (1 + 2 ||W|| / gap_r)``; every factor entry
+    also carries its own few roundings. The output y: these parameter errors pushed through the MLP (tanh is
+    1-Lipschitz) plus the order_bound of its forward on absolute values.
+    """
+    r, alpha = config["r"], config["lora_alpha"]
+    s = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
+    base, io_want = files["base"][1], files["io"][1]
+    bounds, w_eff = {}, {}
+    for layer in ("fc1", "fc2"):
+        w = np.asarray(base[f"{layer}.weight"], np.float64)
+        m, n = w.shape
+        dw = order_bound(np.linalg.norm(w), m * n)
+        sig = np.linalg.svd(w, compute_uv=False)
+        norm2 = sig[0]
+        if config["init_lora_weights"] == "olora":
+            sig_r = np.linalg.svd(w[:, :r], compute_uv=False)[-1]
+            e_b = 2 * dw / sig_r  # Q's leading r columns
+            e_a = e_b * norm2 + dw  # R's rows: Q_r.T W
+            proj = 2 * norm2 / sig_r
+        else:
+            others = np.concatenate([sig, [0.0]]) if m != n else sig
+            gaps = [np.min(np.abs(np.delete(others, i) - sig[i])) for i in range(r)]
+            e_b = e_a = max(
+                (np.sqrt(sig[i]) * 2 * dw / gaps[i] + dw / (2 * np.sqrt(sig[i]))) / np.sqrt(s) for i in range(r)
+            )
+            proj = 2 * norm2 / (sig[r - 1] - sig[r])
+        b0 = np.asarray(files["initial/adapter_model"][1][f"base_model.model.{layer}.lora_B.weight"], np.float64)
+        a0 = np.asarray(files["initial/adapter_model"][1][f"base_model.model.{layer}.lora_A.weight"], np.float64)
+        bounds["initial/adapter_model", f"base_model.model.{layer}.lora_B.weight"] = e_b + sum_bound(abs(b0), 4)
+        bounds["initial/adapter_model", f"base_model.model.{layer}.lora_A.weight"] = e_a + sum_bound(abs(a0), 4)
+        res = np.asarray(files["residual"][1][f"{layer}.weight"], np.float64)
+        e_res = dw * (1 + proj) + sum_bound(abs(w) + s * abs(b0) @ abs(a0), r + 2)
+        bounds["residual", f"{layer}.weight"] = e_res
+        bounds["residual", f"{layer}.bias"] = np.zeros_like(res[:, 0])  # copied
+        tb = np.asarray(io_want[f"base_model.model.{layer}.lora_B.default.weight"], np.float64)
+        ta = np.asarray(io_want[f"base_model.model.{layer}.lora_A.default.weight"], np.float64)
+        e_tb, e_ta = e_b + sum_bound(abs(tb), 4 + 1), e_a + sum_bound(abs(ta), 4 + 1)  # + noise: one rounding more
+        bounds["io", f"base_model.model.{layer}.lora_B.default.weight"] = e_tb
+        bounds["io", f"base_model.model.{layer}.lora_A.default.weight"] = e_ta
+        conv = files["converted/adapter_model"][1]  # [A | A0] and [B | -B0]: copies of the entries above
+        bounds["converted/adapter_model", f"base_model.model.{layer}.lora_A.weight"] = np.concatenate(
+            [np.broadcast_to(e_ta, ta.shape), np.broadcast_to(e_a + sum_bound(abs(a0), 4), a0.shape)], 0
+        )
+        bounds["converted/adapter_model", f"base_model.model.{layer}.lora_B.weight"] = np.concatenate(
+            [np.broadcast_to(e_tb, tb.shape), np.broadcast_to(e_b + sum_bound(abs(b0), 4), b0.shape)], 1
+        )
+        assert conv[f"base_model.model.{layer}.lora_A.weight"].shape == (2 * r, n)
+        # The trained layer's kernel res + s B A: its entries' error, first order, and its absolute-value twin.
+        err = e_res + s * (np.broadcast_to(e_tb, tb.shape) @ abs(ta) + abs(tb) @ np.broadcast_to(e_ta, ta.shape))
+        w_eff[layer] = (err, abs(res) + s * abs(tb) @ abs(ta), abs(base[f"{layer}.bias"]).astype(np.float64), n)
+    x = abs(np.asarray(io_want["x"], np.float64))
+    (e1, w1, b1, n1), (e2, w2, b2, n2) = w_eff["fc1"], w_eff["fc2"]
+    h = x @ w1.T + b1  # bounds |fc1(x)| and |tanh(fc1(x))|
+    y_err = (x @ e1.T) @ w2.T + h @ e2.T  # parameter errors through fc2(tanh(fc1(x)))
+    y_err += order_bound(h @ w2.T + b2, (n1 + r + 4) + 4 + (n2 + r + 4))
+    bounds["io", "y"] = y_err
+    return bounds
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(PEFT_CASES))
 def test_fixtures_regenerate(case, tmp_path):
@@ -365,11 +432,21 @@ def test_fixtures_regenerate(case, tmp_path):
         script.write_case(case, tmp_path)
     finally:
         sys.path.pop(0)
+    files = {}
     for name in ("base", "residual", "io", "initial/adapter_model", "converted/adapter_model"):
         got, want = load_file(tmp_path / f"{name}.safetensors"), load_file(FIXTURES / case / f"{name}.safetensors")
         assert sorted(got) == sorted(want)
+        files[name] = (got, want)
+    for name in ("base",):  # seeded: bit for bit
+        for key, want in files[name][1].items():
+            np.testing.assert_array_equal(files[name][0][key], want, err_msg=f"{case}/{name}: {key}")
+    np.testing.assert_array_equal(files["io"][0]["x"], files["io"][1]["x"])
+    bounds = _regenerated_init_bounds(script.CASES[case], files)
+    for name, (got, want) in files.items():
         for key in want:
-            np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=0, err_msg=f"{case}/{name}: {key}")
+            if (name, key) in bounds:
+                assert_within(got[key], want[key], bounds[name, key], f"{case}/{name}: {key}")
+    assert set(bounds) == {(n, k) for n, (_, w) in files.items() for k in w if n != "base" and k != "x"}
 
 
 def test_quantized_base_is_refused_with_the_way_out():
