@@ -32,6 +32,7 @@ from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
 from lorajax.quant import dequantize
+from lorajax.quant._api import typed_sharding
 
 __all__ = ["FallbackWarning", "factored"]
 
@@ -169,7 +170,8 @@ def _node_name(path: Any) -> str:
 
 
 def _aval_key(x: Any) -> tuple:
-    return (tuple(x.shape), str(x.dtype), bool(getattr(getattr(x, "aval", None), "weak_type", False)))
+    weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
+    return (tuple(x.shape), str(x.dtype), weak, typed_sharding(x))  # explicit meshes type shardings: part of the key
 
 
 def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active, fast_weight_grads) -> Callable:
@@ -194,7 +196,7 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
         a, kw = dequantize(jax.tree_util.tree_unflatten(treedef, rebuilt))
         return fn(*a, **kw)
 
-    shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2]) for v in dyn]
+    shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2], sharding=_aval_key(v)[3]) for v in dyn]
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*shapes)
     out_tree = jax.tree_util.tree_structure(out_shape)
     # Only static facts of the nodes: the cache must not keep the first call's arrays alive.
