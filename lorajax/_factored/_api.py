@@ -31,7 +31,7 @@ from lorajax._fit import check_nodes
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
-from lorajax.quant import dequantize
+from lorajax.quant import dequantize, is_quantized
 from lorajax.quant._api import typed_sharding
 
 __all__ = ["FallbackWarning", "factored"]
@@ -171,7 +171,22 @@ def _node_name(path: Any) -> str:
 
 def _aval_key(x: Any) -> tuple:
     weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
-    return (tuple(x.shape), str(x.dtype), weak, typed_sharding(x))  # explicit meshes type shardings: part of the key
+    return (tuple(x.shape), str(x.dtype), weak, _typed_sharding(x))
+
+
+def _typed_sharding(x: Any) -> Any:
+    """The sharding ``x``'s type carries (mesh axes of type ``Explicit``), or ``None``.
+
+    ``fn`` is traced with it, so that a ``jax.shard_map`` inside sees its inputs' specs as JAX would.
+    """
+    if is_quantized(x):  # a quantized base stands in as its dense kernel: sharded like it
+        return typed_sharding(x)
+    if not isinstance(x, (jax.Array, jax.core.Tracer)):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is None or all(entry is None for entry in getattr(sharding, "spec", ())):
+        return None
+    return sharding
 
 
 def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active, fast_weight_grads) -> Callable:
@@ -196,7 +211,9 @@ def _build(fn, leaves, treedef, infos, dyn, strict, fuse, flatten, rate, active,
         a, kw = dequantize(jax.tree_util.tree_unflatten(treedef, rebuilt))
         return fn(*a, **kw)
 
-    shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2], sharding=_aval_key(v)[3]) for v in dyn]
+    shapes = [
+        jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=_aval_key(v)[2], sharding=_typed_sharding(v)) for v in dyn
+    ]
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*shapes)
     out_tree = jax.tree_util.tree_structure(out_shape)
     # Only static facts of the nodes: the cache must not keep the first call's arrays alive.
