@@ -8,7 +8,8 @@ linear kernels are stored: fp32, bf16, or NF4 + double quantization (quantized f
 dequantizes to bf16). The frozen tree is an argument of the step. FLOPs and peak memory are XLA's
 (``cost_analysis`` / ``memory_analysis``), frozen-weight bytes are the bytes of the frozen tree, and wall time is
 measured round-robin (each round runs every mode once), the median per mode reported with the load average,
-since only ratios within one run are meaningful on a shared machine.
+since only ratios within one run are meaningful on a shared machine. NF4 dequantizations are counted in the step's
+jaxpr (lookups in the NF4 codebook): QDoRA's equal QLoRA's, its norms reading the kernel the forward dequantizes.
 
 Writes ``benchmarks/qlora_step.json`` and prints a markdown table.
 """
@@ -57,9 +58,23 @@ def make_mode(model, params, tokens, dora: bool = False):
         return optax.apply_updates(t, upd), opt, loss
 
     # The frozen tree is an argument, not a closed-over constant, so XLA's peak counts its bytes.
-    once, figures = compiled_step(step, (trainable, tx.init(trainable)), frozen, tokens)
+    state = (trainable, tx.init(trainable))
+    once, figures = compiled_step(step, state, frozen, tokens)
+    lookups = nf4_lookups(jax.make_jaxpr(step)(*state, frozen, tokens).jaxpr)
+    return once, {**figures, "frozen_bytes": int(lorajax.summary(frozen).total_bytes), "nf4_dequantizations": lookups}
 
-    return once, {**figures, "frozen_bytes": int(lorajax.summary(frozen).total_bytes)}
+
+def nf4_lookups(jaxpr) -> int:
+    """NF4 kernels dequantized by ``jaxpr`` (sub-jaxprs included): its gathers from the 16-entry NF4 codebook."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "gather" and tuple(eqn.invars[0].aval.shape) == (16,)
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    n += nf4_lookups(inner)
+    return n
 
 
 def main() -> None:
@@ -74,17 +89,19 @@ def main() -> None:
     q, b = rows["QLoRA, nf4+DQ base"], rows["LoRA, bf16 base"]
     ratios = {f"QLoRA/bf16 LoRA, {k}": q[k] / b[k] for k in ("median_s", "flops", "peak_bytes", "frozen_bytes")}
     qd = rows["QDoRA, nf4+DQ base"]
-    ratios.update({f"QDoRA/QLoRA, {k}": qd[k] / q[k] for k in ("median_s", "flops", "peak_bytes")})
+    ratios.update(
+        {f"QDoRA/QLoRA, {k}": qd[k] / q[k] for k in ("median_s", "flops", "peak_bytes", "nf4_dequantizations")}
+    )
     result = {"config": cfg, "rank": RANK, "rounds": args.steps, "machine": machine, "modes": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     load = f"{machine['loadavg_start']} -> {machine['loadavg_end']}"
     print(f"config {cfg}, rank {RANK}, {args.steps} timed rounds; load average {load}")
-    print("| mode | median step (ms) | GFLOP | peak (MiB) | frozen weights (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| mode | median step (ms) | GFLOP | peak (MiB) | frozen weights (MiB) | NF4 dequantizations |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(
             f"| {name} | {r['median_s'] * 1e3:.1f} | {r['flops'] / 1e9:.2f} | {r['peak_bytes'] / 2**20:.1f} "
-            f"| {r['frozen_bytes'] / 2**20:.2f} |"
+            f"| {r['frozen_bytes'] / 2**20:.2f} | {r['nf4_dequantizations']} |"
         )
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")

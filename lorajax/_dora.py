@@ -30,7 +30,7 @@ import numpy as np
 from lorajax import _boxes
 from lorajax._layout import Layout
 from lorajax._node import LoRA, LoRASpec, compute_dtype, lora_delta
-from lorajax.quant._api import dense_base
+from lorajax.quant._api import dense_base, typed_sharding
 from lorajax.quant._kernel import is_quantized
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -90,8 +90,23 @@ def column_norm(w: jax.Array, layout: Layout, dtype: Any = None) -> jax.Array:
     """
     dtype = compute_dtype(w.dtype) if dtype is None else dtype
     ws, _, _, ms, _ = _letters(layout)
-    sq = jnp.einsum(f"{ws},{ws}->{ms}", w, w, precision=_HIGHEST, preferred_element_type=dtype)
+    out = typed_out(w, lambda spec: magnitude_entries(layout, spec))
+    sq = jnp.einsum(f"{ws},{ws}->{ms}", w, w, precision=_HIGHEST, preferred_element_type=dtype, **out)
     return jnp.sqrt(sq)
+
+
+def typed_out(x: Any, entries: Any) -> dict:
+    """``out_sharding`` for a contraction of ``x`` on a mesh with explicit axes (over a sharded axis it must be
+    named): ``entries(x's spec, one entry per axis)`` gives the output's; ``{}`` elsewhere.
+
+    >>> typed_out(jnp.ones((2, 3)), lambda spec: spec[1:])
+    {}
+    """
+    sharding = typed_sharding(x)
+    if sharding is None:
+        return {}
+    spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
+    return {"out_sharding": jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*entries(spec)))}
 
 
 def initial_magnitude(base: Any, a: Any, b: Any, spec: LoRASpec, dtype: Any) -> jax.Array:
@@ -199,12 +214,15 @@ def factored_norm(base: Any, a: Any, b: Any, spec: LoRASpec, dtype: Any = None) 
     wf, af, bf = base, jnp.asarray(a).astype(dt), jnp.asarray(b).astype(dt)
     s = jnp.asarray(spec.scale, dt)
     kw = dict(precision=_HIGHEST, preferred_element_type=dt)
-    w2 = jnp.einsum(f"{ws},{ws}->{ms}", wf, wf, **kw)
+    mag = lambda entries: magnitude_entries(spec.layout, entries)
+    w2 = jnp.einsum(f"{ws},{ws}->{ms}", wf, wf, **kw, **typed_out(wf, mag))
     # Rank-major (r before W's free axes), and the sums over r below as multiply-and-reduce, not as one
     # einsum with W's free axes batched: XLA:CPU then reorients aᵀW and runs it 5-6x slower.
-    aw = jnp.einsum(f"{as_},{ws}->r{ms}", af, wf, **kw)  # mixed dtypes: W is not cast
+    aw = jnp.einsum(f"{as_},{ws}->r{ms}", af, wf, **kw, **typed_out(wf, lambda e: (None, *mag(e))))  # W not cast
     bt = jnp.einsum(f"{bs}->r{ms}", bf)  # b laid out like aw
-    gram = jnp.einsum(f"{as_},{as_.replace('r', 'z')}->{ss}rz", af, af, **kw)
+    ns = len(ss)
+    out = typed_out(af, lambda e: (*e[:ns], None, None))
+    gram = jnp.einsum(f"{as_},{as_.replace('r', 'z')}->{ss}rz", af, af, **kw, **out)
     gb = jnp.einsum(f"{ss}rz,{bs.replace('r', 'z')}->r{ms}", gram, bf, **kw)
     n2 = w2 + jnp.sum((2 * s * aw + s * s * gb) * bt, axis=0)
     return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))

@@ -33,7 +33,8 @@ from lorajax._node import LoRA, is_lora
 from lorajax._paths import path_str
 from lorajax._tokens import is_tokens, tokens_table
 from lorajax._trainable import holds_nodes, is_node, is_trainable, stop_frozen
-from lorajax.quant import dequantize
+from lorajax.quant import dequantize, is_quantized
+from lorajax.quant._api import typed_sharding
 
 __all__ = ["FallbackWarning", "factored"]
 
@@ -183,6 +184,8 @@ def _typed_sharding(x: Any) -> Any:
 
     ``fn`` is traced with it, so that a ``jax.shard_map`` inside sees its inputs' specs as JAX would.
     """
+    if is_quantized(x):  # a quantized base stands in as its dense kernel: sharded like it
+        return typed_sharding(x)
     if not isinstance(x, (jax.Array, jax.core.Tracer)):
         return None
     sharding = getattr(jax.typeof(x), "sharding", None)

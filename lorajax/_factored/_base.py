@@ -38,10 +38,17 @@ class Base:
     views: tuple[tuple[Callable[..., Any], int], ...] = dataclasses.field(default=(), metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     dtype: Any = dataclasses.field(default=np.dtype("float32"), metadata=dict(static=True))
+    # A quantized base's DoRA node keeps its magnitude m, not g = m / n, in b's extra rank row: the consumer
+    # computes n from the kernel it dequantizes anyway (lorajax/_factored/_dora.py). ``fan_in``: the number of
+    # fan-in entries of one column of the stored kernel, to tell a view that still holds whole columns.
+    m_row: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    fan_in: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def of(cls, source: Any) -> Base:
-        return cls(source, shape=tuple(int(d) for d in source.shape), dtype=np.dtype(source.dtype))
+        shape = tuple(int(d) for d in source.shape)
+        fan_in = int(np.prod([shape[k] for k in source.layout.fan_in])) if is_quantized(source) else 0
+        return cls(source, shape=shape, dtype=np.dtype(source.dtype), m_row=is_quantized(source), fan_in=fan_in)
 
     @property
     def ndim(self) -> int:
@@ -74,7 +81,7 @@ class Base:
         if self.quantized and self.unviewed() and self.source.layout.axes.startswith("s"):
             xs, one = layer_slices(self.source)
             return xs, lambda sliced: Base.of(one(sliced))
-        return self.dense(), Base.of
+        return self.dense(), lambda x: dataclasses.replace(Base.of(x), m_row=self.m_row, fan_in=self.fan_in)
 
     def dense(self, dtype: Any = None) -> jax.Array:
         """The viewed kernel as a dense array (dequantized in the base's own dtype), cast to ``dtype``."""
@@ -84,6 +91,22 @@ class Base:
             x = fn(x, *self.operands[k : k + n])
             k += n
         return x if dtype is None else x.astype(dtype)
+
+    def norm_axes(self, labels: tuple, path: str) -> tuple[int, ...] | None:
+        """The view's fan-in axes when b's extra rank row holds DoRA's magnitude (see ``m_row``), else None.
+
+        A view that left out part of a column (a slice along fan-in) cannot give the column's norm: a ValueError.
+        """
+        if not self.m_row:
+            return None
+        axes = tuple(p for p, (group, _) in enumerate(labels) if group == "i")
+        if int(np.prod([self.shape[p] for p in axes])) != self.fan_in:
+            raise ValueError(
+                f"lorajax.factored: {path} is a DoRA node on a quantized base whose kernel is used through a view "
+                f"of shape {self.shape} that keeps only part of each column's {self.fan_in} fan-in entries, so the "
+                "column norms cannot be read there. Dequantize that base (lorajax.dequantize) before lorafy."
+            )
+        return axes
 
 
 #: Whether custom VJPs may be used (``factored(fast_weight_grads=...)``, set around each trace). A custom VJP
@@ -143,6 +166,11 @@ def _product_fwd(fn: Callable[..., jax.Array], dtype: Any, base: Base, *args: An
 
 def _product_bwd(fn: Callable[..., jax.Array], dtype: Any, res: Any, g: jax.Array) -> tuple:
     base, args = res
+    return (_zeros(base), *_moved(fn, dtype, base, args, g))
+
+
+def _moved(fn: Callable[..., jax.Array], dtype: Any, base: Base, args: tuple, g: jax.Array) -> tuple:
+    """The cotangents of ``args`` for the cotangent ``g`` of ``fn(kernel, *args)``, the kernel rebuilt here."""
     w = after(base, (g,)).dense(dtype)
     diff = [k for k, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.inexact)]
 
@@ -153,10 +181,50 @@ def _product_bwd(fn: Callable[..., jax.Array], dtype: Any, res: Any, g: jax.Arra
         return fn(w, *full)
 
     moved = dict(zip(diff, jax.linear_transpose(linear, *(args[k] for k in diff))(g)))
-    return (_zeros(base), *(moved[k] if k in moved else _zeros(a) for k, a in enumerate(args)))
+    return tuple(moved[k] if k in moved else _zeros(a) for k, a in enumerate(args))
 
 
 _product.defvjp(_product_fwd, _product_bwd)
+
+
+def base_product_stats(
+    fn: Callable[..., jax.Array], stats: Callable[..., Any], base: Base, dtype: Any, args: tuple, extra: tuple
+) -> tuple[jax.Array, Any]:
+    """``(fn(kernel, *args), stats(kernel, *extra))`` from one dequantization of the base, ``stats`` detached.
+
+    ``kernel`` is ``base.dense(dtype)`` as in :func:`base_product` (rebuilt for the backward pass the same way):
+    DoRA's column norms read the very kernel the forward product reads, so a QDoRA step dequantizes each kernel as
+    often as a QLoRA step, not once more for its norms. No gradient flows to ``extra`` or through ``stats``.
+    """
+    extra = jax.lax.stop_gradient(tuple(extra))
+    if CUSTOM_VJPS.get():
+        y, st = _stats_product(fn, stats, np.dtype(dtype), base, tuple(args), extra)
+    else:
+        run = lambda b, xs, ex: _use_stats(fn, stats, dtype, b, xs, ex)
+        y, st = jax.checkpoint(run, policy=_POLICY)(base, tuple(args), extra)
+    return y, jax.lax.stop_gradient(st)
+
+
+def _use_stats(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, xs: tuple, ex: tuple):
+    w = after(base, xs).dense(dtype)
+    return fn(w, *xs), stats(w, *ex)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _stats_product(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, args, extra):
+    return _use_stats(fn, stats, dtype, base, args, extra)
+
+
+def _stats_product_fwd(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, args, extra):
+    return _use_stats(fn, stats, dtype, base, args, extra), (base, args, extra)
+
+
+def _stats_product_bwd(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, res: Any, cts: Any):
+    base, args, extra = res
+    return _zeros(base), _moved(fn, dtype, base, args, cts[0]), _zeros(extra)
+
+
+_stats_product.defvjp(_stats_product_fwd, _stats_product_bwd)
 
 
 def _zeros(tree: Any) -> Any:
@@ -164,7 +232,7 @@ def _zeros(tree: Any) -> Any:
 
     def zero(x: Any) -> Any:
         if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jnp.zeros(x.shape, x.dtype)
+            return jnp.zeros_like(x)  # typed like x, its sharding included on explicit meshes
         return np.zeros(x.shape, jax.dtypes.float0)
 
     return jax.tree.map(zero, tree)

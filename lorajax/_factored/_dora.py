@@ -12,6 +12,13 @@ anything that forms the kernel from the factors stays right, and the DoRA rules 
 axes. They compute ``g ⊙ x·W + s·(x·A)·(g ⊙ B)``: the LoRA products at rank ``r`` with ``g``
 folded into ``B``. With LoRA dropout active they follow PEFT:
 ``y = x·W + (g − 1) ⊙ (drop(x)·W) + g ⊙ s·(drop(x)·A)·B``.
+
+A quantized base (QDoRA) is the exception: reading ``W`` for ``n`` before the model runs would dequantize every
+kernel once more per step (the products already dequantize it going forward and going back). There the row holds
+the magnitude ``m`` itself (``Base.m_row``), and each use computes ``n`` from the kernel it dequantizes: a
+``dot_general`` reads ``‖W_j‖²`` and ``aᵀW`` off the kernel of its forward product
+(:func:`~lorajax._factored._base.base_product_stats`), a kernel formed for an unfactored use takes the norms of
+what it forms, and convolutions and lookups read the dense view for them.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorajax._dora import factored_norm, magnitude_axes
+from lorajax._dora import factored_norm, magnitude_axes, typed_out
 from lorajax._factored import _banked
 from lorajax._factored._banked import Gains
-from lorajax._factored._base import base_conv, base_dot, base_gather, in_turn
-from lorajax._factored._products import DotPlan, conv_lora, dot_lora_einsum, gather_lora
-from lorajax._factored._ref import KernelRef
+from lorajax._factored._base import base_conv, base_dot, base_gather, base_product_stats, in_turn
+from lorajax._factored._products import DotPlan, conv_lora, dot_lora_einsum, gather_lora, matmul
+from lorajax._factored._ref import KernelRef, normalize
+from lorajax._layout import Layout
 from lorajax._node import LoRASpec, compute_dtype
-from lorajax.quant import dense_base
+from lorajax.quant import is_quantized
 
 
 def is_dora(ref: KernelRef) -> bool:
@@ -46,7 +54,9 @@ def extend_factors(
     A selected bank node (:func:`lorajax.select`) brings its gains ready, one per example or bank row, as
     :class:`~lorajax._factored._banked.Gains`; its factors have that leading axis too.
 
-    The norm reads ``W`` dequantized or upcast (a bf16 base: XLA:CPU upcasts it for the contraction), a transient
+    A quantized base gets ``m`` in that row instead (its uses compute ``n``: see the module docstring).
+
+    The norm reads ``W`` upcast (a bf16 base: XLA:CPU upcasts it for the contraction), a transient
     the size of the kernel in float32. ``prior`` (the previous node's ``done``, a scalar that depends on its whole
     norm) makes this node's read wait for it, so the transients live one at a time; left to itself XLA built them
     all at once (242 MiB of temporaries against LoRA's 24 on a bf16 4 x 1024 model).
@@ -67,16 +77,19 @@ def extend_factors(
                 f"lorajax.factored: {path} is a per-example DoRA node (factor a of shape {tuple(jnp.shape(a))}) "
                 "without the gains lorajax.select computes; make it with lorajax.select from lorajax.stack_adapters."
             )
-        base = dense_base(in_turn(base, prior))  # a quantized base: its norms are those of the dequantized kernel
         dt = compute_dtype(base.dtype)
-        g = jnp.asarray(magnitude).astype(dt) / factored_norm(base, a, b, spec, dt)
+        if is_quantized(base):
+            # b's row holds m: each product computes n from the kernel it dequantizes (Base.m_row, _dot_and_gain)
+            g = jnp.asarray(magnitude).astype(dt)
+        else:
+            g = jnp.asarray(magnitude).astype(dt) / factored_norm(in_turn(base, prior), a, b, spec, dt)
     # g's axes are the kernel's stacked and fan-out axes in kernel order; b holds them as (*stack, r, *fan_out).
     keep = magnitude_axes(lay)
     order = list(range(lead)) + [lead + keep.index(k) for k in lay.stack + lay.fan_out]
     g = jnp.expand_dims(jnp.transpose(g, order), lead + len(lay.stack))
     wide = jnp.promote_types(b.dtype, dt)
     b_ext = jnp.concatenate([jnp.asarray(b).astype(wide), g.astype(wide)], axis=lead + len(lay.stack))
-    a_ext = jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+    a_ext = jnp.concatenate([a, jnp.zeros_like(a[..., :1])], axis=-1)  # zeros_like: typed like a on explicit meshes
     return a_ext, b_ext, jnp.sum(g)
 
 
@@ -124,14 +137,19 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
     if not (interp.flatten and x.ndim >= 1 and plan.ok and plan.first == "a"):
         w = interp.fallback(ref, "dot_general (DoRA: only x @ W with W's fan-in contracted is factored)")
         return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
-    y0 = base_dot(eqn, x, ref, k_side)
+    plain = lora_part(ref)
+    if _holds_magnitude(ref):
+        y0, g2 = _dot_and_gain(eqn, x, ref, k_side, plan)
+    else:
+        y0 = base_dot(eqn, x, ref, k_side)
+        g2 = plan.second_2d(_gain_row(ref), compute_dtype(ref.b.dtype))  # (1, fan-out), in the plan's order
     xd = interp.dropout(ref, x)
-    gained = _gained_part(ref)
-    t = interp.first_products.pop(eqn.outvars[0], None)  # x·A: its rank-r factor is lora_part's, as gained's
+    t = interp.first_products.pop(eqn.outvars[0], None)  # x·A: its rank-r factor is lora_part's
     if t is None:
-        t = plan.first_product(gained, xd, p)
-    lora = plan.finish(t, gained, x, y0.shape, p)
-    g2 = plan.second_2d(_gain_row(ref), compute_dtype(ref.b.dtype))  # (1, fan-out), in the plan's order
+        t = plan.first_product(plain, xd, p)
+    # The LoRA term with g folded into B (g ⊙ s·x·A·B): B's columns times g, in the plan's order.
+    b2 = plan.second_2d(plain, plain.b.dtype) * g2.astype(plain.b.dtype)
+    lora = plan.lay_out(matmul(t, b2.astype(t.dtype), p), plain, x, y0.shape)
     ones = [1] * len(plan.xfree)
     ks = [ref.shape[q] for q in plan.kfree]
     g = jnp.reshape(g2, ones + ks if k_side == 1 else ks + ones)
@@ -142,6 +160,11 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
 def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
     """A DoRA kernel in a convolution: the base conv, PEFT's factored conv, and ``g`` on the channel axis."""
     p = eqn.params
+    if _holds_magnitude(ref):
+        gained = _with_gain(ref)
+        if gained is None:
+            return eqn.primitive.bind(x, interp.fallback(ref, "conv_general_dilated (DoRA)"), **p)
+        ref = gained
     y0 = base_conv(eqn, x, ref)
     xd = interp.dropout(ref, x)
     lora = conv_lora(xd, _gained_part(ref), p, y0.shape)
@@ -159,6 +182,11 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     if ref.info.per_example:
         return _rows_gather(interp, eqn, ref, idx)
     p = eqn.params
+    if _holds_magnitude(ref):
+        gained = _with_gain(ref)
+        if gained is None:
+            return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA)"), idx, **p)
+        ref = gained
     y0 = base_gather(eqn, ref, idx)
     lora = gather_lora(idx, _gained_part(ref), p, y0.shape)
     if lora is None:
@@ -170,6 +198,76 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     shape = [1] * y0.ndim
     shape[dn.offset_dims[kept.index(p_out)]] = g.shape[0]
     return _combine(y0, lora, jnp.reshape(g, shape), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A quantized base: b's row holds the magnitude m, and n comes from the kernel the product dequantizes anyway.
+
+
+def _holds_magnitude(ref: KernelRef) -> bool:
+    """Whether ``ref``'s last rank row of ``b`` is the magnitude ``m`` (a quantized base), not ``g = m / n``."""
+    if not is_dora(ref) or ref.info.per_example:
+        return False
+    return ref.base.norm_axes(ref.labels, ref.info.path) is not None
+
+
+def _norm(w2: jax.Array, aw: jax.Array, a2: jax.Array, b2: jax.Array, scale: float) -> jax.Array:
+    """``n = ‖W + s·A·B‖`` per column from ``‖W_j‖²`` ``(F,)``, ``aᵀW`` ``(r, F)``, ``A`` ``(I, r)`` and ``B``
+    ``(r, F)``: :func:`lorajax._dora.factored_norm`'s formula on the 2-D view, detached."""
+    kw: dict[str, Any] = dict(precision=lax.Precision.HIGHEST, preferred_element_type=w2.dtype)
+    gram = jnp.einsum("iz,ir->zr", a2, a2, **kw, **typed_out(a2, lambda e: (None, None)))
+    gb = jnp.einsum("zr,zf->rf", gram, b2, **kw)  # (AᵀA)·B, rank-major
+    s = jnp.asarray(scale, w2.dtype)
+    n2 = w2 + jnp.sum((2 * s * aw + s * s * gb) * b2, axis=0)
+    return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
+
+
+def _dot_and_gain(eqn: Any, x: jax.Array, ref: KernelRef, k_side: int, plan: DotPlan) -> tuple[jax.Array, jax.Array]:
+    """``(x·W, g)`` for a node whose row holds ``m``: ``‖W_j‖²`` and ``aᵀW`` read off the one kernel the base product
+    dequantizes (:func:`~lorajax._factored._base.base_product_stats`); ``g`` is ``(1, fan-out)`` in the plan's order.
+    """
+    p = eqn.params
+    dt = compute_dtype(ref.info.orig_dtype)
+    plain = lora_part(ref)
+    a2, b2 = lax.stop_gradient(plan.first_2d(plain, dt)), lax.stop_gradient(plan.second_2d(plain, dt))
+
+    def product(w: jax.Array, x: jax.Array) -> jax.Array:
+        return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
+
+    def stats(w: jax.Array, a2: jax.Array) -> tuple[jax.Array, jax.Array]:
+        w2d = jnp.reshape(jnp.transpose(w, plan.kc + plan.kfree), (a2.shape[0], -1))  # (fan-in, fan-out)
+        kw = dict(precision=lax.Precision.HIGHEST, preferred_element_type=dt)
+        w2 = jnp.einsum("if,if->f", w2d, w2d, **kw, **typed_out(w2d, lambda e: e[1:]))
+        # Wᵀa (fan-out × r), transposed behind an optimization barrier (else XLA folds the transpose back in): the
+        # dequantized kernel is laid out fan-out-major (PyTorch's (out, in) order of the codes), on which XLA:CPU
+        # runs the rank-major aᵀW ~15x slower (30 ms against 2 ms for a 1024 x 4096 kernel).
+        wa = jnp.einsum("if,ir->fr", w2d, a2, **kw, **typed_out(w2d, lambda e: (e[1], None)))
+        return w2, jnp.transpose(lax.optimization_barrier(wa))
+
+    y0, (w2, aw) = base_product_stats(product, stats, ref.base, ref.dtype, (x,), (a2,))
+    m2 = plan.second_2d(_gain_row(ref), dt)
+    return y0, m2 / _norm(w2, aw, a2, b2, ref.info.scale)
+
+
+def _with_gain(ref: KernelRef) -> KernelRef | None:
+    """``ref`` with ``g = m / n`` in its row (the base no longer marked), ``n`` from the dense view; for the uses
+    that do not read ``W`` through :func:`_dot_and_gain` (convolutions, lookups). None where the view has no
+    fan-in or fan-out axis left (the caller forms the kernel then)."""
+    ref = normalize(ref)
+    ns, ni, no = ref.count("s"), ref.count("i"), ref.count("o")
+    if not ni or not no:
+        return None
+    pos = {grp: [q for q, (g, _) in enumerate(ref.labels) if g == grp] for grp in "sio"}
+    units = [q for q, (g, _) in enumerate(ref.labels) if g == "u"]
+    dt = compute_dtype(ref.info.orig_dtype)
+    w = jnp.transpose(ref.base.dense(dt), pos["s"] + pos["i"] + pos["o"] + units)
+    w = jnp.reshape(w, w.shape[: w.ndim - len(units)])  # the normal layout s..si..io..o
+    plain, m = _split(ref)
+    spec = plain.info.spec.replace(layout=Layout("s" * ns + "i" * ni + "o" * no))
+    n = factored_norm(lax.stop_gradient(w), plain.a, plain.b, spec, dt)
+    axis = ref.rank_axis("b")
+    b = jnp.concatenate([plain.b, jnp.expand_dims(m.astype(dt) / n, axis).astype(ref.b.dtype)], axis=axis)
+    return ref.replace(b=b, base=dataclasses.replace(ref.base, m_row=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

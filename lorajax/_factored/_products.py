@@ -37,9 +37,39 @@ def matmul(x: jax.Array, y: jax.Array, params: dict) -> jax.Array:
     )
 
 
+def _explicit_out(lhs: jax.Array, rhs: jax.Array, lhs_free: int, rhs_free: int) -> Any:
+    """The output sharding of a 2-D product of ``lhs``'s axis ``lhs_free`` by ``rhs``'s axis ``rhs_free`` on a mesh
+    with explicit axes (each output axis sharded like the axis it comes from; an axis name used by both is kept on
+    the first only): a contraction over a sharded axis needs it spelled out. ``None`` elsewhere.
+    """
+    sharding = jax.typeof(lhs).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return None
+
+    def entry(x: jax.Array, axis: int) -> Any:
+        spec = tuple(jax.typeof(x).sharding.spec)
+        return spec[axis] if axis < len(spec) else None
+
+    names = lambda e: set() if e is None else {e} if isinstance(e, str) else set(e)
+    first, second = entry(lhs, lhs_free), entry(rhs, rhs_free)
+    if names(first) & names(second):
+        second = None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(first, second))
+
+
+def _rank_dot(lhs: jax.Array, rhs: jax.Array, dims: tuple, precision: Any, preferred: Any) -> jax.Array:
+    """``lax.dot_general`` of two 2-D arrays with one contracted axis each, its output sharding given on explicit
+    meshes (:func:`_explicit_out`)."""
+    (lc,), (rc,) = dims
+    out = _explicit_out(lhs, rhs, 1 - lc, 1 - rc)
+    kw = {} if out is None else {"out_sharding": out}
+    return lax.dot_general(lhs, rhs, (dims, ((), ())), precision=precision, preferred_element_type=preferred, **kw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _rank_product(x: jax.Array, f: jax.Array, precision: Any, preferred: Any) -> jax.Array:
-    return lax.dot_general(x, f, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred)
+    return _rank_dot(x, f, ((1,), (0,)), precision, preferred)
 
 
 def _rank_product_fwd(x: jax.Array, f: jax.Array, precision: Any, preferred: Any) -> tuple[jax.Array, tuple]:
@@ -48,13 +78,22 @@ def _rank_product_fwd(x: jax.Array, f: jax.Array, precision: Any, preferred: Any
 
 def _rank_product_bwd(precision: Any, preferred: Any, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, f = res
-    dx = lax.dot_general(g, f, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=preferred)
+    dx = _rank_dot(g, f, ((1,), (1,)), precision, preferred)
     # dF = xᵀ g has shape (fan_in, r). Autodiff lets XLA:CPU fold the transpose into that dot, which then runs in a
     # slow orientation (2.6-6x slower in isolation, benchmarks/rank_products.py). Computing gᵀ x (r, fan_in) behind
     # an optimization barrier keeps it rank-major; the transpose after it moves only fan_in × r numbers.
-    dft = lax.dot_general(g, x, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred)
+    dft = _rank_dot(g, x, ((0,), (0,)), precision, preferred)
     df = jnp.transpose(lax.optimization_barrier(dft))
-    return dx.astype(x.dtype), df.astype(f.dtype)
+    return _like(dx.astype(x.dtype), x), _like(df.astype(f.dtype), f)
+
+
+def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """``ct`` resharded to ``primal``'s sharding where they differ on an explicit mesh (a cotangent's type is its
+    primal's)."""
+    want = jax.typeof(primal).sharding
+    if _explicit_out(primal, primal, 0, 1) is None or jax.typeof(ct).sharding.spec == want.spec:
+        return ct
+    return jax.sharding.reshard(ct, want)
 
 
 _rank_product.defvjp(_rank_product_fwd, _rank_product_bwd)

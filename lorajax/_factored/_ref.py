@@ -216,7 +216,11 @@ def materialize(ref: KernelRef) -> jax.Array:
         r = ref.a.shape[-1] - 1
         ones = jnp.ones(ref.a.shape[:-1] + (1,), dt)
         g_row = jax.lax.slice_in_dim(ref.b, r, r + 1, axis=ref.rank_axis("b"))
-        w = w * _view_product(ref, ones, g_row, ref.info.spec.replace(rank=1, alpha=1.0, rslora=False), dt)
+        g = _view_product(ref, ones, g_row, ref.info.spec.replace(rank=1, alpha=1.0, rslora=False), dt)
+        axes = ref.base.norm_axes(ref.labels, ref.info.path)
+        if axes is not None:  # a quantized base: the row holds m, and n is the norm of the w formed here
+            g = g / jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)))
+        w = w * g
     return w.astype(ref.info.orig_dtype).astype(ref.dtype)
 
 

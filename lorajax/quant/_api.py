@@ -136,6 +136,25 @@ def explicit_mesh(x: Any) -> Any:
     return explicit(getattr(sharding, "mesh", None))
 
 
+def typed_sharding(x: Any) -> Any:
+    """The sharding in ``x``'s type on a mesh with explicit axes (a quantized kernel: its dense kernel's), else None.
+
+    What a stand-in ``ShapeDtypeStruct`` for ``x`` needs, so that a function traced on stand-ins sees the shardings
+    (explicit axes type every value, constants and zeros included) that it will meet.
+
+    >>> typed_sharding(jax.numpy.ones(3)) is None
+    True
+    """
+    if is_quantized(x):
+        if explicit_mesh(x.codes) is None:
+            return None
+        sharding = jax.typeof(x.codes).sharding
+        return jax.sharding.NamedSharding(sharding.mesh, dense_spec(sharding.spec, x))
+    if explicit_mesh(x) is None:
+        return None
+    return jax.typeof(x).sharding
+
+
 def explicit(mesh: Any) -> Any:
     """``mesh`` when it has explicit axes, else None."""
     types = getattr(mesh, "axis_types", ())
