@@ -78,8 +78,14 @@ def _fused_base(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return tmp_path / "fused", base
 
 
-def test_fused_bank_in_the_file_merges_as_peft_param_wrapper_does(tmp_path):
+@pytest.mark.parametrize("transposed", [False, True], ids=["out_in", "gpt_oss_in_out"])
+def test_fused_bank_in_the_file_merges_as_peft_param_wrapper_does(tmp_path, transposed):
     folder, base = _fused_base(tmp_path)
+    if transposed:  # gpt-oss keeps (E, in, out) banks (is_transposed), on disk as in memory; gate_up is square here
+        base = {k: np.ascontiguousarray(v.transpose(0, 2, 1)) if ".experts." in k else v for k, v in base.items()}
+        save_file(base, str(folder / "model.safetensors"))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_oss"}))
     adapter = load_file(str(FIXTURES / "moe_experts" / "adapter_model.safetensors"))
     config = json.loads((FIXTURES / "moe_experts" / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
@@ -92,6 +98,8 @@ def test_fused_bank_in_the_file_merges_as_peft_param_wrapper_does(tmp_path):
         # PEFT >= 0.19.1's ParamWrapper.get_delta_weight: einsum("o r e, e r i -> e o i")
         delta = np.einsum("ore,eri->eoi", B.reshape(B.shape[0], r, E), A.reshape(E, r, A.shape[1]))
         got = out[f"model.layers.0.mlp.experts.{param}"]
+        if transposed:
+            W, got = W.transpose(0, 2, 1), got.transpose(0, 2, 1)
         np.testing.assert_allclose(got, W + scale * delta, rtol=1e-6, atol=1e-6)
         assert np.abs(delta).max() > 1e-3
 

@@ -127,14 +127,18 @@ def _plan(entry: dict[str, Any], name: str, info: dict[str, Any], config: dict[s
 
 
 def _plan_all(
-    config: dict[str, Any], modules: dict[str, dict[str, Any]], weight_map: dict[str, str], headers: dict[str, Any]
+    config: dict[str, Any],
+    modules: dict[str, dict[str, Any]],
+    weight_map: dict[str, str],
+    headers: dict[str, Any],
+    transposed: bool = False,
 ) -> dict[str, list[Any]]:
     """``{shard: [(header entry, plan), ...]}`` for every adapter module, with the problems under ``""``."""
     plans: dict[str, list[Any]] = {s: [] for s in headers} | {"": []}
     names = sorted(weight_map)
     for name, entry in sorted(modules.items()):
         if entry.get("kind") == "param":  # PEFT's target_parameters: an expert bank
-            for where, item in _plan_bank(entry, name, config, weight_map, headers):
+            for where, item in _plan_bank(entry, name, config, weight_map, headers, transposed):
                 plans[where].append(item)
             continue
         shard = weight_map.get(f"{name}.weight")
@@ -155,6 +159,23 @@ def _plan_all(
     return plans
 
 
+#: transformers 5 models whose fused expert banks are ``(E, in, out)`` (``is_transposed=True``), kept so on disk.
+_TRANSPOSED_EXPERTS = ("gpt_oss", "aria", "ergo", "openai_privacy_filter")
+
+
+def _transposed_experts(base: Path) -> bool:
+    """Whether the base folder's ``config.json`` names a model whose expert banks are ``(E, in, out)``."""
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    text = config.get("text_config")
+    types = {config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
+    return bool(types & set(_TRANSPOSED_EXPERTS))
+
+
 def _bank_keys(name: str, weight_map: dict[str, str]) -> tuple[list[tuple[str, int, int]], int]:
     """The per-expert weights (``(leaf, slice, slices)`` of :data:`FUSED`) that hold fused parameter ``name``
     (``<block>.experts.gate_up_proj``) in the file, and the number of experts."""
@@ -169,7 +190,12 @@ def _bank_keys(name: str, weight_map: dict[str, str]) -> tuple[list[tuple[str, i
 
 
 def _plan_bank(
-    entry: dict[str, Any], name: str, config: dict[str, Any], weight_map: dict[str, str], headers: dict[str, Any]
+    entry: dict[str, Any],
+    name: str,
+    config: dict[str, Any],
+    weight_map: dict[str, str],
+    headers: dict[str, Any],
+    transposed: bool,
 ) -> list[tuple[str, Any]]:
     """``[(shard, (header entry, plan) or problem)]`` for the expert bank ``name`` (a ``target_parameters`` entry):
     the fused parameter where the file keeps it (``<block>.experts.gate_up_proj``, ``(E, out, in)``), else the
@@ -180,11 +206,14 @@ def _plan_bank(
         if info is None or len(info["shape"]) != 3 or info["dtype"] not in _DTYPES:
             got = "missing" if info is None else f"{info['dtype']} {tuple(info['shape'])}"
             return [("", f"{name}: a 3-D F32/F16/BF16 expert bank in the base, but it is {got}")]
-        try:  # transformers 5's (E, out, in) first: a square bank is read as PEFT reads it in memory
-            f = bank_factors(name, tuple(info["shape"]), Layout("soi"), entry, Ref(name, 0, 1), config)
+        # transformers 5's (E, out, in) first, (E, in, out) first for the models whose experts are is_transposed
+        # (gpt-oss: stored as in memory): a square bank is read as PEFT reads it in memory.
+        first, second = (Layout("sio"), Layout("soi")) if transposed else (Layout("soi"), Layout("sio"))
+        try:
+            f = bank_factors(name, tuple(info["shape"]), first, entry, Ref(name, 0, 1), config)
         except ValueError:
-            try:  # gpt-oss's is_transposed banks: (E, in, out)
-                f = bank_factors(name, tuple(info["shape"]), Layout("sio"), entry, Ref(name, 0, 1), config)
+            try:
+                f = bank_factors(name, tuple(info["shape"]), second, entry, Ref(name, 0, 1), config)
             except ValueError as err:
                 return [("", str(err))]
         spec = LoRASpec(f.rank, f.alpha, f.layout, f.rslora, "lora")
@@ -367,7 +396,7 @@ def merge_peft(
     config, modules = read_files(adapter, CALLER)
     shards, weight_map = _shards(base)
     headers = {s: _header(base / s) for s in shards}
-    plans = _plan_all(config, modules, weight_map, headers)
+    plans = _plan_all(config, modules, weight_map, headers, _transposed_experts(base))
     problems = Problems(CALLER)
     for problem in (p for p in plans.pop("", []) if isinstance(p, str)):
         problems.add(problem)
