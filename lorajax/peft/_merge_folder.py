@@ -23,11 +23,13 @@ import numpy as np
 from jax.tree_util import DictKey
 
 from lorajax._dora import magnitude_shape
+from lorajax._layout import Layout
 from lorajax._merge import merged_kernel
 from lorajax._node import LoRA, LoRASpec
 from lorajax._problems import Problems
 from lorajax._targets import pattern_key
 from lorajax.peft._convert import guess_layout, peft_shapes, to_ours
+from lorajax.peft._experts import FUSED, Ref, bank_factors
 from lorajax.peft._read import read_files
 
 CALLER = "merge_peft"
@@ -129,12 +131,20 @@ def _plan(entry: dict[str, Any], name: str, info: dict[str, Any], config: dict[s
 
 
 def _plan_all(
-    config: dict[str, Any], modules: dict[str, dict[str, Any]], weight_map: dict[str, str], headers: dict[str, Any]
+    config: dict[str, Any],
+    modules: dict[str, dict[str, Any]],
+    weight_map: dict[str, str],
+    headers: dict[str, Any],
+    transposed: bool = False,
 ) -> dict[str, list[Any]]:
     """``{shard: [(header entry, plan), ...]}`` for every adapter module, with the problems under ``""``."""
     plans: dict[str, list[Any]] = {s: [] for s in headers} | {"": []}
     names = sorted(weight_map)
     for name, entry in sorted(modules.items()):
+        if entry.get("kind") == "param":  # PEFT's target_parameters: an expert bank
+            for where, item in _plan_bank(entry, name, config, weight_map, headers, transposed):
+                plans[where].append(item)
+            continue
         shard = weight_map.get(f"{name}.weight")
         info = headers[shard][1].get(f"{name}.weight") if shard is not None else None
         if shard is None or info is None:
@@ -151,6 +161,102 @@ def _plan_all(
         else:
             plans[shard].append((info, plan))
     return plans
+
+
+#: transformers 5 models whose fused expert banks are ``(E, in, out)`` (``is_transposed=True``), kept so on disk.
+_TRANSPOSED_EXPERTS = ("gpt_oss", "aria", "ergo", "openai_privacy_filter")
+
+
+def _transposed_experts(base: Path) -> bool:
+    """Whether the base folder's ``config.json`` names a model whose expert banks are ``(E, in, out)``."""
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    text = config.get("text_config")
+    types = {config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
+    return bool(types & set(_TRANSPOSED_EXPERTS))
+
+
+def _bank_keys(name: str, weight_map: dict[str, str]) -> tuple[list[tuple[str, int, int]], int]:
+    """The per-expert weights (``(leaf, slice, slices)`` of :data:`FUSED`) that hold fused parameter ``name``
+    (``<block>.experts.gate_up_proj``) in the file, and the number of experts."""
+    module, _, param = name.rpartition(".")
+    leaves = [
+        (leaf, j, n) for leaf, (p, j, n) in FUSED.items() if p == param and f"{module}.0.{leaf}.weight" in weight_map
+    ]
+    experts = 0
+    while leaves and all(f"{module}.{experts}.{leaf}.weight" in weight_map for leaf, _, _ in leaves):
+        experts += 1
+    return leaves, experts
+
+
+def _plan_bank(
+    entry: dict[str, Any],
+    name: str,
+    config: dict[str, Any],
+    weight_map: dict[str, str],
+    headers: dict[str, Any],
+    transposed: bool,
+) -> list[tuple[str, Any]]:
+    """``[(shard, (header entry, plan) or problem)]`` for the expert bank ``name`` (a ``target_parameters`` entry):
+    the fused parameter where the file keeps it (``<block>.experts.gate_up_proj``, ``(E, out, in)``), else the
+    per-expert weights transformers saves it as (``<block>.experts.<e>.gate_proj.weight``: the first half of
+    ``gate_up_proj``'s output, ``up_proj`` the second, as in :data:`FUSED`)."""
+    if name in weight_map:  # the fused parameter itself
+        info = headers[weight_map[name]][1].get(name)
+        if info is None or len(info["shape"]) != 3 or info["dtype"] not in _DTYPES:
+            got = "missing" if info is None else f"{info['dtype']} {tuple(info['shape'])}"
+            return [("", f"{name}: a 3-D F32/F16/BF16 expert bank in the base, but it is {got}")]
+        # transformers 5's (E, out, in) first, (E, in, out) first for the models whose experts are is_transposed
+        # (gpt-oss: stored as in memory): a square bank is read as PEFT reads it in memory.
+        first, second = (Layout("sio"), Layout("soi")) if transposed else (Layout("soi"), Layout("sio"))
+        try:
+            f = bank_factors(name, tuple(info["shape"]), first, entry, Ref(name, 0, 1), config)
+        except ValueError:
+            try:
+                f = bank_factors(name, tuple(info["shape"]), second, entry, Ref(name, 0, 1), config)
+            except ValueError as err:
+                return [("", str(err))]
+        spec = LoRASpec(f.rank, f.alpha, f.layout, f.rslora, "lora")
+        return [(weight_map[name], (info, _Plan(f.a, f.b, spec, None)))]
+    leaves, experts = _bank_keys(name, weight_map)
+    module = name.rpartition(".")[0]
+    if not experts:
+        near = [n for n in sorted(weight_map) if n.startswith(f"{module}.")][:3]
+        return [
+            (
+                "",
+                f"parameter {name!r}: the base has neither {name} nor per-expert weights "
+                f"({module}.0.<{'|'.join(k for k, v in FUSED.items() if v[0] == name.rpartition('.')[2])}>.weight)"
+                + (f"; it has e.g. {', '.join(near)}" if near else ""),
+            )
+        ]
+    if sorted(j for _, j, _ in leaves) != list(range(leaves[0][2])):
+        have = ", ".join(leaf for leaf, _, _ in leaves)
+        return [("", f"parameter {name!r}: the base has only {have} of its per-expert parts under {module}.<e>")]
+    out: list[tuple[str, Any]] = []
+    for leaf, j, count in leaves:
+        keys = [f"{module}.{e}.{leaf}.weight" for e in range(experts)]
+        infos = [headers[weight_map[k]][1].get(k) for k in keys]
+        shapes = {None if i is None else (i["dtype"], tuple(i["shape"])) for i in infos}
+        if len(shapes) != 1 or None in shapes or len(infos[0]["shape"]) != 2 or infos[0]["dtype"] not in _DTYPES:
+            out.append(
+                ("", f"{module}.<e>.{leaf}.weight: expected one 2-D F32/F16/BF16 shape, got {sorted(map(str, shapes))}")
+            )
+            continue
+        shape = (experts, *infos[0]["shape"])  # (E, out, in): torch Linear weights stacked
+        try:
+            f = bank_factors(f"{module}.<e>.{leaf}.weight", shape, Layout("soi"), entry, Ref(name, j, count), config)
+        except ValueError as err:
+            out.append(("", str(err)))
+            continue
+        spec = LoRASpec(f.rank, f.alpha, Layout("oi"), f.rslora, "lora")
+        for e, (k, info) in enumerate(zip(keys, infos, strict=True)):
+            out.append((weight_map[k], (info, _Plan(f.a[e], f.b[e], spec, None))))
+    return out
 
 
 def _merge_into(shard: Path, start: int, info: dict[str, Any], plan: _Plan) -> None:
@@ -236,6 +342,12 @@ def merge_peft(
       ``(m / ‖W + ΔW‖) ⊙ (W + ΔW)``, in float32 and rounded once to the weight's dtype (bf16
       included), with ``lora_alpha``, ``alpha_pattern`` and ``use_rslora`` from the config: the same
       arithmetic as :func:`lorajax.merge`;
+    - each expert bank a ``target_parameters`` adapter adapts (transformers 5's fused
+      ``<block>.experts.gate_up_proj`` / ``down_proj``) merged per expert onto the weights the
+      file holds: the per-expert ``<block>.experts.<e>.gate_proj.weight`` (first half of
+      ``gate_up_proj``'s output), ``up_proj`` (second half) and ``down_proj`` that
+      ``save_pretrained`` writes (Mixtral's ``w1``/``w3``/``w2`` likewise), or the fused
+      ``(E, out, in)`` parameter where the file keeps it;
     - every other weight unchanged, byte for byte, in the same shard files with the same
       headers, so the shard layout and the index are the base's;
     - ``config.json``, ``generation_config.json``, tokenizer files and every other non-weight file
@@ -288,7 +400,7 @@ def merge_peft(
     config, modules = read_files(adapter, CALLER)
     shards, weight_map = _shards(base)
     headers = {s: _header(base / s) for s in shards}
-    plans = _plan_all(config, modules, weight_map, headers)
+    plans = _plan_all(config, modules, weight_map, headers, _transposed_experts(base))
     problems = Problems(CALLER)
     for problem in (p for p in plans.pop("", []) if isinstance(p, str)):
         problems.add(problem)
