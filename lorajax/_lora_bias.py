@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lorajax import _boxes
 from lorajax._layout import Layout
@@ -28,6 +30,7 @@ from lorajax._trainable import Trainable, is_node, is_trainable
 
 __all__ = [
     "bias_shape",
+    "bias_sharding",
     "check_lora_bias",
     "check_siblings",
     "fold_biases",
@@ -66,9 +69,37 @@ def lora_bias_names(box: Any, layout: Layout) -> tuple | None:
     return None if names is None else tuple(names[k] for k in layout.stack + layout.fan_out)
 
 
+def bias_sharding(b: Any, layout: Layout) -> Any:
+    """Where a LoRA bias goes for a node whose (unboxed) ``b`` is placed as it is: ``b``'s sharding less the rank axis.
+
+    A ``NamedSharding`` loses its rank entry (``P(None, "tp")`` -> ``P("tp")``); a one-device sharding or an
+    unplaced ``b`` (a tracer, a host array) gives ``None``: JAX's default placement.
+
+    >>> import jax
+    >>> mesh = jax.make_mesh((1,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> b = jax.device_put(jnp.zeros((2, 4)), NamedSharding(mesh, PartitionSpec(None, "tp")))
+    >>> bias_sharding(b, Layout("io")).spec
+    P('tp',)
+    """
+    if isinstance(b, jax.core.Tracer):
+        return None
+    sharding = getattr(b, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        k = len(layout.stack)
+        entries = (tuple(sharding.spec) + (None,) * len(b.shape))[: len(b.shape)]
+        return NamedSharding(sharding.mesh, PartitionSpec(*entries[:k], *entries[k + 1 :]))
+    if isinstance(sharding, jax.sharding.Sharding) and sharding.is_fully_replicated and len(sharding.device_set) > 1:
+        return sharding
+    return None
+
+
 def with_lora_bias(node: LoRA, dtype: Any) -> LoRA:
-    """``node`` with a zero LoRA bias in ``dtype`` (PEFT's init), boxed like the base's fan-out entries."""
-    zeros = jnp.zeros(bias_shape(node), dtype)
+    """``node`` with a zero LoRA bias in ``dtype`` (PEFT's init), boxed like the base's fan-out entries.
+
+    The bias is born where ``b`` is (:func:`bias_sharding`): sharded like ``b``'s output axes.
+    """
+    sharding = bias_sharding(_boxes.unbox(node.b), node.layout)
+    zeros = jnp.zeros(bias_shape(node), dtype, device=sharding)
     bias = _boxes.rebox(node.base, zeros, lora_bias_names(node.base, node.layout))
     return dataclasses.replace(node, bias=bias, spec=node.spec.replace(bias=True))
 

@@ -7,7 +7,7 @@ adapter to a base and :func:`attach` (``_attach``), the safetensors file format
 PEFT's merging arithmetic (TIES, DARE, magnitude pruning) and :func:`dare_masks` live in ``_merging``.
 """
 
-from lorajax.adapters._adapter import Adapter, AdapterFactors, adapter
+from lorajax.adapters._adapter import Adapter, AdapterFactors, AdapterTokens, adapter
 from lorajax.adapters._attach import attach
 from lorajax.adapters._bank import AdapterBank, BankNode, select, stack_adapters
 from lorajax.adapters._combine import combine_adapters
@@ -21,6 +21,7 @@ __all__ = [
     "AdapterBank",
     "AdapterFactors",
     "AdapterSlots",
+    "AdapterTokens",
     "BankNode",
     "adapter",
     "adapter_slots",

@@ -49,13 +49,41 @@ class AdapterFactors(HasSpec):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class AdapterTokens:
+    """The trained rows of one embedding table (a :class:`lorajax.TrainableTokens` node), without the table.
+
+    ``values`` (``(len(indices), dim)``, a plain array) is the only leaf; ``indices`` and the table's
+    ``shape`` and ``dtype`` are static, so attaching checks the base's table before the rows replace its
+    own. It sits in :attr:`Adapter.trainables` under the table's path.
+
+    >>> import jax.numpy as jnp, lorajax
+    >>> t = lorajax.AdapterTokens(jnp.zeros((2, 4)), (5, 7), shape=(8, 4), dtype="float32")
+    >>> t.values.shape, t.indices, t.shape
+    ((2, 4), (5, 7), (8, 4))
+    """
+
+    values: Any
+    indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="", metadata=dict(static=True))
+
+
+def is_adapter_tokens(x: Any) -> bool:
+    """True for an :class:`AdapterTokens` entry of :attr:`Adapter.trainables`."""
+    return isinstance(x, AdapterTokens)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter on its own: ``{path: AdapterFactors}``, the trained ``also=`` leaves, and JSON metadata.
 
     ``trainables`` holds every :class:`lorajax.Trainable` leaf of the params it was taken
     from (a head, a norm, a bias trained beside the factors): ``{path: array}``, unboxed, so
     that attaching the adapter to the base restores them (as ``Trainable`` nodes that keep
-    training) and :func:`lorajax.save_adapter` writes them.
+    training) and :func:`lorajax.save_adapter` writes them. An embedding table with trainable
+    tokens (:class:`lorajax.TrainableTokens`) is there as an :class:`AdapterTokens` entry: its
+    trained rows and their indices, reattached as a ``TrainableTokens`` node on the base's table.
 
     A plain pytree whose only leaves are the factor and trainable arrays, so it can be
     jitted, ``device_put``, sharded or checkpointed with Orbax like any other
@@ -73,7 +101,8 @@ class Adapter:
 
     factors: dict[str, AdapterFactors]
     metadata_json: str = dataclasses.field(default="{}", metadata=dict(static=True))
-    #: ``{path: array}``: the leaves declared trainable (``lorafy(..., also=...)``), as trained.
+    #: ``{path: array}``: the leaves declared trainable (``lorafy(..., also=...)``), as trained; trainable
+    #: token rows (``lorafy(..., trainable_tokens=...)``) as ``{path: AdapterTokens}``.
     trainables: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -106,14 +135,16 @@ class Adapter:
 def fingerprint(factors: Mapping[str, AdapterFactors], trainables: Mapping[str, Any] | None = None) -> str:
     """sha256 over ``[path, base shape, base dtype]`` of every target: which base an adapter belongs to.
 
-    Trainable leaves add ``["trainable", path, shape, dtype]`` entries; an adapter without them
+    Trainable leaves add ``["trainable", path, shape, dtype]`` entries, trainable tokens
+    ``["tokens", path, table shape, table dtype, indices]``; an adapter without them
     keeps the fingerprint it had before they were carried (format 1 files).
     """
     spec: list[Any] = [[p, list(f.shape), f.dtype] for p, f in sorted(factors.items())]
-    spec += [
-        ["trainable", p, [int(d) for d in x.shape], jnp.dtype(x.dtype).name]
-        for p, x in sorted((trainables or {}).items())
-    ]
+    for p, x in sorted((trainables or {}).items()):
+        if is_adapter_tokens(x):
+            spec.append(["tokens", p, [int(d) for d in x.shape], x.dtype, [int(i) for i in x.indices]])
+        else:
+            spec.append(["trainable", p, [int(d) for d in x.shape], jnp.dtype(x.dtype).name])
     return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -123,7 +154,7 @@ def reject_trainables(ads: Any, caller: str, why: str, todo: str) -> None:
     if found:
         raise ValueError(
             f"{caller}: the adapters carry trained leaves besides their factors ({', '.join(found)}, declared with "
-            f"lorafy(..., also=...)): {why}. {todo}"
+            f"lorafy(..., also=...) or trainable_tokens=...): {why}. {todo}"
         )
 
 
@@ -169,7 +200,8 @@ def adapter(params: Any, metadata: Mapping[str, Any] | None = None) -> Adapter:
 
     Returns:
         An :class:`Adapter`: ``{path: AdapterFactors}``, plus in ``trainables`` every leaf
-        declared trainable (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``). The arrays
+        declared trainable (:class:`lorajax.Trainable`, ``lorafy(..., also=...)``) and, as
+        :class:`AdapterTokens`, the trained rows of every :class:`lorajax.TrainableTokens` table. The arrays
         are the caller's own (unboxed), not copies.
 
     Example:
@@ -191,10 +223,9 @@ def as_adapter(params: Any, metadata: Mapping[str, Any] | None = None, *, caller
     for path, leaf in tree_paths(params, is_leaf=is_node):
         if is_trainable(leaf):
             trainables[path_str(path)] = _boxes.unbox(leaf.value)
-        if is_tokens(leaf):
-            raise ValueError(
-                f"{caller}: {path_str(path)} holds trainable tokens (lorajax.TrainableTokens), which lorajax adapters "
-                "do not carry yet; write them with lorajax.save_peft (PEFT's trainable_token_indices)."
+        if is_tokens(leaf):  # the trained rows and their indices, not the frozen table
+            trainables[path_str(path)] = AdapterTokens(
+                _boxes.unbox(leaf.values), tuple(leaf.indices), leaf.shape, jnp.dtype(leaf.dtype).name
             )
         if not is_lora(leaf):
             continue

@@ -21,8 +21,9 @@ from lorajax._lora_bias import lora_bias_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
+from lorajax._tokens import TrainableTokens, check_indices, is_tokens
 from lorajax._trainable import Trainable, is_trainable
-from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter
+from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, is_adapter_tokens
 from lorajax.quant import is_quantized
 
 
@@ -55,8 +56,8 @@ def base_problems(name: str, f: AdapterFactors, leaf: Any, check_dtype: bool) ->
 
 
 def _unit(x: Any) -> bool:
-    """LoRA nodes, Trainable nodes and quantized kernels (a base to attach to) are single leaves of a params tree."""
-    return is_lora(x) or is_trainable(x) or is_quantized(x)
+    """LoRA, Trainable and TrainableTokens nodes and quantized kernels are single leaves of a params tree."""
+    return is_lora(x) or is_trainable(x) or is_tokens(x) or is_quantized(x)
 
 
 def _shape(x: Any) -> tuple[int, ...] | None:
@@ -79,6 +80,12 @@ def trainable_problems(
     :class:`lorajax.Trainable` node the adapter lacks: params that declare a leaf trainable expect its value)."""
     out = []
     for name, x in sorted(trainables.items()):
+        if is_adapter_tokens(x):  # attach_as checks these itself (token_problems); swap cannot write them
+            out.append(
+                f"tokens: {name}: the adapter carries trainable token rows; merged params keep no copy of the table's "
+                "own rows to put back, so attach the adapter to the base params instead (lorajax.attach)"
+            )
+            continue
         want = tuple(int(d) for d in x.shape)
         if name not in index:
             near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.75)
@@ -101,6 +108,66 @@ def trainable_problems(
             if is_trainable(leaf) and path_str(p) not in trainables
         ]
     return out
+
+
+def token_problems(tokens: dict[str, Any], leaves: list[tuple[KeyPath, Any]], index: dict[str, int]) -> list[str]:
+    """Whether the base has each table ``tokens`` (``{path: AdapterTokens}``) was made for, and the rows fit it."""
+    out = []
+    for name, t in sorted(tokens.items()):
+        rows = tuple(int(d) for d in t.values.shape)
+        if name not in index:
+            near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.75)
+            out.append(
+                f"missing: {name}: the adapter carries trainable tokens for a table of shape {t.shape} but the base "
+                "has no such parameter" + (f" (similar: {', '.join(near)})" if near else "")
+            )
+            continue
+        leaf = leaves[index[name]][1]
+        got = _shape(leaf.base if is_tokens(leaf) else leaf)
+        if is_lora(leaf) or is_trainable(leaf) or got is None or len(got) != 2:
+            out.append(
+                f"tokens: {name}: the adapter carries trainable tokens there, the params hold {type(leaf).__name__}"
+            )
+        elif t.shape and got != tuple(t.shape):
+            out.append(
+                f"shape: {name}: the adapter's trainable tokens were made for a table of shape {tuple(t.shape)}, "
+                f"this base has {got}"
+            )
+        elif why := check_indices(list(t.indices), got[0], name):
+            out.append(f"tokens: {why}")
+        elif rows != (len(t.indices), got[1]):
+            out.append(
+                f"shape: {name}: {len(t.indices)} token indices into a table {got} need rows of shape "
+                f"{(len(t.indices), got[1])}, the adapter has {rows}"
+            )
+    return out
+
+
+def with_tokens(
+    tokens: dict[str, Any], leaves: list[tuple[KeyPath, Any]], index: dict[str, int], replaced: dict[int, Any]
+) -> None:
+    """Put each table's trained rows into ``replaced`` as a :class:`lorajax.TrainableTokens` node on the base table.
+
+    The rows are boxed like the table with its row axis unnamed, and placed on its sharding with rows replicated.
+    """
+    for name, t in tokens.items():
+        n = index[name]
+        leaf = leaves[n][1]
+        table = leaf.base if is_tokens(leaf) else leaf
+        sharding = getattr(_boxes.unbox(table), "sharding", None)
+        values = t.values
+        if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(values, jax.core.Tracer):
+            spec = (tuple(sharding.spec) + (None, None))[:2]
+            values = jax.device_put(
+                values, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, spec[1]))
+            )
+        else:
+            values = (
+                place_like(table, values) if getattr(sharding, "is_fully_replicated", True) else jnp.asarray(values)
+            )
+        names = _boxes.names(table)
+        rows = _boxes.rebox(table, values, None if names is None else (None, names[1]))
+        replaced[n] = TrainableTokens(table, rows, tuple(int(i) for i in t.indices))
 
 
 def with_trainables(
@@ -168,14 +235,17 @@ def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> 
         Params with a :class:`lorajax.LoRA` node at every target of the adapter, and a
         :class:`lorajax.Trainable` node holding each trained leaf the adapter carries
         (``adapter.trainables``: heads, norms, biases trained with ``lorafy(..., also=...)``),
-        boxed and placed (sharded) like the base leaf it replaces, so it keeps training.
+        boxed and placed (sharded) like the base leaf it replaces, so it keeps training; a
+        :class:`lorajax.TrainableTokens` node on the base's table for each
+        :class:`lorajax.AdapterTokens` entry (the trained rows, placed like the table's columns).
 
     Raises:
         ValueError: listing every mismatch at once: targets missing from the base,
             kernels of another shape or rank of axes than the adapter was made for,
             factors inconsistent with their rank or layout, trained leaves the base lacks
-            or has in another shape, and ``Trainable`` nodes of ``base_params`` the adapter
-            carries no value for.
+            or has in another shape, tables of another shape than the trainable tokens were
+            made for (or indices outside them), and ``Trainable`` nodes of ``base_params`` the
+            adapter carries no value for.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorajax
@@ -190,6 +260,8 @@ def attach(base_params: Any, adapter: Adapter, *, check_dtype: bool = False) -> 
 def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str, what: str) -> Any:
     """:func:`attach`, with errors that name ``caller`` and, before the problems, ``what`` (a file name)."""
     ad = as_adapter(adapter, caller=caller)
+    tokens = {k: x for k, x in ad.trainables.items() if is_adapter_tokens(x)}
+    trained = {k: x for k, x in ad.trainables.items() if k not in tokens}
     leaves, index = index_paths(base_params)
     problems = Problems(caller)
     for name, f in sorted(ad.factors.items()):
@@ -201,8 +273,8 @@ def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str,
             )
         else:
             problems.extend(base_problems(name, f, leaves[index[name]][1], check_dtype))
-    declared = trainable_problems(ad.trainables, leaves, index, expect=True)
-    problems.extend(declared)
+    declared = trainable_problems(trained, leaves, index, expect=True)
+    problems.extend(declared + token_problems(tokens, leaves, index))
     problems.raise_if_any(
         f"{what}the adapter does not fit these base params",
         "Attach an adapter only to the base model it was trained on (compare adapter.targets with the base's paths)."
@@ -213,8 +285,9 @@ def attach_as(base_params: Any, adapter: Any, *, check_dtype: bool, caller: str,
             else ""
         ),
     )
-    replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf)}
-    with_trainables(ad.trainables, leaves, index, replaced)
+    replaced: dict[int, Any] = {n: leaf.base for n, (_, leaf) in enumerate(leaves) if is_lora(leaf) or is_tokens(leaf)}
+    with_trainables(trained, leaves, index, replaced)
+    with_tokens(tokens, leaves, index, replaced)
     for name, f in ad.factors.items():
         n = index[name]
         leaf = leaves[n][1]

@@ -8,6 +8,10 @@ bytes, the lorajax version and user metadata.
 Format 2 adds the trained ``also=`` leaves (:class:`lorajax.Trainable`): each under the tensor key
 ``"<path>"`` in its own dtype, and ``header["trainables"] = {path: {"shape": [...], "dtype": ...}}``.
 A file without trainable leaves is still written as format 1, so older lorajax versions read it.
+
+Format 3 adds trainable tokens (:class:`lorajax.TrainableTokens`): the trained rows under the tensor key ``"<path>"``
+and ``header["tokens"] = {path: {"indices": [...], "table_shape": [...], "table_dtype": ...}}`` (JSON, never
+pickled). Only a file with trainable tokens is written as format 3; the reader takes formats 1 to 3.
 """
 
 from __future__ import annotations
@@ -30,15 +34,26 @@ from lorajax._multihost import gathered, write_once
 from lorajax._node import LoRASpec
 from lorajax._problems import Problems
 from lorajax._sharding import place_factors
+from lorajax._tokens import check_indices
 from lorajax._version import __version__
-from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, dump_metadata, fingerprint
+from lorajax.adapters._adapter import (
+    Adapter,
+    AdapterFactors,
+    AdapterTokens,
+    as_adapter,
+    dump_metadata,
+    fingerprint,
+    is_adapter_tokens,
+)
 from lorajax.adapters._attach import attach_as, factor_problems
 from lorajax.inits import residual_problems
 
 FORMAT = "lorajax-adapter"
-FORMAT_VERSION = 2  # the newest format this lorajax reads and writes
+FORMAT_VERSION = 3  # the newest format this lorajax reads and writes
 #: The format of a file that carries no trainable leaves (what format 1 readers read).
 PLAIN_FORMAT_VERSION = 1
+#: The format of a file with trained ``also=`` leaves but no trainable tokens (what format 2 readers read).
+TRAINABLES_FORMAT_VERSION = 2
 
 # safetensors' numpy loader lacks bfloat16 and float8; map its dtype codes ourselves so bf16 round-trips bit-exactly.
 ST_DTYPES: dict[str, Any] = {
@@ -89,7 +104,9 @@ def save_adapter(
     stored in their own dtype (bfloat16 included, bit-exact). Every leaf trained beside
     the factors (a :class:`lorajax.Trainable` node: ``lorafy(..., also=...)`` heads, norms,
     biases) is stored whole under its path, in its own dtype, and listed in the header
-    (format 2; a file without such leaves stays format 1). The safetensors
+    (format 2; a file without such leaves stays format 1). The trained rows of a
+    :class:`lorajax.TrainableTokens` table are stored under its path, their indices and the
+    table's shape in the header (format 3, only for files with trainable tokens). The safetensors
     header carries JSON under ``"lorajax"``: per target its rank, alpha, rsLoRA
     flag, scale, layout and the base kernel's shape and dtype; a fingerprint of
     those base shapes; a sha256 of the tensor bytes; the lorajax version; and
@@ -171,23 +188,36 @@ def save_adapter(
         if f.spec.bias:  # lora_bias: its tensor is "<path>.bias"
             targets[name]["bias"] = True
     trainables: dict[str, Any] = {}
+    tokens: dict[str, Any] = {}
     for name, x in sorted(ad.trainables.items()):
-        if isinstance(x, jax.core.Tracer):
+        rows = x.values if is_adapter_tokens(x) else x
+        if isinstance(rows, jax.core.Tracer):
             raise TypeError(f"save_adapter: {name} holds traced arrays; call save_adapter outside jax.jit.")
         if name in tensors:
             raise ValueError(f"save_adapter: the trained leaf {name} has the tensor name of a factor; rename it.")
-        value = np.ascontiguousarray(jax.device_get(x))
+        value = np.ascontiguousarray(jax.device_get(rows))
         if n_bad := _nonfinite(value):
             problems.add(f"non-finite: {name}: the trained leaf holds {n_bad} NaN/Inf of {value.size} entries")
         tensors[name] = value
-        trainables[name] = {"shape": list(value.shape), "dtype": value.dtype.name}
+        if is_adapter_tokens(x):  # trainable tokens: the rows, their indices and the table they fit, as JSON
+            tokens[name] = {
+                "indices": [int(i) for i in x.indices],
+                "table_shape": list(x.shape),
+                "table_dtype": x.dtype,
+            }
+        else:
+            trainables[name] = {"shape": list(value.shape), "dtype": value.dtype.name}
     if not allow_nonfinite:
         problems.raise_if_any(
             "the factors hold NaN or Inf",
             "Such an adapter comes from a diverged run; save an earlier checkpoint, or pass allow_nonfinite=True.",
         )
     header = {
-        "format_version": FORMAT_VERSION if trainables else PLAIN_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION
+        if tokens
+        else TRAINABLES_FORMAT_VERSION
+        if trainables
+        else PLAIN_FORMAT_VERSION,
         "lorajax_version": __version__,
         "targets": targets,
         "fingerprint": ad.fingerprint,
@@ -196,6 +226,8 @@ def save_adapter(
     }
     if trainables:
         header["trainables"] = trainables
+    if tokens:
+        header["tokens"] = tokens
     data = save(tensors, metadata={"format": FORMAT, "lorajax": json.dumps(header, sort_keys=True)})
     write_once("save_adapter", os.fspath(path), lambda: atomic_write(path, data, caller="save_adapter"))
 
@@ -259,6 +291,7 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
         targets = header["targets"]
         version = int(header["format_version"])
         declared = dict(header.get("trainables") or {})
+        declared_tokens = dict(header.get("tokens") or {})
     except Exception as e:
         raise bad(f"has a corrupted lorajax header ({e}).") from None
     if version > FORMAT_VERSION:
@@ -312,9 +345,13 @@ def read_file(path: str | os.PathLike[str], *, caller: str) -> Adapter:
                 problems.add(f"scale: {name}: recorded scale {t['scale']} but rank/alpha/rslora give {spec.scale}")
             factors[name] = f
         trainables = _read_trainables(declared, tensors, problems)
+        trainables.update(_read_tokens(declared_tokens, tensors, problems))
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"has a corrupted lorajax header ({type(e).__name__}: {e}).") from None
-    known = {name + s for name in targets for s in (".a", ".b")} | set(declared)
+    known = {name + s for name in targets for s in (".a", ".b")} | set(declared) | set(declared_tokens)
+    problems.extend(
+        [f"tokens: {name}: listed as a trained leaf and as tokens" for name in set(declared) & set(declared_tokens)]
+    )
     known |= {name + ".magnitude" for name, t in targets.items() if t.get("variant") == "dora"}
     known |= {name + ".bias" for name, t in targets.items() if t.get("bias")}
     problems.extend([f"extra: tensor {k!r} belongs to no target in the header" for k in sorted(set(tensors) - known)])
@@ -338,6 +375,28 @@ def _read_trainables(declared: dict[str, Any], tensors: dict[str, np.ndarray], p
             )
         else:
             out[name] = jnp.asarray(x)
+    return out
+
+
+def _read_tokens(declared: dict[str, Any], tensors: dict[str, np.ndarray], problems: Problems) -> dict[str, Any]:
+    """The trainable tokens the header lists, each checked: indices against the table, rows against both."""
+    out: dict[str, Any] = {}
+    for name, t in sorted(declared.items()):
+        x, indices, shape = tensors.get(name), list(t["indices"]), tuple(int(d) for d in t["table_shape"])
+        why = "a 2-D table shape" if len(shape) != 2 else check_indices(indices, shape[0], name)
+        if x is None:
+            problems.add(f"missing: {name}: trainable tokens in the header but their tensor is not in the file")
+        elif why:
+            problems.add(
+                f"tokens: {why}" if len(shape) == 2 else f"tokens: {name}: the header says table {shape}, not {why}"
+            )
+        elif tuple(x.shape) != (len(indices), shape[1]):
+            problems.add(
+                f"shape: {name}: {len(indices)} token indices into a table {shape} need rows of shape "
+                f"{(len(indices), shape[1])}, the tensor is {tuple(x.shape)}"
+            )
+        else:
+            out[name] = AdapterTokens(jnp.asarray(x), tuple(int(i) for i in indices), shape, str(t["table_dtype"]))
     return out
 
 
