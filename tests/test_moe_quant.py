@@ -34,7 +34,13 @@ def _qlora(fn, dtype="nf4", dora=False):
 
 @pytest.mark.parametrize(
     ("form", "dtype", "dora"),
-    [("gathered", "nf4", False), ("ragged", "nf4", False), ("gathered", "nf4", True)],
+    [
+        ("gathered", "nf4", False),
+        ("ragged", "nf4", False),
+        ("gathered", "nf4", True),
+        ("ragged", "nf4", True),
+        ("dense", "nf4", True),
+    ],  # DoRA on a quantized bank: n computed before the bank is read per token or group
 )
 def test_quantized_expert_banks_equal_the_merge_path(form, dtype, dora):
     fn = moe.FORMS[form]

@@ -138,7 +138,7 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
         w = interp.fallback(ref, "dot_general (DoRA: only x @ W with W's fan-in contracted is factored)")
         return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
     plain = lora_part(ref)
-    if _holds_magnitude(ref):
+    if holds_magnitude(ref):
         y0, g2 = _dot_and_gain(eqn, x, ref, k_side, plan)
     else:
         y0 = base_dot(eqn, x, ref, k_side)
@@ -160,8 +160,8 @@ def dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -> jax
 def conv(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef) -> jax.Array:
     """A DoRA kernel in a convolution: the base conv, PEFT's factored conv, and ``g`` on the channel axis."""
     p = eqn.params
-    if _holds_magnitude(ref):
-        gained = _with_gain(ref)
+    if holds_magnitude(ref):
+        gained = with_gain(ref)
         if gained is None:
             return eqn.primitive.bind(x, interp.fallback(ref, "conv_general_dilated (DoRA)"), **p)
         ref = gained
@@ -182,8 +182,8 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
     if ref.info.per_example:
         return _rows_gather(interp, eqn, ref, idx)
     p = eqn.params
-    if _holds_magnitude(ref):
-        gained = _with_gain(ref)
+    if holds_magnitude(ref):
+        gained = with_gain(ref)
         if gained is None:
             return eqn.primitive.bind(interp.fallback(ref, "gather (DoRA)"), idx, **p)
         ref = gained
@@ -204,7 +204,7 @@ def gather(interp: Any, eqn: Any, ref: KernelRef, idx: jax.Array) -> jax.Array:
 # A quantized base: b's row holds the magnitude m, and n comes from the kernel the product dequantizes anyway.
 
 
-def _holds_magnitude(ref: KernelRef) -> bool:
+def holds_magnitude(ref: KernelRef) -> bool:
     """Whether ``ref``'s last rank row of ``b`` is the magnitude ``m`` (a quantized base), not ``g = m / n``."""
     if not is_dora(ref) or ref.info.per_example:
         return False
@@ -249,7 +249,7 @@ def _dot_and_gain(eqn: Any, x: jax.Array, ref: KernelRef, k_side: int, plan: Dot
     return y0, m2 / _norm(w2, aw, a2, b2, ref.info.scale)
 
 
-def _with_gain(ref: KernelRef) -> KernelRef | None:
+def with_gain(ref: KernelRef) -> KernelRef | None:
     """``ref`` with ``g = m / n`` in its row (the base no longer marked), ``n`` from the dense view; for the uses
     that do not read ``W`` through :func:`_dot_and_gain` (convolutions, lookups). None where the view has no
     fan-in or fan-out axis left (the caller forms the kernel then)."""

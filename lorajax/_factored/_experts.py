@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorajax._factored._base import base_dot, base_product
-from lorajax._factored._dora import lora_part
+from lorajax._factored._dora import holds_magnitude, lora_part, with_gain
 from lorajax._factored._products import dot_lora_einsum
 from lorajax._factored._ref import KernelRef, Label, normalize
 from lorajax._factored._registry import register_rule
@@ -75,7 +75,10 @@ def expert_gather(ref: KernelRef, idx: jax.Array, params: dict) -> KernelRef | N
     sizes = params["slice_sizes"]
     if any(sizes[p] != ref.shape[p] for p in range(len(ref.shape)) if p not in collapsed):
         return None
-    ref = normalize(ref)
+    gained_ref = _gain_first(ref)
+    if gained_ref is None:
+        return None
+    ref = gained_ref
     nb = idx.ndim - 1  # gather_p's index vector is the last axis of the indices
 
     def take(f: jax.Array, which: str) -> jax.Array:
@@ -129,6 +132,16 @@ def _grouped_form(ref: KernelRef, x: Any, params: dict) -> bool:
     return (ref.labels[pe][0], ref.labels[pi][0], ref.labels[po][0]) == ("s", "i", "o")
 
 
+def _gain_first(ref: KernelRef) -> KernelRef | None:
+    """``ref`` normalized, with DoRA's ``g = m / n`` in ``b``'s last rank row.
+
+    A quantized base's DoRA ref carries ``m`` there instead (each product computes ``n`` from the kernel it
+    dequantizes); an expert gather or grouped matmul reads the bank per token or per group, so ``n`` is computed
+    here, once, from the bank's dense view. ``None`` where that view has no fan-in or fan-out axis.
+    """
+    return with_gain(ref) if holds_magnitude(ref) else normalize(ref)
+
+
 def _gains(ref: KernelRef) -> tuple[KernelRef, jax.Array]:
     """A normalized DoRA ref as its LoRA part at rank ``r`` with ``g`` folded into ``b``, and ``g``.
 
@@ -160,7 +173,10 @@ def dora_dot(interp: Any, eqn: Any, x: jax.Array, ref: KernelRef, k_side: int) -
     kc, kb = (rc, rb) if k_side == 1 else (lc, lb)
     if ref.info.per_example or ref.rows is not None or any(ref.labels[q][0] in "so" for q in kc):
         return None
-    ref = normalize(ref)
+    gained_ref = _gain_first(ref)
+    if gained_ref is None:
+        return None
+    ref = gained_ref
     gained, g = _gains(ref)
     y0 = base_dot(eqn, x, ref, k_side)
     xd = interp.dropout(ref, x)
@@ -190,7 +206,9 @@ def ragged_dot_general(interp: Any, eqn: Any, invals: list) -> list | None:
         return None
     if not _grouped_form(ref, x, p):
         return None
-    ref = normalize(ref)
+    ref = _gain_first(ref)
+    if ref is None:
+        return None
     base = lambda xs: base_product(lambda w, v, gs: eqn.primitive.bind(v, w, gs, **p), ref.base, ref.dtype, xs, sizes)
     y0 = base(x)
     xd = interp.dropout(ref, x)
