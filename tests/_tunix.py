@@ -51,11 +51,17 @@ def tunix_module(name: str) -> types.ModuleType:
 
 @contextlib.contextmanager
 def flax_shard_flag_kept() -> Iterator[None]:
-    """Give back flax's global ``flax_always_shard_variable``, which tunix's model modules set to False when imported:
-    NNX models built by later tests in the same process would silently stop being placed by their sharding names."""
+    """Run with flax's global ``flax_always_shard_variable`` as tunix's model modules set it (False), then give back
+    the value it had.
+
+    tunix sets it when its modules are first imported, so a second test module in the same process (its modules
+    already imported) would build tunix's models with the flag as the first one gave it back, and fail; and NNX
+    models built by later tests would silently stop being placed by their sharding names if it were not given back.
+    """
     import flax
 
     before = flax.config.flax_always_shard_variable
+    flax.config.update("flax_always_shard_variable", False)
     try:
         yield
     finally:
