@@ -14,6 +14,7 @@ docstring, the ``doc`` argument and the module-name regexes it matches, read fro
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,10 @@ def resolve_string(pkg: griffe.Module, module: griffe.Module, expr: Any) -> str:
     alias, const = text.rsplit(".", 1)
     target = module.members[alias]
     source = pkg.modules[target.target_path.split(".")[-1]] if target.is_alias else target
-    return str(literal(source.members[const].value))
+    try:
+        return str(literal(source.members[const].value))
+    except ValueError:  # built from other constants (``A + B``): read the value the module computes
+        return str(getattr(importlib.import_module(source.path), const))
 
 
 class LorajaxDocstrings(griffe.Extension):
