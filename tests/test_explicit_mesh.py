@@ -8,12 +8,10 @@ and each gradient carries its factor's sharding.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _workers import run_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.xdist_group("mesh")
@@ -22,17 +20,7 @@ CASES = ["lora", "dora", "qlora", "qdora"]
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_explicit_mesh_worker.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(os.path.join(HERE, "_explicit_mesh_worker.py"))
 
 
 def test_the_mesh_has_explicit_axes(report):

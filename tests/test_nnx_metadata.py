@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _workers import run_worker
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -205,18 +206,10 @@ print(json.dumps(out))
 
 
 def test_a_model_on_a_4_device_mesh_keeps_its_sharding_after_merge():
-    import json
     import os
-    import subprocess
-    import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    proc = subprocess.run(
-        [sys.executable, "-c", _MESH, here], capture_output=True, text=True, env=env, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_worker("-c", _MESH, here, timeout=300)
     for donate, r in results.items():
         assert r["specs"], donate
         assert r["kernel"] == ["embed", "mlp"], donate

@@ -6,12 +6,10 @@ starts) and checks its JSON report.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _workers import run_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.xdist_group("mesh")
@@ -19,17 +17,7 @@ pytestmark = pytest.mark.xdist_group("mesh")
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_quant_mesh_worker.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(os.path.join(HERE, "_quant_mesh_worker.py"))
 
 
 NAMES = [f"{f}_{a}" for f in ("nf4_dq", "nf4_plain", "int8_plain", "fp8_plain") for a in ("fan_in", "fan_out")]

@@ -4,10 +4,7 @@ The mesh runs need 8 virtual CPU devices, which must be forced before JAX starts
 subprocess (tests/_mesh_worker.py) so this pytest process keeps its single device.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import chex
 import flax.linen as nn
@@ -15,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _workers import run_worker
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -182,12 +180,7 @@ pytestmark = pytest.mark.xdist_group("mesh")
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_mesh_worker.py")], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(os.path.join(HERE, "_mesh_worker.py"))
 
 
 # scan_tp: a transformer whose layers are stacked by nn.scan ("sioo"/"siio"/"sio" kernels), tensor parallel.

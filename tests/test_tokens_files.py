@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _workers import run_worker
 
 import lorajax
 
@@ -206,10 +204,7 @@ _MESH = textwrap.dedent(
 
 
 def test_on_a_mesh_the_lora_bias_is_born_like_b_and_token_rows_load_like_the_table():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    run = subprocess.run([sys.executable, "-c", _MESH], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_worker("-c", _MESH, timeout=300)
     assert out["b"] == {"fc": "P(None, 'tp')", "qkv": "P(None, 'tp', None)", "layers": "P('data', None, 'tp')"}
     assert (out["fc"], out["qkv"], out["layers"]) == ("P('tp',)", "P('tp', None)", "P('data', 'tp')")
     assert out["rows"] == "P(None, 'tp')" and out["loaded_bias"] == "P('tp',)" and out["same"]
