@@ -81,6 +81,17 @@ def compiled_step(step, state, *extra):
     return once, {"flops": float(cost["flops"]), "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}
 
 
+def equations(jaxpr: Any):
+    """Every equation of ``jaxpr`` and of its sub-jaxprs (scan and cond bodies, pjit, custom derivatives), in order."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+
 def round_order(names: list[str], k: int) -> list[str]:
     """Round ``k``'s order of ``names``: a permutation drawn from seed ``k``, so rounds are reproducible.
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import compiled_step, interleaved_rounds
+from _gpt import compiled_step, equations, interleaved_rounds
 
 import lorajax
 
@@ -109,19 +109,12 @@ def mse(y, target):
 def _bank_arrays(step, args, shapes) -> int:
     """How many values of an expert bank's shape ``step``'s jaxpr computes (sub-jaxprs included)."""
 
-    def walk(jaxpr) -> int:
-        n = 0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name != "stop_gradient":
-                n += sum(tuple(getattr(v.aval, "shape", ())) in shapes for v in eqn.outvars)
-            for v in eqn.params.values():
-                for j in v if isinstance(v, tuple) else (v,):
-                    inner = getattr(j, "jaxpr", j)
-                    if hasattr(inner, "eqns"):
-                        n += walk(inner)
-        return n
-
-    return walk(jax.make_jaxpr(step)(*args).jaxpr)
+    return sum(
+        tuple(getattr(v.aval, "shape", ())) in shapes
+        for eqn in equations(jax.make_jaxpr(step)(*args).jaxpr)
+        if eqn.primitive.name != "stop_gradient"
+        for v in eqn.outvars
+    )
 
 
 def make_mode(mode: str, block, params, x, target, shapes):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt import add_step_args, compiled_step, interleaved_rounds, lm_loss, step_setup
+from _gpt import add_step_args, compiled_step, equations, interleaved_rounds, lm_loss, step_setup
 
 import lorajax
 
@@ -66,15 +66,7 @@ def make_mode(model, params, tokens, dora: bool = False):
 
 def nf4_lookups(jaxpr) -> int:
     """NF4 kernels dequantized by ``jaxpr`` (sub-jaxprs included): its gathers from the 16-entry NF4 codebook."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "gather" and tuple(eqn.invars[0].aval.shape) == (16,)
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    n += nf4_lookups(inner)
-    return n
+    return sum(e.primitive.name == "gather" and tuple(e.invars[0].aval.shape) == (16,) for e in equations(jaxpr))
 
 
 def main() -> None:

@@ -26,13 +26,13 @@ if __name__ == "__main__":  # only as a script: the test run imports this module
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import pytest
+from _jaxprs import computed_shapes
+from _workers import run_worker
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -137,19 +137,6 @@ def _rel(u, v):
     return float(jnp.abs(u - v).max()) / scale
 
 
-def _computed_shapes(jaxpr):
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "stop_gradient":
-            shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    shapes += _computed_shapes(inner)
-    return shapes
-
-
 def _gathers(hlo):
     return [line.strip()[:160] for line in hlo.splitlines() if re.search(r"\sall-gather(-start)?\(", line)]
 
@@ -197,9 +184,9 @@ def _case(mesh, specs, block, *, transposed_down=False, unplaced=False):
     out["grad_specs"] = [str(f.sharding.spec) for f in _factors(g_f)][:4]
     out["gathers"] = _gathers(step_f.as_text())
     out["bank_sized"] = sorted(
-        {str(s) for s in _computed_shapes(jax.make_jaxpr(jax.grad(loss_f))(trainable).jaxpr) if s in bank}
+        {str(s) for s in computed_shapes(jax.make_jaxpr(jax.grad(loss_f))(trainable).jaxpr) if s in bank}
     )
-    merge_shapes = _computed_shapes(jax.make_jaxpr(jax.grad(loss_m))(trainable).jaxpr)
+    merge_shapes = computed_shapes(jax.make_jaxpr(jax.grad(loss_m))(trainable).jaxpr)
     out["merge_bank_sized"] = sorted({str(s) for s in merge_shapes if s in bank})
     return out
 
@@ -257,12 +244,7 @@ pytestmark = pytest.mark.xdist_group("moe_mesh")
 
 @pytest.fixture(scope="module")
 def moe_results():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    root = os.path.dirname(HERE)  # this checkout's lorajax, whatever is installed
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, timeout=900)
 
 
 DENSE = ["ep", "ep_explicit", "ep_tp", "ep_viewed"]

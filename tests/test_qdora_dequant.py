@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jaxprs import equations
 from test_dora import dense_dora
 
 import lorajax
@@ -19,15 +20,7 @@ import lorajax
 
 def nf4_lookups(jaxpr) -> int:
     """Gathers from the 16-entry NF4 codebook in ``jaxpr`` and its sub-jaxprs: one per dequantized NF4 kernel."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "gather" and tuple(eqn.invars[0].aval.shape) == (16,)
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    n += nf4_lookups(inner)
-    return n
+    return sum(e.primitive.name == "gather" and tuple(e.invars[0].aval.shape) == (16,) for e in equations(jaxpr))
 
 
 def mlp(p, x):
