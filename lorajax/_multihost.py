@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from lorajax._node import is_lora
+from lorajax._tokens import TrainableTokens
 from lorajax._trainable import is_node, is_trainable
 
 T = TypeVar("T")
@@ -76,16 +77,20 @@ def write_once(caller: str, target: str, write: Callable[[], T]) -> T | None:
 
 
 def gathered_trained(params: Any) -> Any:
-    """``params`` with what trains (factors, magnitudes, ``Trainable`` values) gathered by :func:`gathered`.
+    """``params`` with what trains gathered by :func:`gathered`: factors, magnitudes, LoRA biases, ``Trainable``
+    values and ``TrainableTokens`` rows.
 
     The frozen bases are left where they are: they are large, and writing an adapter never reads them.
     """
 
     def gather(x: Any) -> Any:
         if is_lora(x):
-            return dataclasses.replace(x, a=gathered(x.a), b=gathered(x.b), magnitude=gathered(x.magnitude))
+            trained = dict(a=x.a, b=x.b, magnitude=x.magnitude, bias=x.bias)
+            return dataclasses.replace(x, **gathered(trained))
         if is_trainable(x):
             return dataclasses.replace(x, value=gathered(x.value))
+        if isinstance(x, TrainableTokens):
+            return dataclasses.replace(x, values=gathered(x.values))
         return x
 
     return jax.tree.map(gather, params, is_leaf=is_node)

@@ -79,6 +79,33 @@ def tokens_table(node: TrainableTokens) -> Any:
     return _boxes.rebox(node.base, table.at[jnp.asarray(node.indices, jnp.int32)].set(rows))
 
 
+def rows_like(table: Any, values: Any) -> Any:
+    """Trained rows ``values`` boxed and placed like the (possibly boxed) ``table``, its row axis left unsharded.
+
+    A table sharded by columns keeps that sharding on its rows: in a multi-process job the rows become one global
+    array on the table's mesh, not a copy per process.
+
+    >>> import jax.numpy as jnp
+    >>> rows_like(jnp.zeros((5, 3)), jnp.ones((2, 3))).shape
+    (2, 3)
+    """
+    array = _boxes.unbox(table)
+    sharding = getattr(array, "sharding", None)
+    if isinstance(values, jax.core.Tracer) or not isinstance(sharding, jax.sharding.Sharding):
+        placed = jnp.asarray(values)
+    elif isinstance(sharding, jax.sharding.NamedSharding):
+        columns = (tuple(sharding.spec) + (None, None))[1]
+        placed = jax.device_put(
+            values, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, columns))
+        )
+    elif sharding.is_fully_replicated:
+        placed = jax.device_put(values, sharding)
+    else:
+        placed = jnp.asarray(values)
+    names = _boxes.names(table)
+    return _boxes.rebox(table, placed, None if names is None else (None, names[1]))
+
+
 def check_indices(indices: Any, rows: int, name: str) -> str | None:
     """Why ``indices`` cannot name trainable rows of a table with ``rows`` rows, or ``None``.
 

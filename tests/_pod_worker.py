@@ -36,6 +36,7 @@ import hashlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -43,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 import lorajax
 
-D, H, BATCH = 16, 32, 8
+D, H, V, BATCH = 16, 32, 12, 8
 
 
 def start(procs: int, pid: int, port: int) -> None:
@@ -63,17 +64,30 @@ def build(mesh: jax.sharding.Mesh) -> dict:
         "fc1": {"kernel": rng.normal(size=(D, H)).astype(np.float32), "bias": np.zeros(H, np.float32)},
         "fc2": {"kernel": rng.normal(size=(H, D)).astype(np.float32) / 4, "bias": np.zeros(D, np.float32)},
         "head": {"kernel": rng.normal(size=(D, 4)).astype(np.float32)},
+        "embed": {"embedding": rng.normal(size=(V, D)).astype(np.float32) / 4},
     }
     specs = {
         "fc1": {"kernel": P(None, "model"), "bias": P("model")},
         "fc2": {"kernel": P("model", None), "bias": P()},
         "head": {"kernel": P()},
+        "embed": {"embedding": P(None, "model")},
     }
     base = jax.tree.map(lambda x, s: placed(x, NamedSharding(mesh, s)), base, specs)
-    return lorajax.lorafy(base, rank=4, where=["fc1", "fc2"], also=["head"], key=jax.random.key(1))
+    # Every kind of trained leaf an adapter file carries: factors, LoRA biases (fc1's sharded across the model axis),
+    # an also= leaf, and trainable token rows of a sharded table.
+    return lorajax.lorafy(
+        base,
+        rank=4,
+        where=["fc1", "fc2"],
+        also=["head"],
+        lora_bias=True,
+        trainable_tokens={"embed": [1, 3]},
+        key=jax.random.key(1),
+    )
 
 
 def apply(p: dict, x: jax.Array) -> jax.Array:
+    x = x + p["embed"]["embedding"][jnp.arange(x.shape[0]) % V]
     h = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
     h = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
     return h @ p["head"]["kernel"]
@@ -111,10 +125,16 @@ def file_io(folder: str, mesh: jax.sharding.Mesh, initial: dict, params: dict) -
         lorajax.path_str(p): whole(x) for p, x in jax.tree_util.tree_leaves_with_path(lorajax.partition(params)[0])
     }
     read = lorajax.read_adapter(f"{folder}/adapter.safetensors")
-    file_equal = all(
-        np.array_equal(read[t].a, trained[f"{t}/a"]) and np.array_equal(read[t].b, trained[f"{t}/b"])
-        for t in read.factors
-    ) and np.array_equal(read.trainables["head/kernel"], trained["head/kernel"])
+    file_equal = (
+        all(
+            np.array_equal(read[t].a, trained[f"{t}/a"])
+            and np.array_equal(read[t].b, trained[f"{t}/b"])
+            and np.array_equal(read[t].bias, trained[f"{t}/bias"])
+            for t in read.factors
+        )
+        and np.array_equal(read.trainables["head/kernel"], trained["head/kernel"])
+        and np.array_equal(read.trainables["embed/embedding"].values, trained["embed/embedding/values"])
+    )
     base = lorajax.unlorafy(initial)  # the sharded base, as a fresh process would load it
     out = {"file_equal": bool(file_equal)}
     for name, loaded in [
@@ -123,7 +143,14 @@ def file_io(folder: str, mesh: jax.sharding.Mesh, initial: dict, params: dict) -
     ]:
         node = loaded["fc1"]["kernel"]
         out[f"{name}_b_spec"] = str(node.b.sharding.spec)
-        out[f"{name}_equal"] = bool(np.allclose(whole(node.b), trained["fc1/kernel/b"], rtol=1e-6, atol=0))
+        out[f"{name}_bias_spec"] = str(node.bias.sharding.spec)
+        tokens = loaded["embed"]["embedding"].values
+        out[f"{name}_tokens_spec"] = str(tokens.sharding.spec)
+        out[f"{name}_equal"] = bool(
+            np.allclose(whole(node.b), trained["fc1/kernel/b"], rtol=1e-6, atol=0)
+            and np.array_equal(whole(node.bias), trained["fc1/kernel/bias"])
+            and np.array_equal(whole(tokens), trained["embed/embedding/values"])
+        )
     # The content, canonically: safetensors orders its header's metadata map differently in each process.
     from safetensors import safe_open
 

@@ -97,9 +97,11 @@ def test_every_process_saves_and_loads_adapter_files(tmp_path):
         job(procs, tmp_path / f"p{procs}", 1, out=tmp_path / f"p{procs}.json", io=True)
         results[procs] = json.loads((tmp_path / f"p{procs}.json").read_text())["io"]
     for io in results.values():
-        assert io["file_equal"]  # the file holds the job's trained factors and head, gathered whole
+        assert io["file_equal"]  # the job's factors, LoRA biases, head and token rows, gathered whole
         assert io["adapter_equal"] and io["peft_equal"]
         # loaded factors are placed as the base's factor_specs say (fc1's kernel is sharded P(None, 'model'))
         assert io["adapter_b_spec"] == io["peft_b_spec"] == "P(None, 'model')"
+        assert io["adapter_bias_spec"] == io["peft_bias_spec"] == "P('model',)"  # the LoRA bias, as fc1's bias
+        assert io["adapter_tokens_spec"] == io["peft_tokens_spec"] == "P(None, 'model')"  # rows, as the table's
         assert io["litter"] == []
     assert results[1]["initial_content"] == results[2]["initial_content"]  # the same content as one process writes

@@ -21,7 +21,7 @@ from lorajax._lora_bias import lora_bias_names
 from lorajax._node import LoRA, is_lora
 from lorajax._paths import KeyPath, path_str, rebuild, tree_paths
 from lorajax._problems import Problems
-from lorajax._tokens import TrainableTokens, check_indices, is_tokens
+from lorajax._tokens import TrainableTokens, check_indices, is_tokens, rows_like
 from lorajax._trainable import Trainable, is_trainable
 from lorajax.adapters._adapter import Adapter, AdapterFactors, as_adapter, is_adapter_tokens
 from lorajax.quant import is_quantized
@@ -154,19 +154,7 @@ def with_tokens(
         n = index[name]
         leaf = leaves[n][1]
         table = leaf.base if is_tokens(leaf) else leaf
-        sharding = getattr(_boxes.unbox(table), "sharding", None)
-        values = t.values
-        if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(values, jax.core.Tracer):
-            spec = (tuple(sharding.spec) + (None, None))[:2]
-            values = jax.device_put(
-                values, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, spec[1]))
-            )
-        else:
-            values = (
-                place_like(table, values) if getattr(sharding, "is_fully_replicated", True) else jnp.asarray(values)
-            )
-        names = _boxes.names(table)
-        rows = _boxes.rebox(table, values, None if names is None else (None, names[1]))
+        rows = rows_like(table, t.values)
         replaced[n] = TrainableTokens(table, rows, tuple(int(i) for i in t.indices))
 
 

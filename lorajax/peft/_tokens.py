@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from lorajax import _boxes
 from lorajax._node import is_lora
 from lorajax._paths import KeyPath, path_str, tree_paths
 from lorajax._problems import Problems
-from lorajax._tokens import TrainableTokens, check_indices, is_tokens
+from lorajax._tokens import TrainableTokens, check_indices, is_tokens, rows_like
 from lorajax._trainable import is_node
 from lorajax.peft._names import PREFIX, Namer
 
@@ -102,8 +101,7 @@ def loaded_tokens(
         if why:
             problems.add(why)
             continue
-        names = _boxes.names(leaf)
-        rows = _boxes.rebox(leaf, jnp.asarray(values), None if names is None else (None, names[1]))
+        rows = rows_like(leaf, values)  # placed like the table's columns, one global array in a multi-process job
         out[n] = TrainableTokens(leaf, rows, tuple(int(i) for i in entry["indices"]))
     return out
 
