@@ -135,3 +135,42 @@ def test_qdora_through_an_embedding_lookup_and_a_scan_equals_merge():
     )
     plain_t, plain_f = lorajax.partition(lorajax.lorafy(q, rank=4, where=["emb", "layers"], key=jax.random.key(0)))
     assert n(t, frozen) == n(plain_t, plain_f) + 1  # the embedding's norms read its dense view (one lookup more)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "rows_of_a_3d_batch",
+        "more_rows_than_one_pass_repays",  # aᵀW then keeps its own matmul
+        "kernel_on_the_left",
+        "fan_out_split_into_heads",
+        "heads_merged_into_fan_out",
+    ],
+)
+def test_qdora_products_of_every_shape_equal_merge(form):
+    """aᵀW shares the forward product's matmul (r more rows, on one device): every layout of that product keeps DoRA's
+    values and gradients (against the merged model, which forms each kernel)."""
+    rng = np.random.default_rng(4)
+    shapes = {"fan_out_split_into_heads": (32, 4, 8), "heads_merged_into_fan_out": (4, 8, 32)}
+    layouts = {"fan_out_split_into_heads": "ioo", "heads_merged_into_fan_out": "iio"}
+    shape = shapes.get(form, (32, 24))
+    w = {"k": {"kernel": jnp.asarray(rng.standard_normal(shape) / 6, jnp.float32)}}
+    q = lorajax.quantize(w, where=["k"], dtype="nf4", block_size=32, layout={"k/kernel": layouts.get(form, "io")})
+    products = {
+        "rows_of_a_3d_batch": lambda k, x: x @ k,
+        "more_rows_than_one_pass_repays": lambda k, x: jnp.tile(x, (20, 1, 1)) @ k,
+        "kernel_on_the_left": lambda k, x: jnp.einsum("df,bsd->fbs", k, x),
+        "fan_out_split_into_heads": lambda k, x: jnp.einsum("bsd,dhk->bshk", x, k),
+        "heads_merged_into_fan_out": lambda k, x: jnp.einsum("bshk,hkd->bsd", jnp.reshape(x, (2, 3, 4, 8)), k),
+    }
+    model = lambda p, x: jnp.tanh(products[form](p["k"]["kernel"], x))
+    lp = lorajax.lorafy(q, rank=4, where=["k"], dora=True, key=jax.random.key(0), init="gaussian")
+    t, frozen = lorajax.partition(lp)
+    t = jax.tree.map(lambda v: v + 0.1 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), t)
+    x = jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32)
+    loss_f = lambda t: jnp.sum(lorajax.factored(model, strict=True)(lorajax.combine(t, frozen), x) ** 2)
+    loss_m = lambda t: jnp.sum(model(lorajax.merge(lorajax.combine(t, frozen)), x) ** 2)
+    (lf, gf), (lm, gm) = jax.value_and_grad(loss_f)(t), jax.value_and_grad(loss_m)(t)
+    np.testing.assert_allclose(lf, lm, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))

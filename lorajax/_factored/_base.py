@@ -188,38 +188,39 @@ _product.defvjp(_product_fwd, _product_bwd)
 
 
 def base_product_stats(
-    fn: Callable[..., jax.Array], stats: Callable[..., Any], base: Base, dtype: Any, args: tuple, extra: tuple
+    fn: Callable[..., jax.Array], forward: Callable[..., Any], base: Base, dtype: Any, args: tuple, extra: tuple
 ) -> tuple[jax.Array, Any]:
-    """``(fn(kernel, *args), stats(kernel, *extra))`` from one dequantization of the base, ``stats`` detached.
+    """``forward(kernel, args, extra)``, i.e. ``(fn(kernel, *args), stats)``, from one dequantization of the base.
 
     ``kernel`` is ``base.dense(dtype)`` as in :func:`base_product` (rebuilt for the backward pass the same way):
     DoRA's column norms read the very kernel the forward product reads, so a QDoRA step dequantizes each kernel as
-    often as a QLoRA step, not once more for its norms. No gradient flows to ``extra`` or through ``stats``.
+    often as a QLoRA step, not once more for its norms. ``forward`` returns the product (equal to ``fn``'s, which
+    the backward pass differentiates) and the statistics; it may compute both in one matmul. No gradient flows to
+    ``extra`` or through the statistics.
     """
     extra = jax.lax.stop_gradient(tuple(extra))
     if CUSTOM_VJPS.get():
-        y, st = _stats_product(fn, stats, np.dtype(dtype), base, tuple(args), extra)
+        y, st = _stats_product(fn, forward, np.dtype(dtype), base, tuple(args), extra)
     else:
-        run = lambda b, xs, ex: _use_stats(fn, stats, dtype, b, xs, ex)
+        run = lambda b, xs, ex: _use_stats(forward, dtype, b, xs, ex)
         y, st = jax.checkpoint(run, policy=_POLICY)(base, tuple(args), extra)
     return y, jax.lax.stop_gradient(st)
 
 
-def _use_stats(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, xs: tuple, ex: tuple):
-    w = after(base, xs).dense(dtype)
-    return fn(w, *xs), stats(w, *ex)
+def _use_stats(forward: Callable[..., Any], dtype: Any, base: Base, xs: tuple, ex: tuple):
+    return forward(after(base, xs).dense(dtype), xs, ex)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _stats_product(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, args, extra):
-    return _use_stats(fn, stats, dtype, base, args, extra)
+def _stats_product(fn: Callable[..., jax.Array], forward: Callable[..., Any], dtype: Any, base: Base, args, extra):
+    return _use_stats(forward, dtype, base, args, extra)
 
 
-def _stats_product_fwd(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, base: Base, args, extra):
-    return _use_stats(fn, stats, dtype, base, args, extra), (base, args, extra)
+def _stats_product_fwd(fn: Callable[..., jax.Array], forward: Callable[..., Any], dtype: Any, base: Base, args, extra):
+    return _use_stats(forward, dtype, base, args, extra), (base, args, extra)
 
 
-def _stats_product_bwd(fn: Callable[..., jax.Array], stats: Callable[..., Any], dtype: Any, res: Any, cts: Any):
+def _stats_product_bwd(fn: Callable[..., jax.Array], forward: Callable[..., Any], dtype: Any, res: Any, cts: Any):
     base, args, extra = res
     return _zeros(base), _moved(fn, dtype, base, args, cts[0]), _zeros(extra)
 

@@ -24,6 +24,7 @@ what it forms, and convolutions and lookups read the dense view for them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -234,17 +235,37 @@ def _dot_and_gain(eqn: Any, x: jax.Array, ref: KernelRef, k_side: int, plan: Dot
     def product(w: jax.Array, x: jax.Array) -> jax.Array:
         return eqn.primitive.bind(*((w, x) if k_side == 0 else (x, w)), **p)
 
-    def stats(w: jax.Array, a2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    out = eqn.outvars[0].aval
+    # aᵀW rides along with x·W as r more rows of one matmul: one pass over the kernel instead of two (the weight-bound
+    # QDoRA step 1.12-1.15x the QLoRA step instead of 1.22-1.27x, benchmarks/qlora_step.py). Only where that pass
+    # outweighs the copies it adds (x's rows in, the product's rows out) and changes nothing else: one device (no
+    # rows of other shardings mixed in), one dtype, and full float32 at the product's own precision (on XLA:CPU
+    # every precision is; elsewhere aᵀW keeps Precision.HIGHEST in a matmul of its own).
+    rows, fan_in = math.prod(x.shape[q] for q in plan.xfree), a2.shape[0]
+    fan_out = math.prod(ref.shape[q] for q in plan.kfree)
+    full = p.get("precision") in (lax.Precision.HIGHEST, (lax.Precision.HIGHEST,) * 2) or jax.default_backend() == "cpu"
+    same = jnp.dtype(x.dtype) == jnp.dtype(ref.dtype) == jnp.dtype(dt) == jnp.dtype(out.dtype)
+    joint = full and same and jax.device_count() == 1 and rows * (fan_in + fan_out) <= fan_in * fan_out
+
+    def forward(w: jax.Array, xs: tuple, ex: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        (x,), (a2,) = xs, ex
         w2d = jnp.reshape(jnp.transpose(w, plan.kc + plan.kfree), (a2.shape[0], -1))  # (fan-in, fan-out)
         kw = dict(precision=lax.Precision.HIGHEST, preferred_element_type=dt)
         w2 = jnp.einsum("if,if->f", w2d, w2d, **kw, **typed_out(w2d, lambda e: e[1:]))
+        if joint:
+            x2 = plan.x_2d(x)
+            both = jnp.concatenate([x2, jnp.transpose(a2)], axis=0)  # x's rows, then aᵀ's r rows
+            dims = (((1,), (0,)), ((), ()))
+            y2 = lax.dot_general(both, w2d, dims, precision=p.get("precision"), preferred_element_type=dt)
+            y0 = plan.lay_out(y2[: x2.shape[0]], ref, x, out.shape)
+            return y0, (w2, y2[x2.shape[0] :])
         # Wᵀa (fan-out × r), transposed behind an optimization barrier (else XLA folds the transpose back in): the
         # dequantized kernel is laid out fan-out-major (PyTorch's (out, in) order of the codes), on which XLA:CPU
         # runs the rank-major aᵀW ~15x slower (30 ms against 2 ms for a 1024 x 4096 kernel).
         wa = jnp.einsum("if,ir->fr", w2d, a2, **kw, **typed_out(w2d, lambda e: (e[1], None)))
-        return w2, jnp.transpose(lax.optimization_barrier(wa))
+        return product(w, x), (w2, jnp.transpose(lax.optimization_barrier(wa)))
 
-    y0, (w2, aw) = base_product_stats(product, stats, ref.base, ref.dtype, (x,), (a2,))
+    y0, (w2, aw) = base_product_stats(product, forward, ref.base, ref.dtype, (x,), (a2,))
     m2 = plan.second_2d(_gain_row(ref), dt)
     return y0, m2 / _norm(w2, aw, a2, b2, ref.info.scale)
 
