@@ -34,9 +34,9 @@ def _params(dtype=jnp.float32):
     return lorajax.quantize(w, where=["fc1", "fc2"], dtype="nf4", block_size=32, double_quant=True)
 
 
-def _trained(q, dora: bool):
-    """Factors and magnitudes moved off their init, so every term of the norms counts."""
-    p = lorajax.lorafy(q, rank=4, where=["fc1", "fc2"], dora=dora, key=jax.random.key(0), init="gaussian")
+def _trained(q, dora: bool, where=("fc1", "fc2")):
+    """Factors and magnitudes moved off their init, so every term of the norms counts; (trained, frozen)."""
+    p = lorajax.lorafy(q, rank=4, where=list(where), dora=dora, key=jax.random.key(0), init="gaussian")
     t, frozen = lorajax.partition(p)
     t = jax.tree.map(lambda v: v + 0.1 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), t)
     return t, frozen
@@ -107,6 +107,17 @@ def test_qdora_kernels_formed_for_an_unfactored_use_take_the_norms_of_what_they_
     np.testing.assert_allclose(got, twice(lorajax.merge(p), x), rtol=1e-5, atol=1e-5)
 
 
+def _assert_factored_equals_merge(model, t, frozen, x):
+    """Loss and gradients through ``factored(strict=True)`` against the merged model's (float32 sums of a few hundred
+    terms: loss to 1e-5, gradients to 1e-4 or 1e-5 of the largest entry)."""
+    loss_f = lambda t: jnp.sum(lorajax.factored(model, strict=True)(lorajax.combine(t, frozen), x) ** 2)
+    loss_m = lambda t: jnp.sum(model(lorajax.merge(lorajax.combine(t, frozen)), x) ** 2)
+    (lf, gf), (lm, gm) = jax.value_and_grad(loss_f)(t), jax.value_and_grad(loss_m)(t)
+    np.testing.assert_allclose(lf, lm, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 def test_qdora_through_an_embedding_lookup_and_a_scan_equals_merge():
     rng = np.random.default_rng(3)
     w = {"emb": {"embedding": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)}}
@@ -118,16 +129,9 @@ def test_qdora_through_an_embedding_lookup_and_a_scan_equals_merge():
         h, _ = jax.lax.scan(lambda h, k: (jnp.tanh(h @ k), None), h, p["layers"]["kernel"])
         return h
 
-    lp = lorajax.lorafy(q, rank=4, where=["emb", "layers"], dora=True, key=jax.random.key(0), init="gaussian")
-    t, frozen = lorajax.partition(lp)
-    t = jax.tree.map(lambda v: v + 0.1 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), t)
+    t, frozen = _trained(q, True, ["emb", "layers"])
     ids = jnp.array([[1, 5, 9], [63, 0, 2]])
-    loss_f = lambda t: jnp.sum(lorajax.factored(model, strict=True)(lorajax.combine(t, frozen), ids) ** 2)
-    loss_m = lambda t: jnp.sum(model(lorajax.merge(lorajax.combine(t, frozen)), ids) ** 2)
-    (lf, gf), (lm, gm) = jax.value_and_grad(loss_f)(t), jax.value_and_grad(loss_m)(t)
-    np.testing.assert_allclose(lf, lm, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    _assert_factored_equals_merge(model, t, frozen, ids)
     # one lookup per layer forward (scanned: one in the loop body) and back, none for the norms
     fac = lorajax.factored(model, strict=True)
     n = lambda dora_t, fz: nf4_lookups(
@@ -164,13 +168,5 @@ def test_qdora_products_of_every_shape_equal_merge(form):
         "heads_merged_into_fan_out": lambda k, x: jnp.einsum("bshk,hkd->bsd", jnp.reshape(x, (2, 3, 4, 8)), k),
     }
     model = lambda p, x: jnp.tanh(products[form](p["k"]["kernel"], x))
-    lp = lorajax.lorafy(q, rank=4, where=["k"], dora=True, key=jax.random.key(0), init="gaussian")
-    t, frozen = lorajax.partition(lp)
-    t = jax.tree.map(lambda v: v + 0.1 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), t)
-    x = jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32)
-    loss_f = lambda t: jnp.sum(lorajax.factored(model, strict=True)(lorajax.combine(t, frozen), x) ** 2)
-    loss_m = lambda t: jnp.sum(model(lorajax.merge(lorajax.combine(t, frozen)), x) ** 2)
-    (lf, gf), (lm, gm) = jax.value_and_grad(loss_f)(t), jax.value_and_grad(loss_m)(t)
-    np.testing.assert_allclose(lf, lm, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    t, frozen = _trained(q, True, ["k"])
+    _assert_factored_equals_merge(model, t, frozen, jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32))
