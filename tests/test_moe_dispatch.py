@@ -14,110 +14,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _jaxprs import computed_shapes
+from _moe_models import (
+    EXPERTS,
+    FORMS,
+    KERNELS,
+    LAYOUTS,
+    D,
+    E,
+    F,
+    K,
+    R,
+    T,
+    X,
+    close,
+    dense,
+    gathered,
+    params,
+    random_init,
+    route,
+)
 from jax.experimental import pallas as pl
 
 import lorajax
 
-E, D, F, T, K, R, C = 4, 8, 6, 10, 2, 2, 5  # experts, d_model, ffn, tokens, top-k, rank, capacity per expert
-EXPERTS = ("experts/up", "experts/down")
-KERNELS = {"experts/up": (E, D, F), "experts/down": (E, F, D)}
-# Per expert, every bank the same kind: one LoRA per expert.
-LAYOUTS = {"experts/up": "sio", "experts/down": "sio"}
-
-
-def _normal(seed, shape, scale=0.3):
-    # NumPy draws: no XLA compile per shape (eager jax.random costs seconds each on a busy CI machine).
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _params():
-    return {
-        "router": {"kernel": _normal(0, (D, E))},
-        "experts": {"up": _normal(1, (E, D, F)), "down": _normal(2, (E, F, D))},
-        "shared": {"up": {"kernel": _normal(3, (D, F))}, "down": {"kernel": _normal(4, (F, D))}},
-    }
-
-
-X = _normal(5, (T, D), 1.0)
-
-
-def _route(p, x):
-    probs = jax.nn.softmax(x @ p["router"]["kernel"], axis=-1)  # (T, E)
-    weights, idx = jax.lax.top_k(probs, K)
-    return probs, weights, idx
-
-
-def _shared(p, x):
-    return jax.nn.silu(x @ p["shared"]["up"]["kernel"]) @ p["shared"]["down"]["kernel"]
-
-
-def dense(p, x):
-    """All experts on every token, weighted by the router (tunix's CPU form, Mixtral's reference)."""
-    probs, _, _ = _route(p, x)
-    h = jax.nn.silu(jnp.einsum("td,edf->tef", x, p["experts"]["up"]))
-    y = jnp.einsum("tef,efd->ted", h, p["experts"]["down"])
-    return jnp.einsum("ted,te->td", y, probs) + _shared(p, x)
-
-
-def capacity(p, x):
-    """MaxText's capacity-factor dispatch: tokens into (E, batch, capacity) slots, ``EBCM,EMH->EBCH``."""
-    _, weights, idx = _route(p, x)
-    onehot = jax.nn.one_hot(idx, E)  # (T, K, E)
-    # Position of each (token, choice) in its expert's queue; over capacity C: dropped.
-    slot = (jnp.cumsum(onehot.reshape(T * K, E), axis=0).reshape(T, K, E) - 1).astype(jnp.int32)
-    keep = onehot * (slot < C)
-    dispatch = jnp.einsum("tke,tkec->tec", keep, jax.nn.one_hot(slot, C))[None]  # (B=1, T, E, C)
-    combine = jnp.einsum("tke,tk,tkec->tec", keep, weights, jax.nn.one_hot(slot, C))[None]
-    xe = jnp.einsum("BTM,BTEC->EBCM", x[None], dispatch)
-    h = jax.nn.silu(jnp.einsum("EBCM,EMH->EBCH", xe, p["experts"]["up"]))
-    y = jnp.einsum("EBCH,EHM->EBCM", h, p["experts"]["down"])
-    return jnp.einsum("EBCM,BTEC->BTM", y, combine)[0] + _shared(p, x)
-
-
-def gathered(p, x):
-    """Each token's top-k experts' kernels gathered by index, then a batched product with the token."""
-    _, weights, idx = _route(p, x)
-    h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, p["experts"]["up"][idx]))
-    y = jnp.einsum("tkf,tkfd->tkd", h, p["experts"]["down"][idx])
-    return jnp.einsum("tkd,tk->td", y, weights) + _shared(p, x)
-
-
-def ragged(p, x):
-    """MaxText/megablox: (token, expert) pairs sorted by expert, two grouped matmuls, unsorted and combined."""
-    _, weights, idx = _route(p, x)
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat)
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x[order // K]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, p["experts"]["up"], sizes))
-    y = jax.lax.ragged_dot(h, p["experts"]["down"], sizes) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[order // K].add(y) + _shared(p, x)
-
-
-FORMS = {"dense": dense, "capacity": capacity, "gathered": gathered, "ragged": ragged}
-
-
-def _random_init(key, base, layout, rank, dtype):
-    # Nonzero b, so the adapters change the output; seeded by the kernel's shape (up and down differ).
-    seed = int(np.ravel_multi_index(base.shape[-2:], (64, 64)))
-    return (
-        _normal(seed, layout.a_shape(base.shape, rank)).astype(dtype),
-        _normal(seed + 1, layout.b_shape(base.shape, rank)).astype(dtype),
-    )
-
 
 def _lora(fn, dora=False):
-    params = _params()
-    layouts = lorajax.infer_layouts(fn, params, X)
+    p = params()
+    layouts = lorajax.infer_layouts(fn, p, X)
     where = list(EXPERTS) + ["shared/up/kernel", "shared/down/kernel"]
-    lora = lorajax.lorafy(params, rank=R, where="|".join(where), layout=layouts, init=_random_init, dora=dora)
+    lora = lorajax.lorafy(p, rank=R, where="|".join(where), layout=layouts, init=random_init, dora=dora)
     return layouts, lora
-
-
-def _close(got, want):
-    # float32 sums in another order (rank-r products against the merged kernel): 1e-5 of the output's scale.
-    scale = max(1.0, float(jnp.max(jnp.abs(want))))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -132,8 +58,8 @@ def test_each_form_equals_the_merge_path_with_no_fallback(form):
         warnings.simplefilter("error")
         got = jax.jit(lorajax.factored(fn, strict=True))(lora, X)
     want = jax.jit(lambda p, x: fn(lorajax.merge(p), x))(lora, X)
-    assert float(jnp.max(jnp.abs(want - fn(_params(), X)))) > 1e-2  # the adapters change the output
-    _close(got, want)
+    assert float(jnp.max(jnp.abs(want - fn(params(), X)))) > 1e-2  # the adapters change the output
+    close(got, want)
 
 
 def _loss(fn):
@@ -150,7 +76,7 @@ def test_gradients_of_the_factors_equal_the_merge_path(form):
         g_fact = jax.jit(jax.grad(_loss(lorajax.factored(fn, strict=True))))(train, frozen)
     g_merge = jax.jit(jax.grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
     for a, b in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merge), strict=True):
-        _close(a, b)
+        close(a, b)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -165,7 +91,7 @@ def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
         got = jax.jit(jax.value_and_grad(_loss(lorajax.factored(fn, strict=True))))(train, frozen)
     want = jax.jit(jax.value_and_grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        _close(a, b)
+        close(a, b)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -196,7 +122,7 @@ def test_gathered_lora_runs_through_rank_r():
 
 @pytest.mark.parametrize("form", ["gathered", "ragged"])
 def test_infer_layouts_follows_the_dispatch_with_the_true_fan_in(form):
-    layouts = lorajax.infer_layouts(FORMS[form], _params(), X)
+    layouts = lorajax.infer_layouts(FORMS[form], params(), X)
     assert {k: layouts[k].axes for k in EXPERTS} == LAYOUTS
     assert layouts["router/kernel"].axes == "io" and not layouts.unresolved
 
@@ -232,7 +158,7 @@ def test_an_opaque_pallas_kernel_names_the_way_out():
     _, lora = _lora(dense)
 
     def fn(p, x):
-        return jnp.einsum("tef,te->tf", _pallas_experts(p["experts"]["up"], x), _route(p, x)[0])
+        return jnp.einsum("tef,te->tf", _pallas_experts(p["experts"]["up"], x), route(p, x)[0])
 
     with pytest.raises(
         ValueError, match=r"experts/up.*`pallas_call` is an opaque kernel.*jax\.lax\.ragged_dot.*lorajax\.merge"
@@ -240,4 +166,4 @@ def test_an_opaque_pallas_kernel_names_the_way_out():
         lorajax.factored(fn, strict=True)(lora, X)
     with pytest.warns(lorajax.FallbackWarning, match="ragged_dot"):
         got = lorajax.factored(fn)(lora, X)
-    _close(got, fn(lorajax.merge(lora), X))
+    close(got, fn(lorajax.merge(lora), X))

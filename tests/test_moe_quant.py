@@ -1,6 +1,6 @@
 """QLoRA expert banks and LoRA dropout through factored's expert dispatch forms (gather ``W[idx]``, ``ragged_dot``).
 
-- Quantized banks: the MoE block of tests/test_moe_dispatch.py with its expert banks ``lorajax.quantize``d (NF4, as
+- Quantized banks: the MoE block of tests/_moe_models.py with its expert banks ``lorajax.quantize``d (NF4, as
   QLoRA; int8 and fp8 banks run the same code, seen equal too) and per-expert LoRA (and DoRA) on top runs
   ``factored(strict=True)`` with warnings as errors, and equals
   ``fn(lorajax.merge(params))`` (the dequantized base plus the update) in values and in the factors' gradients, to
@@ -13,11 +13,11 @@
 
 import warnings
 
+import _moe_models as moe
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_moe_dispatch as moe
 
 import lorajax
 
@@ -25,11 +25,11 @@ WHERE = "|".join([*moe.EXPERTS, "shared/up/kernel", "shared/down/kernel"])
 
 
 def _qlora(fn, dtype="nf4", dora=False):
-    params = moe._params()
+    params = moe.params()
     layouts = lorajax.infer_layouts(fn, params, moe.X)
     quantized = lorajax.quantize(params, where="experts/up|experts/down", layout=layouts, dtype=dtype, block_size=32)
     assert all(lorajax.is_quantized(quantized["experts"][k]) for k in ("up", "down"))
-    return lorajax.lorafy(quantized, rank=moe.R, where=WHERE, layout=layouts, init=moe._random_init, dora=dora)
+    return lorajax.lorafy(quantized, rank=moe.R, where=WHERE, layout=layouts, init=moe.random_init, dora=dora)
 
 
 @pytest.mark.parametrize(
@@ -54,10 +54,10 @@ def test_quantized_expert_banks_equal_the_merge_path(form, dtype, dora):
         g_fact = jax.jit(jax.grad(loss(fac)))(train)
     merged = lambda p, x: fn(lorajax.merge(p), x)
     want, g_merge = jax.jit(merged)(lora, moe.X), jax.jit(jax.grad(loss(merged)))(train)
-    assert float(jnp.max(jnp.abs(want - fn(moe._params(), moe.X)))) > 1e-2  # the adapters change the output
-    moe._close(got, want)
+    assert float(jnp.max(jnp.abs(want - fn(moe.params(), moe.X)))) > 1e-2  # the adapters change the output
+    moe.close(got, want)
     for a, b in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merge), strict=True):
-        moe._close(a, b)
+        moe.close(a, b)
     if not dora:  # the merge path is the dequantized bank plus each expert's s·A_e·B_e
         node = lora["experts"]["up"]
         delta = node.scale * np.einsum("eir,ero->eio", node.a, node.b)
@@ -81,10 +81,10 @@ def _ragged_layer(p, x, idx):
 
 
 def _layer(quantized):
-    w = moe._normal(7, (E, D, D))
+    w = moe.normal(7, (E, D, D))
     idx = jnp.asarray(np.random.default_rng(8).integers(0, E, (T, K)), jnp.int32)
     params = {"w": lorajax.quantize({"w": w}, where="w", layout={"w": "sio"}, block_size=32)["w"] if quantized else w}
-    lora = lorajax.lorafy(params, rank=D, where="w", layout={"w": "sio"}, init=moe._random_init)
+    lora = lorajax.lorafy(params, rank=D, where="w", layout={"w": "sio"}, init=moe.random_init)
     return lora, idx
 
 
@@ -93,7 +93,7 @@ def _layer(quantized):
 def test_lora_dropout_drops_the_adapters_input_per_entry(form, quantized):
     layer = {"gathered": _gather_layer, "ragged": _ragged_layer}[form]
     lora, idx = _layer(quantized)
-    x = moe._normal(9, (T, D), 1.0)
+    x = moe.normal(9, (T, D), 1.0)
     node = lora["w"]
     off = dict(
         lora, w=lorajax.LoRA(node.base, node.a, jnp.zeros_like(node.b), node.spec)
@@ -105,8 +105,8 @@ def test_lora_dropout_drops_the_adapters_input_per_entry(form, quantized):
         draws = [fac(lora, x, lora_rng=jax.random.key(k)) for k in (1, 2)]
         deterministic = fac(lora, x, lora_deterministic=True)
     _, expert, token = layer(lorajax.merge(off), x, idx)
-    moe._close(base, layer(lorajax.merge(off), x, idx)[0])  # dropout never touches the base's product
-    moe._close(deterministic, layer(lorajax.merge(lora), x, idx)[0])
+    moe.close(base, layer(lorajax.merge(off), x, idx)[0])  # dropout never touches the base's product
+    moe.close(deterministic, layer(lorajax.merge(lora), x, idx)[0])
     m = node.scale * np.einsum("eir,ero->eio", np.asarray(node.a, np.float64), np.asarray(node.b, np.float64))
     masks = []
     for y in draws:
