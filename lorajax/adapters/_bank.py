@@ -225,9 +225,10 @@ def select(bank: AdapterBank, ids: Any, *, form: str = "auto") -> Any:
     * ``"gather"``: each :class:`BankNode` becomes a ``LoRA(per_example=True)`` node whose factors
       are the rows ``a[ids]``, ``b[ids]`` (``(batch, *a_shape)``); batched einsums per example. Needs
       one id per example. Runs every use factored does (stacked/scanned layers, any dot).
-    * ``"onehot"``: no gather. The bank runs as one LoRA of rank ``(N + 1) * r`` in 2-D matmuls,
+    * ``"onehot"``: no gather. The bank runs as one LoRA of rank ``N * r`` in 2-D matmuls,
       ``(x @ A_all)`` with other adapters' columns zeroed per row, then ``@ B_all``. Its cost per row
-      is ``(N + 1) * r * (d_in + d_out)``: it pays when the bank's total rank is small next to the layer.
+      is ``N * r * (d_in + d_out)`` (the zero row gets no columns): it pays when the bank's total rank is
+      small next to the layer.
     * ``"ragged"``: rows sorted by adapter and two ``jax.lax.ragged_dot`` calls (static group count
       ``N + 1``), then put back; ``r * (d_in + d_out)`` per row where ragged_dot is a grouped kernel
       (GPU/TPU); on XLA:CPU it is slower than both others.
