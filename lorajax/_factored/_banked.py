@@ -114,7 +114,7 @@ def adapters_only(ref: KernelRef) -> KernelRef:
 
 
 def as_one_lora(ref: KernelRef) -> KernelRef:
-    """The bank as one (not per-example) LoRA of rank ``(N + 1) * r``, adapter-major along the rank."""
+    """The bank as one (not per-example) LoRA of rank (the bank's rows) x ``r``, adapter-major along the rank."""
     n, r = ref.a.shape[0], ref.a.shape[-1]
     a = jnp.moveaxis(ref.a, 0, -2)
     a = jnp.reshape(a, a.shape[:-2] + (n * r,))
