@@ -103,9 +103,25 @@ class HasSpec:
         return self.spec.scale
 
 
+class OnBase:
+    """The shape and dtype of a node's frozen ``base`` (unboxed), shared by the nodes that stand where it was."""
+
+    base: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the base (the kernel a LoRA node merges into, the table of trainable tokens)."""
+        return tuple(_boxes.unbox(self.base).shape)
+
+    @property
+    def dtype(self) -> Any:
+        """Dtype of the base."""
+        return _boxes.unbox(self.base).dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoRA(HasSpec):
+class LoRA(HasSpec, OnBase):
     """A targeted kernel: frozen ``base`` plus trainable factors ``a`` and ``b``.
 
     The effective kernel is ``base + scale * a @ b``, contracted back into the
@@ -142,16 +158,6 @@ class LoRA(HasSpec):
     #: without its rank axis; ``merge`` and ``factored`` add ``scale * bias`` to the sibling ``bias`` leaf of the
     #: kernel's module. Read only where ``spec.bias`` (``lorajax/_lora_bias.py``).
     bias: Any = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the (merged) kernel."""
-        return tuple(_boxes.unbox(self.base).shape)
-
-    @property
-    def dtype(self) -> Any:
-        """Dtype of the (merged) kernel."""
-        return _boxes.unbox(self.base).dtype
 
 
 def is_lora(x: Any) -> bool:

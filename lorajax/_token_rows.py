@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lorajax import _boxes, _paths, _targets
 from lorajax._problems import Problems
-from lorajax._tokens import TrainableTokens, check_indices
+from lorajax._tokens import TrainableTokens, check_indices, rows_like
 from lorajax._trainable import is_node
 
 __all__ = ["trainable_tokens"]
@@ -91,9 +91,7 @@ def trainable_tokens(params: Any, tokens: Mapping[str, Sequence[int]], *, caller
             problems.add(why)
             continue
         idx = tuple(int(i) for i in indices)
-        names = _boxes.names(leaf)
-        rows = _boxes.rebox(leaf, table[jnp.asarray(idx, jnp.int32)], None if names is None else (None, names[1]))
-        chosen[n] = TrainableTokens(leaf, rows, idx)
+        chosen[n] = TrainableTokens(leaf, rows_like(leaf, table[jnp.asarray(idx, jnp.int32)]), idx)
     problems.raise_if_any(
         "cannot make these token rows trainable",
         "Name each embedding table once by its module (e.g. {'embed_tokens': [ids]}); a table that is a LoRA target "

@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import _boxes
+from lorajax._node import OnBase
 
 __all__ = ["TrainableTokens", "check_indices", "is_tokens", "tokens_table"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class TrainableTokens:
+class TrainableTokens(OnBase):
     """An embedding table (``(rows, dim)``) whose rows ``indices`` train: PEFT's ``trainable_token_indices``.
 
     ``base`` is the caller's table (array or Flax box), frozen. ``values`` holds the trained rows,
@@ -46,16 +47,6 @@ class TrainableTokens:
     base: Any
     values: Any
     indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the table."""
-        return tuple(_boxes.unbox(self.base).shape)
-
-    @property
-    def dtype(self) -> Any:
-        """Dtype of the table."""
-        return _boxes.unbox(self.base).dtype
 
 
 def is_tokens(x: Any) -> bool:
