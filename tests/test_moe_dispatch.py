@@ -66,25 +66,9 @@ def _loss(fn):
     return lambda train, frozen: jnp.mean(fn(lorajax.combine(train, frozen), X) ** 2)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_gradients_of_the_factors_equal_the_merge_path(form):
-    fn = FORMS[form]
-    _, lora = _lora(fn)
-    train, frozen = lorajax.partition(lora)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        g_fact = jax.jit(jax.grad(_loss(lorajax.factored(fn, strict=True))))(train, frozen)
-    g_merge = jax.jit(jax.grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
-    for a, b in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merge), strict=True):
-        close(a, b)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
-    """Per-expert DoRA (a magnitude per expert and output): ``g = m/n`` rides in B, gathered with the experts."""
-    fn = FORMS[form]
-    _, lora = _lora(fn, dora=True)
-    assert lora["experts"]["up"].magnitude.shape == (E, F)
+def _assert_loss_and_gradients_equal_merge(fn, lora):
+    """``factored(strict=True)`` with warnings as errors against the merge path: the loss and every factor's
+    (and magnitude's) gradient."""
     train, frozen = lorajax.partition(lora)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -92,6 +76,20 @@ def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
     want = jax.jit(jax.value_and_grad(_loss(lambda p, x: fn(lorajax.merge(p), x))))(train, frozen)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         close(a, b)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gradients_of_the_factors_equal_the_merge_path(form):
+    _, lora = _lora(FORMS[form])
+    _assert_loss_and_gradients_equal_merge(FORMS[form], lora)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dora_experts_equal_the_merge_path_values_and_gradients(form):
+    """Per-expert DoRA (a magnitude per expert and output): ``g = m/n`` rides in B, gathered with the experts."""
+    _, lora = _lora(FORMS[form], dora=True)
+    assert lora["experts"]["up"].magnitude.shape == (E, F)
+    _assert_loss_and_gradients_equal_merge(FORMS[form], lora)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
